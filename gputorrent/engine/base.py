@@ -1,0 +1,68 @@
+"""What an inference engine takes and gives back, independent of llama.cpp or trio.
+
+An engine runs its own thread; it reports through ``Job.emit``, which it calls from that
+thread and which must not block (the trio side hands it ``TrioToken.run_sync_soon``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..wire import Params
+
+
+class EngineError(Exception):
+    """A request the engine cannot run (for example, longer than the context)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    decode_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    message: str
+
+
+Event = Tokens | Finished | Failed
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One generation: prompt token ids (plus any resumed ids) and sampling parameters."""
+
+    prompt_ids: list[int]
+    params: Params
+    emit: Callable[[Event], None]
+    max_new: int  # completion tokens allowed, already clipped to the context
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this job; it frees the slot at its next step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Live occupancy, for adverts, pings and admission."""
+
+    active: int
+    queued: int
+    slots: int

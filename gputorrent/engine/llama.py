@@ -1,0 +1,309 @@
+"""The llama.cpp engine: one model, N slots, continuous batching on llama-cpp-python's
+low-level API.
+
+One thread owns the llama context. Each step it puts into one batch the next token of every
+running sequence and a chunk of each new prompt, calls ``llama_decode`` once, and samples each
+sequence with its own sampler chain. A request that arrives mid-answer joins at the next step;
+a cancelled one leaves at the next step and its KV cells are freed. Each slot has its own
+context window (``n_ctx`` tokens), so one long answer never squeezes another.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..wire import ChatMessage
+from .base import EngineError, Failed, Finished, Job, Load, Tokens
+
+N_BATCH = 512
+
+
+def default_threads() -> int:
+    """Decode threads: every core we may use (measured: 2 threads ~1.4x one on 2 cores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(eq=False, slots=True)
+class _Seq:
+    job: Job
+    seq_id: int
+    sampler: object
+    feed: list[int]
+    stops: tuple[str, ...]
+    t_submit: float
+    pos: int = 0
+    generated: int = 0
+    t_first: float = 0.0
+    held_ids: list[int] = field(default_factory=list)
+    held_text: str = ""
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+
+class LlamaEngine:
+    """A loaded GGUF model serving up to ``slots`` generations at once."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        slots: int = 4,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        progress: Callable[[float], None] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        import llama_cpp
+        from llama_cpp import _internals, _logger
+
+        _logger.set_verbose(verbose)
+        llama_cpp.llama_backend_init()
+        self._ll = llama_cpp
+        self.slots = slots
+        self.n_threads = n_threads or default_threads()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        if progress is not None:
+            # Keep a reference: llama.cpp holds the raw function pointer during the load.
+            self._progress_cb = llama_cpp.llama_progress_callback(lambda p, _ud: bool(progress(p)) or True)
+            mparams.progress_callback = self._progress_cb
+        try:
+            self._model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=verbose)
+        except ValueError as exc:
+            raise EngineError(f"llama.cpp could not load {path}: {exc}") from exc
+        self.n_ctx_train = self._model.n_ctx_train()
+        self.n_ctx = min(n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx * slots
+        cparams.n_batch = N_BATCH
+        cparams.n_ubatch = N_BATCH
+        cparams.n_seq_max = slots
+        cparams.kv_unified = False  # a fixed window per slot
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=verbose)
+        self._batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=verbose)
+        self._new_sampler = _internals.LlamaSampler
+        self._vocab = self._model.vocab
+        self._pieces: dict[int, bytes] = {}
+        self._chat = self._chat_formatter()
+
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._active: dict[int, _Seq] = {}
+        self._free = list(range(slots - 1, -1, -1))
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
+        self._thread.start()
+
+    # --- prompts -------------------------------------------------------------------------
+
+    def _chat_formatter(self):
+        from llama_cpp import llama_chat_format
+
+        template = self._model.metadata().get("tokenizer.chat_template")
+        if not template:
+            return None
+        eos, bos = self._model.token_eos(), self._model.token_bos()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self._model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's own chat template."""
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        if self._chat is None:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+            return self.encode_prompt(text)
+        rendered = self._chat(messages=msgs)
+        return self._model.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode(), add_bos=self._model.add_bos_token(), special=False)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._model.detokenize(list(ids)).decode("utf-8", "replace")
+
+    # --- requests ------------------------------------------------------------------------
+
+    def make_job(self, prompt_ids: list[int], params, emit: Callable) -> Job:
+        """Check a request against the context window and build its job (no compute)."""
+        room = self.n_ctx - len(prompt_ids)
+        if room < 1:
+            raise EngineError(
+                f"prompt is {len(prompt_ids)} tokens but this peer's context is {self.n_ctx}; "
+                "shorten the prompt or ask a peer with a longer context"
+            )
+        return Job(prompt_ids=prompt_ids, params=params, emit=emit, max_new=min(params.max_tokens, room))
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closing:
+                raise EngineError("engine is shutting down")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def load(self) -> Load:
+        return Load(active=len(self._active), queued=len(self._pending), slots=self.slots)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+        for seq in list(self._active.values()):
+            seq.job.emit(Failed("peer is shutting down"))
+        while self._pending:
+            self._pending.popleft().emit(Failed("peer is shutting down"))
+
+    # --- the decode thread ----------------------------------------------------------------
+
+    def _sampler(self, params):
+        s = self._new_sampler()
+        if params.temperature <= 0.0:
+            s.add_greedy()
+        else:
+            if params.top_k > 0:
+                s.add_top_k(params.top_k)
+            s.add_top_p(params.top_p, 1)
+            s.add_temp(params.temperature)
+            s.add_dist(params.seed if params.seed >= 0 else random.getrandbits(32))
+        return s
+
+    def _admit(self) -> None:
+        while self._pending and self._free:
+            job = self._pending.popleft()
+            if job.cancelled:
+                job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
+                continue
+            seq_id = self._free.pop()
+            self._active[seq_id] = _Seq(
+                job=job, seq_id=seq_id, sampler=self._sampler(job.params), feed=list(job.prompt_ids),
+                stops=tuple(job.params.stop), t_submit=time.perf_counter(),
+            )
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                self._admit()
+            for seq in [s for s in self._active.values() if s.job.cancelled]:
+                self._finish(seq, "cancelled")
+            if self._active:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed decode must not take the peer down
+                    for seq in list(self._active.values()):
+                        self._release(seq)
+                        seq.job.emit(Failed(f"decode failed: {exc}"))
+
+    def _step(self) -> None:
+        b = self._batch.batch
+        n = 0
+        rows: list[tuple[int, _Seq]] = []
+        # Running sequences (one token each) first, then prompt chunks, so a long prompt
+        # never stalls the others' next token.
+        for seq in sorted(self._active.values(), key=lambda s: len(s.feed)):
+            take = seq.feed[: N_BATCH - n]
+            if not take:
+                continue
+            for j, tok in enumerate(take):
+                b.token[n] = tok
+                b.pos[n] = seq.pos + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq.seq_id
+                b.logits[n] = False
+                n += 1
+            seq.pos += len(take)
+            del seq.feed[: len(take)]
+            if not seq.feed:
+                b.logits[n - 1] = True
+                rows.append((n - 1, seq))
+        b.n_tokens = n
+        if n == 0:
+            return
+        self._ctx.decode(self._batch)
+        sample = self._ll.llama_sampler_sample
+        for idx, seq in rows:
+            self._accept(seq, sample(seq.sampler.sampler, self._ctx.ctx, idx))
+
+    def _accept(self, seq: _Seq, tok: int) -> None:
+        if seq.generated == 0:
+            seq.t_first = time.perf_counter()
+        seq.generated += 1
+        if self._ll.llama_vocab_is_eog(self._vocab, tok):
+            self._flush(seq)
+            self._finish(seq, "stop")
+            return
+        seq.held_ids.append(tok)
+        seq.held_text += seq.utf8.decode(self._piece(tok))
+        if seq.stops:
+            hit = min((i for i in (seq.held_text.find(s) for s in seq.stops) if i >= 0), default=-1)
+            if hit >= 0:
+                seq.held_text = seq.held_text[:hit]
+                self._flush(seq)
+                self._finish(seq, "stop")
+                return
+            if not any(seq.held_text.endswith(s[:k]) for s in seq.stops for k in range(1, len(s))):
+                self._flush(seq)
+        else:
+            self._flush(seq)
+        if seq.generated >= seq.job.max_new:
+            self._flush(seq)
+            self._finish(seq, "length")
+            return
+        seq.feed.append(tok)
+
+    def _piece(self, tok: int) -> bytes:
+        """The bytes of one token (cached: this runs once per generated token)."""
+        piece = self._pieces.get(tok)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = self._ll.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
+            piece = self._pieces[tok] = buf.raw[: max(n, 0)]
+        return piece
+
+    def _flush(self, seq: _Seq) -> None:
+        if seq.held_ids:
+            seq.job.emit(Tokens(seq.held_ids, seq.held_text))
+            seq.held_ids, seq.held_text = [], ""
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        self._release(seq)
+        now = time.perf_counter()
+        first = seq.t_first or now
+        seq.job.emit(Finished(
+            reason=reason,
+            prompt_tokens=len(seq.job.prompt_ids),
+            completion_tokens=seq.generated,
+            ttft_ms=(first - seq.t_submit) * 1000 if seq.generated else 0.0,
+            decode_ms=(now - first) * 1000,
+        ))
+
+    def _release(self, seq: _Seq) -> None:
+        self._active.pop(seq.seq_id, None)
+        self._ctx.kv_cache_seq_rm(seq.seq_id, -1, -1)
+        seq.sampler.close()
+        with self._cond:
+            self._free.append(seq.seq_id)

@@ -1,0 +1,7 @@
+"""GGUF models: the catalog of known aliases, pulling, metadata and model ids."""
+
+from .catalog import CATALOG, CatalogEntry, ModelError, local_models, pull, resolve
+from .gguf_info import ModelInfo, model_id, read_info
+
+__all__ = ["CATALOG", "CatalogEntry", "ModelError", "ModelInfo", "local_models", "model_id",
+           "pull", "read_info", "resolve"]

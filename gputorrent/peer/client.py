@@ -1,0 +1,141 @@
+"""The asking side of ``/gputorrent/infer/1``: one attempt against one peer.
+
+Every frame is verified (signature, sequence, transcript) before its text is used, so what
+reaches the caller is exactly what the peer signed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .. import wire
+from . import protocol
+
+
+class AttemptFailed(Exception):
+    """One peer did not finish the answer. ``retry`` says whether another peer may."""
+
+    outcome = "failed"
+    retry = True
+
+
+class PeerBusy(AttemptFailed):
+    outcome = "busy"
+
+    def __init__(self, msg: str, retry_after_ms: int) -> None:
+        super().__init__(msg)
+        self.retry_after_ms = retry_after_ms
+
+
+class RemoteError(AttemptFailed):
+    outcome = "error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.retry = code in protocol.RETRY_ELSEWHERE
+
+
+class StreamBroken(AttemptFailed):
+    outcome = "dropped"
+
+
+class Stalled(AttemptFailed):
+    outcome = "stalled"
+
+
+class IntegrityFailure(AttemptFailed):
+    outcome = "integrity"
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    peer_id: str
+    model_id: str = ""
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: wire.Done | None = None
+    t_first: float | None = None
+    t_last: float | None = None
+
+
+OnToken = Callable[[list[int], str], None]
+
+
+async def run_attempt(
+    host: Any,
+    peer_id: str,
+    request: wire.InferRequest,
+    on_token: OnToken,
+    *,
+    stall_timeout: float = 10.0,
+    result: AttemptResult | None = None,
+) -> AttemptResult:
+    """Stream one request from ``peer_id``; tokens go to ``on_token`` as they are verified.
+
+    Returns with ``result.done`` set, or raises an ``AttemptFailed`` with the tokens received
+    so far left in ``result`` (pass one in to keep them).
+    """
+    from libp2p.peer.id import ID
+
+    res = result or AttemptResult(peer_id)
+    payload = wire.encode(request)
+    verifier = wire.ReplyVerifier(peer_id, protocol.INFER, request.request_id, wire.request_digest(payload))
+    try:
+        with trio.fail_after(stall_timeout):
+            stream = await host.new_stream(ID.from_base58(peer_id), [protocol.INFER])
+            await stream.write(wire.frame(payload))
+    except trio.TooSlowError as exc:
+        raise Stalled(f"no stream to {peer_id} within {stall_timeout:g}s") from exc
+    except Exception as exc:
+        raise StreamBroken(f"cannot open a stream to {peer_id}: {exc or type(exc).__name__}") from exc
+    reader = wire.FrameReader(stream)
+    finished = False
+    try:
+        while True:
+            try:
+                with trio.fail_after(stall_timeout):
+                    raw = await reader.read_frame()
+            except trio.TooSlowError as exc:
+                raise Stalled(f"no token from {peer_id} for {stall_timeout:g}s") from exc
+            except wire.ProtocolError as exc:
+                raise IntegrityFailure(f"{peer_id} broke the framing: {exc}") from exc
+            except Exception as exc:
+                raise StreamBroken(f"stream from {peer_id} broke: {exc or type(exc).__name__}") from exc
+            if raw is None:
+                raise StreamBroken(f"{peer_id} closed the stream before finishing")
+            try:
+                msg = verifier.open(raw)
+            except wire.IntegrityError as exc:
+                raise IntegrityFailure(f"{peer_id}: {exc}") from exc
+            if isinstance(msg, wire.Token):
+                now = time.perf_counter()
+                res.t_first = res.t_first or now
+                res.t_last = now
+                res.ids.extend(msg.ids)
+                res.text += msg.text
+                on_token(msg.ids, msg.text)
+            elif isinstance(msg, wire.Accepted):
+                res.model_id = msg.model_id
+            elif isinstance(msg, wire.Done):
+                res.done = msg
+                finished = True
+                return res
+            elif isinstance(msg, wire.Busy):
+                finished = True
+                raise PeerBusy(f"{peer_id} is busy ({msg.reason})", msg.retry_after_ms)
+            elif isinstance(msg, wire.Error):
+                finished = True
+                raise RemoteError(msg.code, msg.message)
+    finally:
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            try:
+                await (stream.close() if finished else stream.reset())
+            except Exception:
+                pass

@@ -1,0 +1,74 @@
+"""A py-libp2p host with the workarounds DESIGN.md §3 measured for 0.8.1.
+
+- ``max_connections_per_peer=1``: otherwise every dial waits 250 ms.
+- py-libp2p logs clean ends of DHT streams as errors; those loggers are quieted.
+- ``import libp2p`` costs ~0.8 s, so this module imports it only inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ..identity import Identity
+
+
+class DialError(Exception):
+    """A peer address that cannot be parsed or reached; the message says which."""
+
+
+def quiet_libp2p_logs() -> None:
+    for name in ("libp2p", "multiaddr", "async_service", "libp2p.kad_dht"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def parse_peer_addr(addr: str) -> Any:
+    """A ``PeerInfo`` from a full multiaddr ending in ``/p2p/<peer id>``."""
+    import multiaddr
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as exc:
+        raise DialError(
+            f"{addr!r} is not a peer address; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID "
+            "(a serve process prints it, and writes it to its --ready-file)"
+        ) from exc
+
+
+@asynccontextmanager
+async def running_host(identity: Identity, listen: Sequence[str] = ()) -> AsyncIterator[Any]:
+    """A started libp2p host for ``identity``; listens on ``listen`` (none: dial only)."""
+    import multiaddr
+    from libp2p import new_host
+    from libp2p.network.config import ConnectionConfig
+
+    quiet_libp2p_logs()
+    addrs = [multiaddr.Multiaddr(a) for a in listen]
+    try:
+        host = new_host(
+            key_pair=identity.libp2p_key_pair(),
+            listen_addrs=addrs or None,
+            connection_config=ConnectionConfig(max_connections_per_peer=1),
+        )
+    except Exception as exc:
+        raise DialError(f"cannot create a libp2p host: {exc}") from exc
+    async with host.run(addrs):
+        yield host
+
+
+def full_addrs(host: Any) -> list[str]:
+    """The host's listen addresses, each ending in ``/p2p/<peer id>``."""
+    return [str(a) for a in host.get_addrs()]
+
+
+async def connect(host: Any, addr: str) -> str:
+    """Dial ``addr``; returns the remote peer id (base58)."""
+    info = parse_peer_addr(addr)
+    try:
+        await host.connect(info)
+    except Exception as exc:
+        raise DialError(f"cannot reach peer {addr}: {exc or type(exc).__name__}; is it running?") from exc
+    return info.peer_id.to_base58()

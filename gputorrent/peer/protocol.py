@@ -1,0 +1,13 @@
+"""Protocol ids and the error codes both sides agree on."""
+
+INFER = "/gputorrent/infer/1"
+
+# Error codes in a signed ``Error`` frame. A requester may try another peer after the
+# "peer" kind; the "request" kind would fail anywhere, so it stops.
+BAD_REQUEST = "bad_request"  # malformed or out-of-range: fix the request
+UNKNOWN_MODEL = "unknown_model"  # this peer does not serve that model
+CONTEXT_EXCEEDED = "context_exceeded"  # the prompt does not fit this peer's context
+ENGINE = "engine"  # the model failed while generating
+SHUTTING_DOWN = "shutting_down"
+
+RETRY_ELSEWHERE = frozenset({UNKNOWN_MODEL, CONTEXT_EXCEEDED, ENGINE, SHUTTING_DOWN})

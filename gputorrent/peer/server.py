@@ -1,0 +1,194 @@
+"""The serving side of ``/gputorrent/infer/1``: one handler per libp2p stream.
+
+Every reply is signed (``wire.ReplySigner``). Nothing a requester sends can take the process
+down: a malformed, oversized or invalid frame gets a signed ``Error`` and the stream closes,
+and the handler's failures stay inside that stream. The stream's reader keeps running while
+the model computes (yamux resets a stream whose reader stalls past 5 s), and it is also how
+the server learns that a requester left, which frees the slot at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .. import wire
+from ..engine import EngineError, Failed, Finished, Tokens
+from ..engine.streaming import EventChannel
+from ..identity import Identity
+from ..models import ModelInfo
+from . import protocol
+from .faults import Fault
+
+log = logging.getLogger("gputorrent.server")
+
+FIRST_FRAME_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class ServerStats:
+    served: int = 0
+    failed: int = 0
+    refused: int = 0
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class InferServer:
+    identity: Identity
+    engine: Any  # LlamaEngine, or anything with its interface
+    model: ModelInfo
+    queue_limit: int = 8
+    fault: Fault | None = None
+    stats: ServerStats = field(default_factory=ServerStats)
+
+    async def handle(self, stream: Any) -> None:
+        """libp2p stream handler; never raises."""
+        try:
+            await self._serve(stream)
+        except Exception as exc:  # the other side vanished mid-write, or a bug: keep serving others
+            self.stats.failed += 1
+            log.debug("infer stream ended with %r", exc)
+            await _reset(stream)
+            return
+        await _close(stream)
+
+    async def _serve(self, stream: Any) -> None:
+        reader = wire.FrameReader(stream)
+        with trio.move_on_after(FIRST_FRAME_TIMEOUT):
+            try:
+                payload = await reader.read_frame()
+            except wire.ProtocolError as exc:
+                await self._refuse(stream, b"", b"", protocol.BAD_REQUEST, str(exc))
+                return
+            if payload is None:
+                return
+            try:
+                req = wire.decode_inbound(payload)
+            except wire.ProtocolError as exc:
+                await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, str(exc))
+                return
+            if not isinstance(req, wire.InferRequest):
+                await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, "expected a request frame first")
+                return
+            await self._generate(stream, reader, req, payload)
+
+    async def _refuse(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str) -> None:
+        self.stats.refused += 1
+        signer = wire.ReplySigner(self.identity, protocol.INFER, request_id, wire.request_digest(payload))
+        await stream.write(signer.seal(wire.Error(code, message)))
+
+    def _prompt_ids(self, req: wire.InferRequest) -> list[int]:
+        if (req.messages is None) == (req.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        ids = self.engine.encode_chat(req.messages) if req.messages is not None else self.engine.encode_prompt(req.prompt)
+        return ids + list(req.resume_ids)
+
+    async def _generate(self, stream: Any, reader: wire.FrameReader, req: wire.InferRequest, payload: bytes) -> None:
+        signer = wire.ReplySigner(self.identity, protocol.INFER, req.request_id, wire.request_digest(payload))
+        fault = self.fault
+        if not self.model.matches(req.model):
+            await stream.write(signer.seal(wire.Error(
+                protocol.UNKNOWN_MODEL,
+                f"this peer serves {self.model.alias} ({self.model.short_id}), not {req.model!r}; "
+                "ask for that model or use another peer",
+            )))
+            self.stats.refused += 1
+            return
+        load = self.engine.load()
+        if (fault and fault.kind == "busy") or load.active + load.queued >= load.slots + self.queue_limit:
+            self.stats.refused += 1
+            await stream.write(signer.seal(wire.Busy(retry_after_ms=1000, reason=f"{load.active} active, {load.queued} queued")))
+            return
+        try:
+            prompt_ids = self._prompt_ids(req)
+        except ValueError as exc:
+            await self._refuse_signed(stream, signer, protocol.BAD_REQUEST, str(exc))
+            return
+        events = EventChannel()
+        try:
+            job = self.engine.make_job(prompt_ids, req.params, events.emit)
+        except EngineError as exc:
+            await self._refuse_signed(stream, signer, protocol.CONTEXT_EXCEEDED, str(exc))
+            return
+        self.engine.submit(job)
+        try:
+            await stream.write(signer.seal(wire.Accepted(self.model.model_id, len(prompt_ids), self.engine.n_ctx)))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_requester, reader, job, nursery.cancel_scope)
+                with trio.move_on_after(req.deadline_ms / 1000) as deadline:
+                    await self._pump(stream, signer, events)
+                if deadline.cancelled_caught:
+                    job.cancel()
+                    usage = wire.Usage(len(prompt_ids), 0)
+                    await stream.write(signer.seal(wire.Done("deadline", usage, 0.0, 0.0, signer.transcript)))
+                nursery.cancel_scope.cancel()
+        finally:
+            job.cancel()  # a no-op once finished; frees the slot if we left early
+
+    async def _refuse_signed(self, stream: Any, signer: wire.ReplySigner, code: str, message: str) -> None:
+        self.stats.refused += 1
+        await stream.write(signer.seal(wire.Error(code, message)))
+
+    async def _pump(self, stream: Any, signer: wire.ReplySigner, events: EventChannel) -> None:
+        fault, sent = self.fault, 0
+        async for ev in events:
+            if isinstance(ev, Tokens):
+                ids, text = ev.ids, ev.text
+                if fault and fault.kind == "wrong-tokens":
+                    ids = [(i + 1) % 49152 for i in ids]
+                    text = text[::-1] + "~"
+                data = signer.seal(signer.token(ids, text))
+                if fault and fault.kind == "corrupt-signature":
+                    data = data[:-1] + bytes([data[-1] ^ 0x01])  # the signature is the last field
+                await stream.write(data)
+                sent += 1
+                self.stats.tokens += len(ids)
+                if fault and fault.kind == "die-after-tokens" and sent >= fault.n:
+                    os._exit(17)  # a peer dying mid-answer, abruptly, as a crash would
+                if fault and fault.kind == "stall-after-tokens" and sent >= fault.n:
+                    await trio.sleep_forever()
+            elif isinstance(ev, Finished):
+                self.stats.served += 1
+                await stream.write(signer.seal(wire.Done(
+                    ev.reason, wire.Usage(ev.prompt_tokens, ev.completion_tokens),  # type: ignore[arg-type]
+                    round(ev.ttft_ms, 3), round(ev.decode_ms, 3), signer.transcript,
+                )))
+            elif isinstance(ev, Failed):
+                self.stats.failed += 1
+                await stream.write(signer.seal(wire.Error(protocol.ENGINE, ev.message)))
+
+
+async def _watch_requester(reader: wire.FrameReader, job, scope: trio.CancelScope) -> None:
+    """Keep reading while the model computes. A ``Cancel`` or a broken stream stops the job
+    at once; a clean end of stream is a half-close (the requester still reads), so it does not."""
+    try:
+        while (payload := await reader.read_frame()) is not None:
+            if isinstance(wire.decode_inbound(payload), wire.Cancel):
+                break
+        else:
+            return
+    except Exception:
+        pass
+    job.cancel()
+    scope.cancel()
+
+
+async def _close(stream: Any) -> None:
+    with trio.move_on_after(2):
+        try:
+            await stream.close()
+        except Exception:
+            pass
+
+
+async def _reset(stream: Any) -> None:
+    with trio.move_on_after(2):
+        try:
+            await stream.reset()
+        except Exception:
+            pass

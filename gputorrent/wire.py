@@ -1,0 +1,294 @@
+"""Messages, framing and the signed channel.
+
+A frame is a 4-byte big-endian length and a msgpack payload, capped at ``MAX_FRAME`` bytes.
+Requesters send plain frames (the libp2p Noise channel already authenticates them). Servers
+send every frame as a signed envelope ``[seq, body, sig]`` where ``sig`` is Ed25519 over
+``(protocol, request id, seq, body)``. Token frames chain a transcript hash and ``Done`` carries
+its final value, so a requester ends up holding a signed receipt of exactly what it received.
+
+Request validation lives in the types (``msgspec.Meta``): the server's strict decode is the
+check, and the client runs the same decode before it sends anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Annotated, Literal, Protocol, Union
+
+import msgspec
+from msgspec import Meta
+
+from .identity import Identity, Verifier
+
+MAX_FRAME = 1 << 20
+_LEN = struct.Struct(">I")
+_SEQ = struct.Struct(">Q")
+_DOMAIN = b"gputorrent/frame/1\0"
+
+# --- requests (requester -> server) ------------------------------------------------------
+
+MaxTokens = Annotated[int, Meta(ge=1, le=1 << 20)]
+Temperature = Annotated[float, Meta(ge=0.0, le=5.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, Meta(ge=0, le=1 << 17)]
+Seed = Annotated[int, Meta(ge=-1, le=2**32 - 1)]
+Stop = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)]
+RequestId = Annotated[bytes, Meta(min_length=8, max_length=32)]
+Role = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(msgspec.Struct, array_like=True, frozen=True):
+    role: Role
+    content: str
+
+
+class Params(msgspec.Struct, frozen=True, kw_only=True):
+    """Sampling parameters; defaults are those of ``gputorrent ask``."""
+
+    max_tokens: MaxTokens = 256
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.95
+    top_k: TopK = 40
+    seed: Seed = -1
+    stop: Stop = []
+
+
+class InferRequest(msgspec.Struct, tag="req", array_like=True, kw_only=True):
+    request_id: RequestId
+    model: str = ""  # model id, alias or "" for whatever the peer serves
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    params: Params = Params()
+    # Token ids already received from a failed peer: the server continues after them.
+    resume_ids: list[Annotated[int, Meta(ge=0)]] = []
+    deadline_ms: Annotated[int, Meta(ge=1, le=3_600_000)] = 600_000
+
+
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    reason: str = ""
+
+
+Inbound = Union[InferRequest, Cancel]
+
+# --- replies (server -> requester), each signed ------------------------------------------
+
+
+class Accepted(msgspec.Struct, tag="ok", array_like=True):
+    model_id: str
+    prompt_tokens: int
+    n_ctx: int
+
+
+class Busy(msgspec.Struct, tag="busy", array_like=True):
+    retry_after_ms: int
+    reason: str
+
+
+class Token(msgspec.Struct, tag="tok", array_like=True):
+    ids: list[int]
+    text: str
+    transcript: bytes
+
+
+class Usage(msgspec.Struct, array_like=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Done(msgspec.Struct, tag="done", array_like=True):
+    finish_reason: Literal["stop", "length", "cancelled", "deadline"]
+    usage: Usage
+    ttft_ms: float
+    decode_ms: float
+    transcript: bytes
+
+
+class Error(msgspec.Struct, tag="err", array_like=True):
+    code: str
+    message: str
+
+
+Reply = Union[Accepted, Busy, Token, Done, Error]
+
+
+class _Envelope(msgspec.Struct, array_like=True):
+    seq: int
+    body: bytes
+    sig: bytes
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """The other side broke the framing or sent something undecodable."""
+
+
+class FrameTooLarge(ProtocolError):
+    pass
+
+
+class IntegrityError(ProtocolError):
+    """A server frame failed verification: bad signature, sequence gap or repeat, or a
+    transcript that does not match what was received."""
+
+
+# --- framing ------------------------------------------------------------------------------
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int | None = None) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+
+
+def frame(payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME:
+        raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME}-byte cap")
+    return _LEN.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Reads length-prefixed frames from a stream that returns arbitrary chunks."""
+
+    __slots__ = ("_stream", "_buf", "_max")
+
+    def __init__(self, stream: ByteStream, max_frame: int = MAX_FRAME) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._max = max_frame
+
+    async def _fill(self, n: int) -> bool:
+        while len(self._buf) < n:
+            chunk = await self._stream.read(max(n - len(self._buf), 65536))
+            if not chunk:
+                return False
+            self._buf += chunk
+        return True
+
+    async def read_frame(self) -> bytes | None:
+        """The next frame's payload, or ``None`` on a clean end of stream."""
+        if not await self._fill(4):
+            if self._buf:
+                raise ProtocolError("stream ended inside a frame header")
+            return None
+        (size,) = _LEN.unpack_from(self._buf)
+        if size > self._max:
+            raise FrameTooLarge(f"peer announced a {size}-byte frame; the cap is {self._max}")
+        if not await self._fill(4 + size):
+            raise ProtocolError("stream ended inside a frame")
+        payload = bytes(self._buf[4 : 4 + size])
+        del self._buf[: 4 + size]
+        return payload
+
+
+_inbound_decoder = msgspec.msgpack.Decoder(Inbound)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_inbound(payload: bytes) -> InferRequest | Cancel:
+    try:
+        return _inbound_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid request: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed frame: {exc}") from exc
+
+
+def validate_request(req: InferRequest) -> InferRequest:
+    """Run the server's own strict decode on a request before it is sent."""
+    return decode_inbound(encode(req))  # type: ignore[return-value]
+
+
+# --- the signed channel -------------------------------------------------------------------
+
+
+def request_digest(request_payload: bytes) -> bytes:
+    return hashlib.sha256(request_payload).digest()
+
+
+def _transcript_start(digest: bytes) -> bytes:
+    return hashlib.sha256(b"gputorrent/transcript/1\0" + digest).digest()
+
+
+def _transcript_next(prev: bytes, ids: list[int], text: str) -> bytes:
+    h = hashlib.sha256(prev)
+    h.update(struct.pack(f"<{len(ids)}I", *ids))
+    h.update(text.encode())
+    return h.digest()
+
+
+def _signed_message(protocol: bytes, request_id: bytes, seq: int, body: bytes) -> bytes:
+    return b"".join((_DOMAIN, protocol, b"\0", request_id, _SEQ.pack(seq), body))
+
+
+class ReplySigner:
+    """Server side of one request: numbers, chains and signs every reply frame."""
+
+    __slots__ = ("_identity", "_key", "_protocol", "_request_id", "_seq", "transcript")
+
+    def __init__(self, identity: Identity, protocol: str, request_id: bytes, digest: bytes) -> None:
+        self._identity = identity
+        self._key = identity.signing_key
+        self._protocol = protocol.encode()
+        self._request_id = request_id
+        self._seq = 0
+        self.transcript = _transcript_start(digest)
+
+    def token(self, ids: list[int], text: str) -> Token:
+        self.transcript = _transcript_next(self.transcript, ids, text)
+        return Token(ids, text, self.transcript)
+
+    def seal(self, msg: Reply) -> bytes:
+        """The framed, signed bytes of ``msg``; advances the sequence number."""
+        body = _encoder.encode(msg)
+        seq = self._seq
+        self._seq += 1
+        sig = self._key.sign(_signed_message(self._protocol, self._request_id, seq, body)).signature
+        return frame(_encoder.encode(_Envelope(seq, body, sig)))
+
+
+class ReplyVerifier:
+    """Requester side of one request: checks signature, sequence and transcript of each frame.
+
+    Any failure raises ``IntegrityError``; the caller drops the stream and blames the peer.
+    """
+
+    __slots__ = ("_verifier", "_protocol", "_request_id", "_seq", "transcript")
+
+    def __init__(self, peer_id: str, protocol: str, request_id: bytes, digest: bytes) -> None:
+        self._verifier = Verifier(peer_id)
+        self._protocol = protocol.encode()
+        self._request_id = request_id
+        self._seq = 0
+        self.transcript = _transcript_start(digest)
+
+    def open(self, payload: bytes) -> Reply:
+        try:
+            env = _envelope_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise IntegrityError(f"malformed reply envelope: {exc}") from exc
+        if env.seq != self._seq:
+            what = "repeat" if env.seq < self._seq else "gap"
+            raise IntegrityError(f"sequence {what}: expected {self._seq}, got {env.seq}")
+        msg_bytes = _signed_message(self._protocol, self._request_id, env.seq, env.body)
+        if not self._verifier.verify(msg_bytes, env.sig):
+            raise IntegrityError(f"bad signature on frame {env.seq}")
+        self._seq += 1
+        try:
+            msg = _reply_decoder.decode(env.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise IntegrityError(f"malformed signed reply: {exc}") from exc
+        if isinstance(msg, Token):
+            self.transcript = _transcript_next(self.transcript, msg.ids, msg.text)
+            if msg.transcript != self.transcript:
+                raise IntegrityError("transcript hash does not match the tokens received")
+        elif isinstance(msg, Done) and msg.transcript != self.transcript:
+            raise IntegrityError("receipt does not match the tokens received")
+        return msg
