@@ -241,7 +241,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if streamed and exc.partial_text:
             print()
         if args.json:
-            _out({"error": str(exc), "attempts": [a.__dict__ for a in exc.attempts], "text": exc.partial_text})
+            from dataclasses import asdict
+
+            _out({"error": str(exc), "attempts": [asdict(a) for a in exc.attempts], "text": exc.partial_text})
         raise
     if args.json:
         _out(answer.to_dict())

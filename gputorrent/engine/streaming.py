@@ -29,6 +29,9 @@ class EventChannel:
         except trio.RunFinishedError:
             pass  # the consumer's trio run is gone; nobody is listening
 
+    async def receive(self) -> Event:
+        return await self._recv.receive()
+
     async def __aiter__(self) -> AsyncIterator[Event]:
         async for ev in self._recv:
             yield ev

@@ -55,8 +55,19 @@ async def running_host(identity: Identity, listen: Sequence[str] = ()) -> AsyncI
         )
     except Exception as exc:
         raise DialError(f"cannot create a libp2p host: {exc}") from exc
-    async with host.run(addrs):
-        yield host
+    try:
+        async with host.run(addrs):
+            yield host
+    except BaseExceptionGroup as group:
+        # host.run() runs our body inside its own nursery, which wraps whatever the body
+        # raised; hand the caller back its own exception.
+        raise _single(group) from None
+
+
+def _single(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def full_addrs(host: Any) -> list[str]:

@@ -1,0 +1,33 @@
+# `make demo` and `make test` work on a fresh machine: each creates the venv and installs
+# what it needs. pip caches the llama-cpp-python wheel it builds (~5 min on 2 cores), so
+# later venvs reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GT := $(VENV)/bin/gputorrent
+PYTEST_ARGS ?=
+
+.PHONY: install model demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(GT) models pull smollm2
+
+demo: model
+	$(PY) -m gputorrent.demo
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: model
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,124 @@
+"""Start and stop real serve processes on loopback: for ``make demo``, tests and benchmarks.
+
+Readiness is an event, not a guess: a serve process prints its first address on stdout only
+once it accepts requests, and we block on that line (with a deadline). Stopping is SIGTERM,
+a bounded wait, then SIGKILL, so no caller leaves processes behind even when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SwarmError(Exception):
+    pass
+
+
+@dataclass
+class PeerProcess:
+    name: str
+    proc: subprocess.Popen
+    ready_file: Path
+    identity: Path
+    addr: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def peer_id(self) -> str:
+        return self.info.get("peer_id", "")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the process prints its address (it does so once serving)."""
+        deadline = time.monotonic() + timeout
+        out = self.proc.stdout
+        assert out is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SwarmError(f"{self.name} did not become ready within {timeout:g}s")
+            ready, _, _ = select.select([out], [], [], left)
+            if ready:
+                line = out.readline()
+                if not line:
+                    err = self.proc.stderr.read() if self.proc.stderr else ""
+                    raise SwarmError(f"{self.name} exited with {self.proc.wait()} before it was ready:\n{err[-2000:]}")
+                if line.startswith("/"):
+                    self.addr = line.strip()
+                    self.info = json.loads(self.ready_file.read_text())
+                    return
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        return self.proc.returncode
+
+
+class LocalSwarm:
+    """A set of serve processes on 127.0.0.1, each with its own identity.
+
+    >>> with LocalSwarm() as swarm:
+    ...     peer = swarm.start("a")
+    ...     print(peer.addr)
+    """
+
+    def __init__(self, model: str = "smollm2", workdir: Path | None = None, env: dict | None = None) -> None:
+        self.model = model
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="gputorrent-swarm-")
+        self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.peers: dict[str, PeerProcess] = {}
+
+    def start(self, name: str, *extra: str, timeout: float = 120.0) -> PeerProcess:
+        peer = self.spawn(name, *extra)
+        try:
+            peer.wait_ready(timeout)
+        except BaseException:
+            peer.stop(signal.SIGKILL)
+            raise
+        return peer
+
+    def spawn(self, name: str, *extra: str) -> PeerProcess:
+        """Start a serve process without waiting for it (start several, then wait on each)."""
+        ready = self.workdir / f"{name}.ready.json"
+        ident = self.workdir / f"{name}.key"
+        cmd = [sys.executable, "-m", "gputorrent.cli", "serve", "--model", self.model,
+               "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready), "--identity", str(ident), *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
+                                stdin=subprocess.DEVNULL)
+        peer = self.peers[name] = PeerProcess(name, proc, ready, ident)
+        return peer
+
+    def identity(self, name: str) -> Path:
+        return self.workdir / f"{name}.key"
+
+    def stop(self) -> None:
+        for peer in self.peers.values():
+            if peer.proc.poll() is None:
+                peer.proc.send_signal(signal.SIGTERM)
+        for peer in self.peers.values():
+            peer.stop()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._tmp:
+            self._tmp.cleanup()
