@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from contextlib import asynccontextmanager
 from typing import Any
 
 from . import __version__
@@ -108,6 +109,8 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 def cmd_models_list(args: argparse.Namespace) -> int:
     from .models import CATALOG, local_models
 
+    if args.swarm:
+        return _models_in_swarm(args)
     settings = _settings(args)
     rows = []
     for path in local_models(settings.models_dir):
@@ -121,6 +124,29 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(f"{r['alias'] or '-':10} {r['size_bytes'] / 1e6:8.1f} MB  {r['path']}")
+    return 0
+
+
+def _models_in_swarm(args: argparse.Namespace) -> int:
+    import trio
+
+    async def run():
+        async with _joined(args, _swarm_settings(args)) as node:
+            return await node.overview()
+
+    by_id: dict[str, dict] = {}
+    for advert in trio.run(run):
+        for m in advert.models:
+            row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id,
+                                                "quantization": m.quantization, "peers": 0})
+            row["peers"] += 1
+    rows = sorted(by_id.values(), key=lambda r: -r["peers"])
+    if args.json:
+        _out(rows)
+    elif not rows:
+        print("no models announced in the swarm yet", file=sys.stderr)
+    for r in rows if not args.json else []:
+        print(f"{r['alias']:12} {r['model_id'][:12]}  {r['quantization']:8} {r['peers']} peer(s)")
     return 0
 
 
@@ -144,6 +170,131 @@ def cmd_models_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- joining the swarm ----------------------------------------------------------------------
+
+
+def _node_options(args: argparse.Namespace, settings: Settings):
+    from .peer.node import NodeOptions
+
+    interval = getattr(args, "announce_interval", None) or 30.0
+    if interval <= 0:
+        raise UsageError("--announce-interval must be positive")
+    ttl = getattr(args, "advert_ttl", None) or max(120.0, 4 * interval)
+    if ttl <= interval:
+        raise UsageError("--advert-ttl must be longer than --announce-interval")
+    return NodeOptions(listen=args.listen or [settings.listen], bootstrap=list(settings.bootstrap),
+                       mdns=settings.mdns, ready_file=args.ready_file, announce_interval=interval, advert_ttl=ttl)
+
+
+def _swarm_settings(args: argparse.Namespace) -> Settings:
+    return load_settings().with_overrides(
+        identity=args.identity, bootstrap=args.bootstrap or None, mdns=False if args.no_mdns else None)
+
+
+@asynccontextmanager
+async def _joined(args: argparse.Namespace, settings: Settings):
+    """A DHT client node joined to the swarm, for commands that look things up."""
+    from .dht.node import swarm_node
+    from .peer.host import running_host
+
+    if not settings.bootstrap and not settings.mdns:
+        raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
+                         "or leave mDNS on to find peers on this network")
+    ident = _identity(args)
+    async with running_host(ident, mdns=settings.mdns) as host, swarm_node(host, ident, server=False) as node:
+        if settings.bootstrap and not await node.join(settings.bootstrap):
+            raise DialFailed(f"none of the bootstrap peers answered ({', '.join(settings.bootstrap)}); "
+                             "check the addresses and that those peers are running")
+        if not settings.bootstrap:
+            await node.adopt_known_peers()
+        yield node
+
+
+class DialFailed(Exception):
+    pass
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    import trio
+
+    from .peer.node import run_node
+
+    settings = _swarm_settings(args)
+    opts = _node_options(args, settings)
+
+    def on_ready(info: dict) -> None:
+        print(f"bootstrap node {info['peer_id']} (DHT only, serves no model)", file=sys.stderr)
+        for a in info["addrs"]:
+            print(a, flush=True)
+        print("give one of these to other peers with --bootstrap; press Ctrl-C to stop", file=sys.stderr)
+
+    trio.run(lambda: run_node(_identity(args), opts, on_ready=on_ready))
+    return 0
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+def _advert_row(a, now: float) -> dict:
+    return {
+        "peer_id": a.peer_id, "name": a.name, "device": a.device.name, "kind": a.device.kind,
+        "vram_mb": f"{a.device.vram_free_mb}/{a.device.vram_total_mb}" if a.device.kind == "gpu" else "-",
+        "models": ",".join(m.alias for m in a.models), "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
+        "tokens_per_s": a.tokens_per_s, "age": _age(now - a.issued_at),
+    }
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    import time
+
+    import msgspec
+    import trio
+
+    settings = _swarm_settings(args)
+
+    async def fetch(node):
+        return await (node.find_model(args.model) if args.model else node.overview())
+
+    def render(adverts) -> Any:
+        from rich.table import Table
+
+        now = time.time()
+        table = Table(title=f"{len(adverts)} peers" + (f" serving {args.model}" if args.model else ""))
+        for col in ("peer", "name", "device", "VRAM free/total MB", "models", "load", "tok/s", "age"):
+            table.add_column(col)
+        for a in adverts:
+            r = _advert_row(a, now)
+            table.add_row(r["peer_id"][:16] + "…", r["name"], r["device"][:28], r["vram_mb"], r["models"],
+                          r["load"], f"{r['tokens_per_s']:.0f}", r["age"])
+        return table
+
+    async def run() -> None:
+        async with _joined(args, settings) as node:
+            if not args.watch:
+                adverts = await fetch(node)
+                if args.json:
+                    print(msgspec.json.encode(adverts).decode())
+                else:
+                    _console_out().print(render(adverts))
+                return
+            from rich.live import Live
+
+            with Live(render([]), console=_console_out(), auto_refresh=False) as live:
+                while True:
+                    live.update(render(await fetch(node)), refresh=True)
+                    await trio.sleep(args.interval)
+
+    trio.run(run)
+    return 0
+
+
+def _console_out():
+    from rich.console import Console
+
+    return Console()
+
+
 # --- serve ----------------------------------------------------------------------------------
 
 
@@ -154,7 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .peer.faults import Fault
     from .peer.serve import ServeOptions, load_engine, serve
 
-    settings = _settings(args)
+    settings = _swarm_settings(args)
     if args.slots < 1 or args.slots > 64:
         raise UsageError("--slots must be between 1 and 64")
     if args.queue < 0:
@@ -167,8 +318,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with _ByteBar(f"fetching {args.model}") as progress:
             pull(args.model, settings.models_dir, progress=progress)
     info = _model_info(args.model, settings)
-    opts = ServeOptions(listen=args.listen or [settings.listen], slots=args.slots, queue=args.queue,
-                        n_ctx=args.ctx, n_threads=args.threads, ready_file=args.ready_file, fault=fault)
+    opts = ServeOptions(node=_node_options(args, settings), slots=args.slots, queue=args.queue, n_ctx=args.ctx,
+                        n_threads=args.threads, name=args.name or "", fault=fault)
     ident = _identity(args)
 
     from rich.progress import BarColumn, Progress, TextColumn
@@ -181,10 +332,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise ModelError(str(exc)) from exc
 
-    def on_ready(ready) -> None:
-        print(f"serving {info.alias} ({info.short_id}) as {ready.peer_id}", file=sys.stderr)
-        print(f"  {opts.slots} slots, context {engine.n_ctx}, {ready.tokens_per_s} tokens/s measured", file=sys.stderr)
-        for a in ready.addrs:
+    def on_ready(ready: dict) -> None:
+        print(f"serving {info.alias} ({info.short_id}) as {ready['peer_id']}", file=sys.stderr)
+        print(f"  {opts.slots} slots, context {engine.n_ctx}, {ready['tokens_per_s']} tokens/s measured; "
+              f"announced every {opts.node.announce_interval:g}s", file=sys.stderr)
+        for a in ready["addrs"]:
             print(a, flush=True)
         print("press Ctrl-C to stop", file=sys.stderr)
 
@@ -211,8 +363,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UsageError("the prompt is empty; give it as an argument or pipe it in with '-'")
-    if not args.peer:
-        raise UsageError("no peer to ask; give --peer MULTIADDR (a serve process prints its address)")
     try:
         params = msgspec.convert(
             {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
@@ -221,6 +371,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError(f"bad generation parameter: {_flag_message(exc)}") from exc
     messages = None if args.raw else (
         ([wire.ChatMessage("system", args.system)] if args.system else []) + [wire.ChatMessage("user", prompt)])
+    settings = _swarm_settings(args)
     ident = _identity(args)
     streamed = not args.json
 
@@ -229,11 +380,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+    kwargs = dict(messages=messages, prompt=prompt if args.raw else None, params=params, on_text=on_text,
+                  max_attempts=args.attempts, stall_timeout=args.stall_timeout)
+
     async def run():
-        async with running_host(ident) as host:
-            return await ask(host, args.peer, messages=messages, prompt=prompt if args.raw else None,
-                             model=args.model or "", params=params, on_text=on_text,
-                             max_attempts=args.attempts, stall_timeout=args.stall_timeout)
+        if args.peer:
+            async with running_host(ident) as host:
+                return await ask(host, args.peer, model=args.model or "", **kwargs)
+        async with _joined(args, settings) as node:
+            model, candidates = await _candidates(node, args.model)
+            return await ask(node.host, candidates, model=model, **kwargs)
 
     try:
         answer = trio.run(run)
@@ -250,6 +406,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
     else:
         print()
     return 0
+
+
+async def _candidates(node, model: str | None) -> tuple[str, list[str]]:
+    """Addresses of live peers serving ``model`` (by default the model most peers serve)."""
+    import random
+
+    from .peer.asker import AskFailed
+
+    if not model:
+        counts: dict[str, int] = {}
+        for a in await node.overview():
+            for m in a.models:
+                counts[m.alias] = counts.get(m.alias, 0) + 1
+        if not counts:
+            raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [])
+        model = max(counts, key=counts.get)
+    adverts = await node.find_model(model)
+    if not adverts:
+        raise AskFailed(f"no live peer serves {model!r}; see what the swarm has with: gputorrent models list --swarm", [])
+    random.shuffle(adverts)  # until peers are scored, spread requesters over them
+    return model, [a.addrs[0] for a in adverts if a.addrs]
 
 
 _FLAG_OF = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
@@ -270,6 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--identity", type=Path, metavar="PATH",
                         help="Ed25519 key file (created 0600 on first use; default: user data dir)")
+
+    swarm = argparse.ArgumentParser(add_help=False, parents=[common])
+    swarm.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+                       help="a peer to join the swarm by (repeatable; also GPUTORRENT_BOOTSTRAP, or "
+                            "bootstrap = [...] in config.toml)")
+    swarm.add_argument("--no-mdns", action="store_true", help="do not look for peers on the local network")
+
+    def listening(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--listen", action="append", metavar="MULTIADDR",
+                        help="address to listen on (repeatable); /ip4/0.0.0.0/tcp/4001 accepts other machines "
+                             "[default: /ip4/127.0.0.1/tcp/0]")
+        sp.add_argument("--ready-file", type=Path, metavar="PATH",
+                        help="write {peer_id, addrs, …} as JSON here once ready; removed on stop")
 
     p = argparse.ArgumentParser(
         prog="gputorrent",
@@ -297,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("alias", help="model alias, e.g. smollm2")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_models_pull)
-    s = msub.add_parser("list", parents=[common], help="list models in the local cache")
+    s = msub.add_parser("list", parents=[swarm], help="list models in the local cache (or in the swarm)")
+    s.add_argument("--swarm", action="store_true", help="list the models peers announce, with how many serve each")
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=cmd_models_list)
     s = msub.add_parser("info", parents=[common], help="show a GGUF's metadata and model id",
@@ -307,16 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=cmd_models_info)
 
-    s = sub.add_parser("serve", parents=[common], help="donate this machine: serve a model to the swarm",
-                       description="Load a GGUF model and answer requests from other peers until Ctrl-C. "
-                                   "Prints this peer's full addresses (give one to 'ask --peer').",
+    s = sub.add_parser("serve", parents=[swarm], help="donate this machine: serve a model to the swarm",
+                       description="Load a GGUF model, join the swarm, announce it in the DHT and answer "
+                                   "requests until Ctrl-C. Prints this peer's full addresses.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", required=True, help="alias (smollm2, fetched on first use) or path to a .gguf")
-    s.add_argument("--listen", action="append", metavar="MULTIADDR",
-                   help="address to listen on (repeatable); use /ip4/0.0.0.0/tcp/4001 to accept other machines "
-                        "[default: /ip4/127.0.0.1/tcp/0]")
-    s.add_argument("--ready-file", type=Path, metavar="PATH",
-                   help='write {"peer_id","addrs","models"} as JSON here once accepting requests')
+    listening(s)
+    s.add_argument("--name", help="a name for this peer in listings [default: the host name]")
+    s.add_argument("--announce-interval", type=float, default=30.0, help="seconds between adverts")
+    s.add_argument("--advert-ttl", type=float, help="seconds an advert stays valid [default: max(120, 4 x interval)]")
     s.add_argument("--slots", type=int, default=4, help="answers generated at once (continuous batching)")
     s.add_argument("--queue", type=int, default=8, help="requests waiting beyond the slots before 'busy'")
     s.add_argument("--ctx", type=int, default=2048, help="context window per slot, in tokens")
@@ -324,13 +514,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fault", help=argparse.SUPPRESS)  # test-only misbehaviour, see peer/faults.py
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("ask", parents=[common], help="ask the swarm; streams the answer",
-                       description="Send a prompt to a peer and stream the answer to stdout. With several "
-                                   "--peer, a failure mid-answer continues on the next one.",
+    s = sub.add_parser("bootstrap", parents=[swarm], help="run a DHT-only node for others to join by",
+                       description="Run a node that serves no model and only takes part in the DHT, to give a "
+                                   "swarm a stable address to join by. It holds no authority: any peer can do this.")
+    listening(s)
+    s.set_defaults(func=cmd_bootstrap, announce_interval=None, advert_ttl=None)
+
+    s = sub.add_parser("peers", parents=[swarm], help="list the peers of the swarm",
+                       description="List the peers the DHT knows, from their signed adverts: device, VRAM, "
+                                   "models, load, tokens/s and the age of each advert.")
+    s.add_argument("--model", help="only peers serving this model (alias or model id)")
+    s.add_argument("--json", action="store_true", help="print the verified adverts as JSON")
+    s.add_argument("--watch", action="store_true", help="keep the table up to date until Ctrl-C")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    s.set_defaults(func=cmd_peers)
+
+    s = sub.add_parser("ask", parents=[swarm], help="ask the swarm; streams the answer",
+                       description="Find peers serving the model in the DHT (or use --peer), stream the answer to "
+                                   "stdout, and continue on another peer if one fails mid-answer.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("prompt", help="the question; '-' reads it from stdin")
     s.add_argument("--peer", action="append", metavar="MULTIADDR",
-                   help="peer address ending in /p2p/PEER_ID (repeatable: the rest are failover)")
+                   help="ask this peer directly instead of looking in the DHT (repeatable: the rest are failover)")
     s.add_argument("--model", help="model alias or id the peer must serve [default: whatever it serves]")
     s.add_argument("--system", help="system message")
     s.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
@@ -373,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         from .peer.asker import AskFailed
         from .peer.host import DialError
 
-        if isinstance(exc, (AskFailed, DialError)):
+        if isinstance(exc, (AskFailed, DialError, DialFailed)):
             _err(str(exc))
             return 1
         raise

@@ -33,6 +33,8 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     identity: Path | None = None
     listen: str = "/ip4/127.0.0.1/tcp/0"
+    bootstrap: tuple[str, ...] = ()
+    mdns: bool = True
 
     @property
     def identity_path(self) -> Path:
@@ -59,7 +61,15 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if key not in known:
             raise ValueError(f"unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
-        out[key] = Path(value).expanduser() if key in {"data_dir", "cache_dir", "identity"} else value
+        if key in {"data_dir", "cache_dir", "identity"}:
+            value = Path(value).expanduser()
+        elif key == "bootstrap":
+            # A list (flags, TOML) or one string of addresses split by commas or spaces (env).
+            items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+            value = tuple(items)
+        elif key == "mdns" and isinstance(value, str):
+            value = value.strip().lower() not in {"0", "false", "no", "off"}
+        out[key] = value
     return out
 
 

@@ -85,8 +85,8 @@ class LocalSwarm:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.peers: dict[str, PeerProcess] = {}
 
-    def start(self, name: str, *extra: str, timeout: float = 120.0) -> PeerProcess:
-        peer = self.spawn(name, *extra)
+    def start(self, name: str, *extra: str, timeout: float = 120.0, command: str = "serve") -> PeerProcess:
+        peer = self.spawn(name, *extra, command=command)
         try:
             peer.wait_ready(timeout)
         except BaseException:
@@ -94,16 +94,22 @@ class LocalSwarm:
             raise
         return peer
 
-    def spawn(self, name: str, *extra: str) -> PeerProcess:
-        """Start a serve process without waiting for it (start several, then wait on each)."""
+    def spawn(self, name: str, *extra: str, command: str = "serve") -> PeerProcess:
+        """Start a serve (or bootstrap) process without waiting for it: start several, then
+        wait on each. Loopback only, mDNS off: nothing leaves this machine."""
         ready = self.workdir / f"{name}.ready.json"
         ident = self.workdir / f"{name}.key"
-        cmd = [sys.executable, "-m", "gputorrent.cli", "serve", "--model", self.model,
+        model = ["--model", self.model] if command == "serve" else []
+        cmd = [sys.executable, "-m", "gputorrent.cli", command, *model, "--no-mdns",
                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready), "--identity", str(ident), *extra]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
                                 stdin=subprocess.DEVNULL)
         peer = self.peers[name] = PeerProcess(name, proc, ready, ident)
         return peer
+
+    def bootstrap(self, name: str = "bootstrap", timeout: float = 60.0) -> PeerProcess:
+        """A DHT-only node for the others to join by."""
+        return self.start(name, timeout=timeout, command="bootstrap")
 
     def identity(self, name: str) -> Path:
         return self.workdir / f"{name}.key"

@@ -197,7 +197,7 @@ def decode_inbound(payload: bytes) -> InferRequest | Cancel:
         return _inbound_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid request: {exc}") from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through as this
         raise ProtocolError(f"malformed frame: {exc}") from exc
 
 
@@ -272,7 +272,7 @@ class ReplyVerifier:
     def open(self, payload: bytes) -> Reply:
         try:
             env = _envelope_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise IntegrityError(f"malformed reply envelope: {exc}") from exc
         if env.seq != self._seq:
             what = "repeat" if env.seq < self._seq else "gap"
@@ -283,7 +283,7 @@ class ReplyVerifier:
         self._seq += 1
         try:
             msg = _reply_decoder.decode(env.body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise IntegrityError(f"malformed signed reply: {exc}") from exc
         if isinstance(msg, Token):
             self.transcript = _transcript_next(self.transcript, msg.ids, msg.text)

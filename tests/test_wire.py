@@ -128,3 +128,11 @@ def test_any_bytes_from_a_server_are_an_integrity_error_or_a_verified_reply(data
     _, _, verifier = _pair()
     with pytest.raises(wire.IntegrityError):
         verifier.open(data)
+
+
+def test_invalid_utf8_in_a_string_field_is_a_protocol_error():
+    # Found by hypothesis: msgspec raises UnicodeDecodeError, not DecodeError, for this.
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_inbound(b"\x92\xa3req\xa1\x80")
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_inbound(b"\xa1\x80")

@@ -3,6 +3,7 @@
 - ``max_connections_per_peer=1``: otherwise every dial waits 250 ms.
 - py-libp2p logs clean ends of DHT streams as errors; those loggers are quieted.
 - ``import libp2p`` costs ~0.8 s, so this module imports it only inside functions.
+- The auto-connector (dial known peers up to ~150 connections) is switched off.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def parse_peer_addr(addr: str) -> Any:
 
 
 @asynccontextmanager
-async def running_host(identity: Identity, listen: Sequence[str] = ()) -> AsyncIterator[Any]:
-    """A started libp2p host for ``identity``; listens on ``listen`` (none: dial only)."""
+async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: bool = False) -> AsyncIterator[Any]:
+    """A started libp2p host for ``identity``; listens on ``listen`` (none: dial only).
+    ``mdns`` finds peers on the LAN (it joins a multicast group: off in tests)."""
     import multiaddr
     from libp2p import new_host
     from libp2p.network.config import ConnectionConfig
@@ -52,9 +54,11 @@ async def running_host(identity: Identity, listen: Sequence[str] = ()) -> AsyncI
             key_pair=identity.libp2p_key_pair(),
             listen_addrs=addrs or None,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
+            enable_mDNS=mdns,
         )
     except Exception as exc:
         raise DialError(f"cannot create a libp2p host: {exc}") from exc
+    _no_auto_dial(host)
     try:
         async with host.run(addrs):
             yield host
@@ -68,6 +72,17 @@ def _single(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _no_auto_dial(host: Any) -> None:
+    """py-libp2p's auto-connector dials every known peer until it holds ~150 connections.
+    A requester or a serving peer needs connections only to the peers it talks to; the DHT
+    dials what its lookups need."""
+
+    async def nothing() -> None:
+        return None
+
+    host.get_network().auto_connector.maybe_connect = nothing
 
 
 def full_addrs(host: Any) -> list[str]:

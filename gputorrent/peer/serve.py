@@ -1,42 +1,35 @@
-"""Run a serving peer: load the model, listen, answer, stop cleanly on SIGINT/SIGTERM."""
+"""Run a serving peer: load the model, join the swarm, announce, answer, leave cleanly."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import trio
-
+from .. import __version__
+from ..dht import records
 from ..identity import Identity
 from ..models import ModelInfo
 from . import protocol
+from .device import detect_device
 from .faults import Fault
-from .host import full_addrs, running_host
+from .node import NodeOptions, run_node
 from .server import InferServer
 
 
 @dataclass(slots=True)
 class ServeOptions:
-    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    node: NodeOptions = field(default_factory=NodeOptions)
     slots: int = 4
     queue: int = 8
     n_ctx: int = 2048
     n_threads: int | None = None
     n_gpu_layers: int = 0
-    ready_file: Path | None = None
+    name: str = ""
     fault: Fault | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    peer_id: str
-    addrs: list[str]
-    models: list[dict]
-    tokens_per_s: float
 
 
 def load_engine(info: ModelInfo, opts: ServeOptions, progress: Callable[[float], None] | None = None):
@@ -63,14 +56,10 @@ async def measure_tokens_per_s(engine, n: int = 16) -> float:
     return 0.0
 
 
-def write_ready_file(path: Path, ready: Ready) -> None:
-    """Atomically: a watcher never reads half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"peer_id": ready.peer_id, "addrs": ready.addrs, "models": ready.models,
-                               "tokens_per_s": ready.tokens_per_s}))
-    os.replace(tmp, path)
+def served_model(info: ModelInfo, n_ctx: int) -> records.ServedModel:
+    return records.ServedModel(model_id=info.model_id, alias=info.alias, quantization=info.quantization,
+                               context_length=n_ctx, first_block=0, end_block=info.blocks,
+                               total_blocks=info.blocks)
 
 
 async def serve(
@@ -78,21 +67,29 @@ async def serve(
     info: ModelInfo,
     engine,
     opts: ServeOptions,
-    on_ready: Callable[[Ready], None] = lambda r: None,
+    on_ready: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> InferServer:
     """Serve ``engine`` until SIGINT or SIGTERM; returns the server (for its stats)."""
     tps = await measure_tokens_per_s(engine)
     server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with running_host(identity, opts.listen) as host:
-            host.set_stream_handler(protocol.INFER, server.handle)
-            ready = Ready(identity.peer_id, full_addrs(host), [info.to_dict()], tps)
-            if opts.ready_file:
-                write_ready_file(opts.ready_file, ready)
-            on_ready(ready)
-            async for _ in signals:
-                break
-    if opts.ready_file:
-        Path(opts.ready_file).unlink(missing_ok=True)
-    return server
+    device = detect_device()
+    model = served_model(info, engine.n_ctx)
+    name = opts.name or socket.gethostname()
 
+    def make_advert(node, leaving: bool) -> records.Advert:
+        now = time.time()
+        load = engine.load()
+        from .host import full_addrs
+
+        return records.Advert(
+            peer_id=identity.peer_id, seq=int(now * 1000), issued_at=now,
+            expires_at=now + opts.node.advert_ttl, addrs=full_addrs(node.host), name=name, device=device,
+            models=[model], load=records.Load(active=load.active, queued=load.queued, slots=load.slots),
+            tokens_per_s=tps, version=__version__, leaving=leaving,
+        )
+
+    await run_node(
+        identity, opts.node, handlers={protocol.INFER: server.handle}, make_advert=make_advert,
+        ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps}, on_ready=on_ready,
+    )
+    return server

@@ -1,0 +1,1 @@
+"""Swarm membership: signed adverts (records.py, pure) and the Kademlia DHT node (node.py)."""

@@ -1,0 +1,246 @@
+"""Swarm membership over py-libp2p's Kademlia DHT: join, announce, look up.
+
+Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht.py:
+- ``find_providers`` answers from the local store alone whenever it holds any record for the
+  key (a serving peer would find only itself; a watcher only what it saw first). Lookups here
+  set the local records aside, ask the network, then merge and dedupe by peer id.
+- ``get_value`` likewise returns a local copy without asking the network; advert lookups go to
+  the network and keep the local copy only if nothing newer is found.
+- Adverts live under hashed keys (FIND_NODE rejects plain keys over 50 bytes) in a namespace
+  whose validator checks signature, owner, expiry and sequence on local and remote puts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ..identity import Identity
+from . import records
+from .records import Advert, RecordError
+
+log = logging.getLogger("gputorrent.dht")
+
+LOOKUP_TIMEOUT_S = 5.0
+FETCH_CONCURRENCY = 16
+
+
+def _validator():
+    from libp2p.records.validator import Validator
+
+    class AdvertValidator(Validator):
+        """Runs on every put, local or remote, and on every value a lookup returns."""
+
+        def validate(self, key: str, value: bytes) -> None:
+            records.open_advert(key, value)
+
+        def select(self, key: str, values: list[bytes]) -> int:
+            return records.best_index(key, values)
+
+    return AdvertValidator()
+
+
+class SwarmNode:
+    """One node's view of the swarm: a DHT (server or client mode) on a running host."""
+
+    def __init__(self, host: Any, identity: Identity, dht: Any) -> None:
+        self.host = host
+        self.identity = identity
+        self.dht = dht
+
+    # --- joining ---------------------------------------------------------------------------
+
+    async def join(self, bootstrap: Sequence[str]) -> int:
+        """Dial bootstrap peers and add them to the routing table; returns how many answered."""
+        from ..peer.host import DialError, connect
+
+        joined = 0
+
+        async def one(addr: str) -> None:
+            nonlocal joined
+            try:
+                with trio.fail_after(LOOKUP_TIMEOUT_S):
+                    peer_id = await connect(self.host, addr)
+                    await self._add(peer_id)
+                joined += 1
+            except (DialError, trio.TooSlowError) as exc:
+                log.warning("bootstrap peer %s did not answer: %s", addr, exc)
+
+        async with trio.open_nursery() as n:
+            for addr in bootstrap:
+                n.start_soon(one, addr)
+        if joined and self.dht.get_routing_table_size() < 20:
+            # Learn our neighbourhood: a lookup of our own id fills the routing table.
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                await self.dht.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
+        return joined
+
+    async def _add(self, peer_id_b58: str) -> None:
+        from libp2p.peer.id import ID
+
+        await self.dht.add_peer(ID.from_base58(peer_id_b58), skip_server_mode_check=True)
+
+    async def adopt_known_peers(self) -> None:
+        """Add peers found by mDNS (they land in the peerstore) to the routing table."""
+        me = self.host.get_id()
+        for pid in list(self.host.get_peerstore().peers_with_addrs()):
+            if pid != me and not self.dht.routing_table.peer_in_table(pid):
+                with trio.move_on_after(2):
+                    try:
+                        await self.host.connect(self.host.get_peerstore().peer_info(pid))
+                        await self.dht.add_peer(pid)
+                    except Exception:
+                        pass
+
+    # --- announcing ------------------------------------------------------------------------
+
+    async def publish(self, advert: Advert) -> None:
+        """Store our signed advert and provide each served model (and the swarm key)."""
+        await self.dht.put_value(records.advert_key(advert.peer_id), records.sign_advert(self.identity, advert))
+        if advert.leaving:
+            return
+        keys = [records.provider_key("swarm", "all")]
+        for m in advert.models:
+            keys += records.model_keys(m)
+        async with trio.open_nursery() as n:
+            for key in keys:
+                n.start_soon(self.dht.provide, key)
+
+    async def announce_forever(self, make_advert: Callable[[], Advert], interval: float,
+                               task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Publish now (then report started), and again every ``interval`` seconds."""
+        await self._publish_logged(make_advert())
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            await self.adopt_known_peers()
+            await self._publish_logged(make_advert())
+
+    async def _publish_logged(self, advert: Advert) -> None:
+        try:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S * 2):
+                await self.publish(advert)
+        except Exception as exc:  # an unreachable neighbour must not stop the announcer
+            log.warning("announce failed: %s", exc)
+
+    # --- looking up ------------------------------------------------------------------------
+
+    async def find_providers(self, key: str, count: int = 100) -> list[str]:
+        """Peer ids (base58) providing ``key``: network and local records merged, no duplicates."""
+        store = self.dht.provider_store
+        key_bytes = bytes.fromhex(key)
+        local = store.providers.pop(key_bytes, None)
+        found: list[Any] = []
+        try:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                found = await store.find_providers(key_bytes, count)
+        finally:
+            if local:
+                merged = store.providers.setdefault(key_bytes, {})
+                for pid, rec in local.items():
+                    merged.setdefault(pid, rec)
+        ids = [p.peer_id.to_base58() for p in found]
+        ids += [rec.provider_info.peer_id.to_base58() for rec in (local or {}).values() if not rec.is_expired()]
+        if key_bytes in store.providing_keys:
+            ids.append(self.identity.peer_id)
+        return list(dict.fromkeys(ids))
+
+    async def get_advert_value(self, peer_id: str) -> bytes | None:
+        """The newest valid signed advert of ``peer_id`` as stored: asked of the network
+        (a local copy is kept only if the network has nothing newer)."""
+        key = records.advert_key(peer_id)
+        key_bytes = key.encode()
+        vs = self.dht.value_store
+        local = vs.store.pop(key_bytes, None)
+        value = None
+        try:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                value = await self.dht.get_value(key)
+        except Exception as exc:
+            log.debug("advert lookup for %s failed: %s", peer_id, exc)
+        finally:
+            if local is not None and key_bytes not in vs.store:
+                vs.store[key_bytes] = local
+        now = time.time()
+        candidates = []
+        for v in (value, local[0].value if local else None):
+            try:
+                if v:
+                    records.open_advert(key, v, now)
+                    candidates.append(v)
+            except RecordError:
+                pass
+        return candidates[records.best_index(key, candidates)] if candidates else None
+
+    async def get_advert(self, peer_id: str) -> Advert | None:
+        value = await self.get_advert_value(peer_id)
+        return records.open_advert(records.advert_key(peer_id), value) if value else None
+
+    async def get_adverts(self, peer_ids: Sequence[str]) -> list[Advert]:
+        out: list[Advert] = []
+        limit = trio.Semaphore(FETCH_CONCURRENCY)
+
+        async def one(pid: str) -> None:
+            async with limit:
+                ad = await self.get_advert(pid)
+            if ad is not None:
+                out.append(ad)
+
+        async with trio.open_nursery() as n:
+            for pid in dict.fromkeys(peer_ids):
+                n.start_soon(one, pid)
+        return out
+
+    async def find_model(self, spec: str) -> list[Advert]:
+        """Live adverts of peers serving ``spec`` (alias or model id)."""
+        kind = "alias" if not _looks_like_id(spec) else "model"
+        ids = await self.find_providers(records.provider_key(kind, spec.lower()))
+        now = time.time()
+        return [a for a in await self.get_adverts(ids) if a.live(now) and a.serves(spec)]
+
+    async def crawl(self, rounds: int = 3) -> list[str]:
+        """Peer ids reachable through the DHT: the routing table, then lookups of random keys."""
+        seen = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
+        for _ in range(rounds):
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                for p in await self.dht.peer_routing.find_closest_peers_network(os.urandom(32)):
+                    seen.add(p.to_base58())
+        seen.discard(self.identity.peer_id)
+        return sorted(seen)
+
+    async def overview(self) -> list[Advert]:
+        """Every live advert this node can find: providers of the swarm key plus a crawl."""
+        ids = await self.find_providers(records.provider_key("swarm", "all"))
+        ids += await self.crawl()
+        now = time.time()
+        return sorted((a for a in await self.get_adverts(ids) if a.live(now)), key=lambda a: a.peer_id)
+
+
+def _looks_like_id(spec: str) -> bool:
+    return len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec.lower())
+
+
+@asynccontextmanager
+async def swarm_node(host: Any, identity: Identity, *, server: bool) -> AsyncIterator[SwarmNode]:
+    """Run a Kademlia DHT on ``host``: server mode stores records for others, client mode
+    only asks (requesters, watchers)."""
+    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+    from libp2p.tools.anyio_service.context import background_trio_service
+
+    dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False)
+    dht.register_validator(records.NAMESPACE, _validator())
+    async with background_trio_service(dht):
+        yield SwarmNode(host, identity, dht)
+
+
+def shuffled(items: list[Any]) -> list[Any]:
+    out = list(items)
+    random.shuffle(out)
+    return out

@@ -1,0 +1,158 @@
+"""A swarm with no coordinator: a bootstrap node and 5 serve processes on loopback, and
+requesters in this process and as fresh CLI processes."""
+
+import json
+import signal
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from gputorrent.dht import records
+from gputorrent.dht.node import swarm_node
+from gputorrent.identity import Identity
+from gputorrent.peer.host import running_host
+
+from .conftest import QUESTION
+from .test_records import advert
+
+INTERVAL, TTL = 2.0, 8.0
+SERVE = ("--announce-interval", str(INTERVAL), "--advert-ttl", str(TTL), "--slots", "1", "--ctx", "512")
+
+
+@pytest.fixture(scope="module")
+def dht_swarm(swarm):
+    boot = swarm.bootstrap()
+    peers = [swarm.spawn(f"p{i}", "--bootstrap", boot.addr, *SERVE) for i in range(5)]
+    for p in peers:
+        p.wait_ready(120)
+    return boot, peers
+
+
+@asynccontextmanager
+async def Requester(boot_addr: str):
+    """A fresh node (new identity, empty DHT) joined through the bootstrap peer."""
+    ident = Identity.generate()
+    async with running_host(ident) as host, swarm_node(host, ident, server=False) as node:
+        assert await node.join([boot_addr]) == 1
+        yield node
+
+
+async def _until(predicate, timeout: float, every: float = 0.2):
+    """Poll an eventually-true condition of the swarm (time-based facts: nothing to await)."""
+    with trio.move_on_after(timeout):
+        while True:
+            result = await predicate()
+            if result:
+                return result
+            await trio.sleep(every)
+    return None
+
+
+async def test_a_fresh_requester_finds_every_peer(dht_swarm):
+    boot, peers = dht_swarm
+    async with Requester(boot.addr) as node:
+        adverts = {a.peer_id: a for a in await node.find_model("smollm2")}
+        overview = {a.peer_id for a in await node.overview()}
+    assert {p.peer_id for p in peers} <= set(adverts)
+    assert {p.peer_id for p in peers} <= overview
+    ad = adverts[peers[0].peer_id]
+    assert ad.addrs == [peers[0].addr] and ad.models[0].alias == "smollm2" and ad.models[0].total_blocks == 30
+    assert ad.device.kind == "cpu" and ad.device.cores >= 1 and ad.load.slots == 1 and ad.tokens_per_s > 0
+
+
+async def test_a_new_peer_is_found_within_3s_even_by_a_requester_that_looked_before(dht_swarm, swarm):
+    boot, _ = dht_swarm
+    async with Requester(boot.addr) as node:
+        before = {a.peer_id for a in await node.find_model("smollm2")}  # leaves local provider records
+        late = swarm.spawn("late", "--bootstrap", boot.addr, *SERVE)
+        await trio.to_thread.run_sync(late.wait_ready, 120)
+        ready_at = time.monotonic()
+
+        async def seen():
+            return late.peer_id in {a.peer_id for a in await node.find_model("smollm2")}
+
+        assert await _until(seen, 3.0), "late peer not found within 3 s of being ready"
+        assert time.monotonic() - ready_at <= 3.0
+    assert late.peer_id not in before
+
+
+def test_ask_with_only_bootstrap_answers(dht_swarm, cli):
+    boot, peers = dht_swarm
+    done = cli("ask", QUESTION, "--bootstrap", boot.addr, "--no-mdns", "--temperature", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert "Paris" in out["text"] and out["receipt_verified"]
+    assert out["peer_id"] in {p.peer_id for p in dht_swarm[1]} | {p.peer_id for p in peers}
+    assert "Failed to read DHT message" not in done.stderr  # py-libp2p's noise stays quiet
+
+
+def test_peers_and_models_list_from_the_swarm(dht_swarm, cli):
+    boot, peers = dht_swarm
+    done = cli("peers", "--bootstrap", boot.addr, "--no-mdns", "--json")
+    assert done.returncode == 0, done.stderr
+    listed = {a["peer_id"] for a in json.loads(done.stdout)}
+    assert {p.peer_id for p in peers if p.proc.poll() is None} <= listed
+    assert boot.peer_id not in listed  # a bootstrap node serves nothing and announces nothing
+    table = cli("peers", "--bootstrap", boot.addr, "--no-mdns")
+    assert "smollm2" in table.stdout and "peers" in table.stdout
+    models = cli("models", "list", "--swarm", "--bootstrap", boot.addr, "--no-mdns", "--json")
+    (row,) = json.loads(models.stdout)
+    assert row["alias"] == "smollm2" and row["peers"] >= 5
+
+
+async def test_sigterm_leaves_within_one_interval_and_sigkill_after_expiry(dht_swarm):
+    boot, peers = dht_swarm
+    graceful, crashed = peers[3], peers[4]
+    async with Requester(boot.addr) as node:
+        async def listed():
+            return {a.peer_id for a in await node.find_model("smollm2")}
+
+        assert {graceful.peer_id, crashed.peer_id} <= await listed()
+        assert graceful.stop(signal.SIGTERM) == 0
+        t0 = time.monotonic()
+        assert await _until(lambda: _absent(listed, graceful.peer_id), INTERVAL), "SIGTERM'd peer still listed"
+        assert time.monotonic() - t0 <= INTERVAL
+
+        crashed.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert crashed.peer_id in await listed()  # nobody said goodbye: the advert lives on...
+        assert await _until(lambda: _absent(listed, crashed.peer_id), TTL + INTERVAL), "killed peer never expired"
+        assert time.monotonic() - killed_at <= TTL + INTERVAL  # ...until it expires
+
+
+async def _absent(listed, peer_id):
+    return peer_id not in await listed()
+
+
+async def test_forged_replayed_and_expired_adverts_are_refused_by_remote_peers(dht_swarm):
+    from libp2p.peer.id import ID
+
+    boot, peers = dht_swarm
+    victim = peers[0]
+    key = records.advert_key(victim.peer_id)
+    async with Requester(boot.addr) as node:
+        store = node.dht.value_store
+        targets = [ID.from_base58(p.peer_id) for p in peers[:3] if p.proc.poll() is None]
+        first = await node.get_advert_value(victim.peer_id)
+        first_seq = records.open_advert(key, first).seq
+
+        async def newer():
+            ad = await node.get_advert(victim.peer_id)
+            return ad if ad and ad.seq > first_seq else None
+
+        assert await _until(newer, 3 * INTERVAL)  # the victim has re-announced since
+
+        forger = Identity.generate()
+        body = records.sign_advert(forger, advert(forger, seq=2**62, name="forged"))  # signed by another key
+        expired_self = records.sign_advert(forger, advert(forger, issued=time.time() - 600, ttl=60))
+        for target in targets:
+            assert not await store._store_at_peer(target, key.encode(), body)  # forged
+            assert not await store._store_at_peer(target, key.encode(), first)  # replayed, lower sequence
+            assert not await store._store_at_peer(target, records.advert_key(forger.peer_id).encode(), expired_self)
+        ad = await node.get_advert(victim.peer_id)
+        assert ad is not None and ad.name != "forged" and ad.seq > first_seq
+        assert await node.get_advert(forger.peer_id) is None
+        with pytest.raises(records.RecordError):  # local puts run the same validator
+            await node.dht.put_value(key, body)
