@@ -2,8 +2,9 @@
 
 Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht.py:
 - ``find_providers`` answers from the local store alone whenever it holds any record for the
-  key (a serving peer would find only itself; a watcher only what it saw first). Lookups here
-  set the local records aside, ask the network, then merge and dedupe by peer id.
+  key (a serving peer would find only itself; a watcher only what it saw first), and otherwise
+  walks the whole swarm when a key has fewer providers than it asked for. Lookups here ask the
+  k closest peers of the key directly, merge local records and dedupe by peer id.
 - ``get_value`` likewise returns a local copy without asking the network; advert lookups go to
   the network and keep the local copy only if nothing newer is found.
 - Adverts live under hashed keys (FIND_NODE rejects plain keys over 50 bytes) in a namespace
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -30,6 +30,9 @@ log = logging.getLogger("gputorrent.dht")
 
 LOOKUP_TIMEOUT_S = 5.0
 FETCH_CONCURRENCY = 16
+K = 20  # Kademlia's k: records live on the k peers closest to their key
+ALPHA = 5  # requests in flight per lookup round (py-libp2p uses 3)
+PROVIDE_INTERVAL_S = 600.0
 
 
 def _validator():
@@ -101,56 +104,98 @@ class SwarmNode:
 
     # --- announcing ------------------------------------------------------------------------
 
-    async def publish(self, advert: Advert) -> None:
-        """Store our signed advert and provide each served model (and the swarm key)."""
-        await self.dht.put_value(records.advert_key(advert.peer_id), records.sign_advert(self.identity, advert))
-        if advert.leaving:
+    async def publish(self, advert: Advert, *, provide: bool = True) -> None:
+        """Store our signed advert and (with ``provide``) provide each served model and the
+        swarm key."""
+        key = records.advert_key(advert.peer_id)
+        await self.dht.put_value(key, records.sign_advert(self.identity, advert))
+        # py-libp2p's maintenance loop (every 600 s) republishes every value and provider key
+        # it has no republish time for, and put/provide never set one: all of them, all at
+        # once. Our announce loop renews on its own schedule, so mark them as just done.
+        now = time.time()
+        self.dht.value_store._last_republish[key.encode()] = now
+        if advert.leaving or not provide:
             return
         keys = [records.provider_key("swarm", "all")]
         for m in advert.models:
             keys += records.model_keys(m)
         async with trio.open_nursery() as n:
-            for key in keys:
-                n.start_soon(self.dht.provide, key)
+            for pkey in keys:
+                n.start_soon(self.dht.provide, pkey)
+                self.dht.provider_store._last_republish[bytes.fromhex(pkey)] = now
 
     async def announce_forever(self, make_advert: Callable[[], Advert], interval: float,
                                task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Publish now (then report started), and again every ``interval`` seconds."""
-        await self._publish_logged(make_advert())
+        """Publish now (then report started), and again every ``interval`` seconds.
+
+        The advert (liveness, load) goes out every interval; provider records live 48 h in
+        py-libp2p, so they are renewed every ``PROVIDE_INTERVAL_S``, which also keeps us under
+        its limit of 10 ADD_PROVIDER messages per peer per 10 s with short test intervals.
+        """
+        await self._publish_logged(make_advert(), provide=True)
+        provided = trio.current_time()
         task_status.started()
         while True:
             await trio.sleep(interval)
             await self.adopt_known_peers()
-            await self._publish_logged(make_advert())
+            renew = trio.current_time() - provided >= PROVIDE_INTERVAL_S
+            await self._publish_logged(make_advert(), provide=renew)
+            provided = trio.current_time() if renew else provided
 
-    async def _publish_logged(self, advert: Advert) -> None:
+    async def _publish_logged(self, advert: Advert, *, provide: bool) -> None:
         try:
             with trio.move_on_after(LOOKUP_TIMEOUT_S * 2):
-                await self.publish(advert)
+                await self.publish(advert, provide=provide)
         except Exception as exc:  # an unreachable neighbour must not stop the announcer
             log.warning("announce failed: %s", exc)
 
     # --- looking up ------------------------------------------------------------------------
 
-    async def find_providers(self, key: str, count: int = 100) -> list[str]:
-        """Peer ids (base58) providing ``key``: network and local records merged, no duplicates."""
+    async def find_providers(self, key: str) -> list[str]:
+        """Peer ids (base58) providing ``key``, deduplicated, ours and local records included.
+
+        A Kademlia lookup on GET_PROVIDERS itself: ask the ``ALPHA`` closest unasked peers at
+        once, learn closer peers from their answers, and stop when the ``K`` closest peers known
+        have all answered (that is where ``provide`` stores records). py-libp2p's own
+        ``find_providers`` answers from the local store alone whenever it holds anything, and
+        otherwise walks until it has ``count`` providers, i.e. the whole swarm for a model with
+        fewer providers than that.
+        """
+        from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+
         store = self.dht.provider_store
         key_bytes = bytes.fromhex(key)
-        local = store.providers.pop(key_bytes, None)
-        found: list[Any] = []
-        try:
-            with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                found = await store.find_providers(key_bytes, count)
-        finally:
-            if local:
-                merged = store.providers.setdefault(key_bytes, {})
-                for pid, rec in local.items():
-                    merged.setdefault(pid, rec)
-        ids = [p.peer_id.to_base58() for p in found]
-        ids += [rec.provider_info.peer_id.to_base58() for rec in (local or {}).values() if not rec.is_expired()]
+        me = self.host.get_id()
+        found: list[str] = []
+        known = [p for p in self.dht.routing_table.find_local_closest_peers(key_bytes, K) if p != me]
+        if not known:
+            known = [p for p in self.host.get_connected_peers() if p != me]
+        asked: set[Any] = set()
+
+        async def ask(peer: Any) -> None:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S / 2):
+                try:
+                    providers, closer = await store._get_providers_from_peer_with_closers(peer, key_bytes)
+                except Exception as exc:
+                    log.debug("GET_PROVIDERS to %s failed: %s", peer, exc)
+                    return
+                found.extend(p.peer_id.to_base58() for p in providers)
+                known.extend(c for c in closer if c != me and c not in known)
+
+        with trio.move_on_after(LOOKUP_TIMEOUT_S):
+            while True:
+                known = sort_peer_ids_by_distance(key_bytes, known)
+                batch = [p for p in known[:K] if p not in asked][:ALPHA]
+                if not batch:
+                    break
+                asked.update(batch)
+                async with trio.open_nursery() as n:
+                    for peer in batch:
+                        n.start_soon(ask, peer)
+        found += [p.peer_id.to_base58() for p in store.get_providers(key_bytes)]
         if key_bytes in store.providing_keys:
-            ids.append(self.identity.peer_id)
-        return list(dict.fromkeys(ids))
+            found.append(self.identity.peer_id)
+        return list(dict.fromkeys(found))
 
     async def get_advert_value(self, peer_id: str) -> bytes | None:
         """The newest valid signed advert of ``peer_id`` as stored: asked of the network
@@ -239,8 +284,3 @@ async def swarm_node(host: Any, identity: Identity, *, server: bool) -> AsyncIte
     async with background_trio_service(dht):
         yield SwarmNode(host, identity, dht)
 
-
-def shuffled(items: list[Any]) -> list[Any]:
-    out = list(items)
-    random.shuffle(out)
-    return out
