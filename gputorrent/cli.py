@@ -251,7 +251,18 @@ def cmd_peers(args: argparse.Namespace) -> int:
     import msgspec
     import trio
 
+    from .scoring.reputation import ReputationStore
+
     settings = _swarm_settings(args)
+    store = ReputationStore(settings.data_dir / "reputation.sqlite")
+    if args.reset or args.ban:
+        for pid in args.reset or []:
+            store.reset(pid)
+            print(f"{pid}: breaker reset (and unbanned)", file=sys.stderr)
+        for pid in args.ban or []:
+            store.ban(pid)
+            print(f"{pid}: banned (its breaker stays open until peers --reset)", file=sys.stderr)
+        return 0
 
     async def fetch(node):
         return await (node.find_model(args.model) if args.model else node.overview())
@@ -261,12 +272,14 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
         now = time.time()
         table = Table(title=f"{len(adverts)} peers" + (f" serving {args.model}" if args.model else ""))
-        for col in ("peer", "name", "device", "VRAM free/total MB", "models", "load", "tok/s", "age"):
+        for col in ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "age", "rep", "breaker"):
             table.add_column(col)
         for a in adverts:
             r = _advert_row(a, now)
+            rec = store.get(a.peer_id, now)
             table.add_row(r["peer_id"][:16] + "…", r["name"], r["device"][:28], r["vram_mb"], r["models"],
-                          r["load"], f"{r['tokens_per_s']:.0f}", r["age"])
+                          r["load"], f"{r['tokens_per_s']:.0f}", r["age"], f"{rec.reputation:.2f}",
+                          rec.breaker.current(now))
         return table
 
     async def run() -> None:
@@ -274,7 +287,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
             if not args.watch:
                 adverts = await fetch(node)
                 if args.json:
-                    print(msgspec.json.encode(adverts).decode())
+                    now = time.time()
+                    rows = [msgspec.to_builtins(a) | _local_view(store.get(a.peer_id, now), now) for a in adverts]
+                    print(json.dumps(rows))
                 else:
                     _console_out().print(render(adverts))
                 return
@@ -289,10 +304,19 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_view(rec, now: float) -> dict:
+    """What this requester has seen of a peer (not part of its signed advert)."""
+    return {"reputation": round(rec.reputation, 4), "breaker": rec.breaker.current(now),
+            "observed": {"successes": round(rec.successes, 3), "failures": round(rec.failures, 3),
+                         "timeouts": round(rec.timeouts, 3), "integrity_failures": round(rec.integrity, 3),
+                         "tokens_per_s": rec.tokens_per_s, "ttft_ms": rec.ttft_ms}}
+
+
 def _console_out():
+    """stdout; when it is a pipe or a file, wide enough that no column is cut."""
     from rich.console import Console
 
-    return Console()
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 # --- serve ----------------------------------------------------------------------------------
@@ -380,19 +404,57 @@ def cmd_ask(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+    import random
+
+    from .peer.asker import new_request_id
+    from .peer.choose import explain, rank_peers
+    from .peer.verify import spot_check
+    from .scoring import Weights
+    from .scoring.reputation import ReputationStore
+
+    try:
+        weights = Weights.parse(args.weights) if args.weights else Weights()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.choose_top < 1:
+        raise UsageError("--choose-top must be 1 or more")
+    if not 0.0 <= args.spot_check <= 1.0:
+        raise UsageError("--spot-check is a probability, between 0 and 1")
+    store = ReputationStore(settings.data_dir / "reputation.sqlite")
+    rng = random.Random()
     kwargs = dict(messages=messages, prompt=prompt if args.raw else None, params=params, on_text=on_text,
-                  max_attempts=args.attempts, stall_timeout=args.stall_timeout)
+                  max_attempts=args.attempts, stall_timeout=args.stall_timeout,
+                  before_attempt=store.start_trial, after_attempt=lambda a, r: _record(store, a, r))
+
+    async def answer_and_check(host, addrs: list[str], model: str):
+        answer = await ask(host, addrs, model=model, **kwargs)
+        check = None
+        if args.verify or rng.random() < args.spot_check:
+            served = next(a for a in addrs if a.endswith(answer.peer_id))
+            base = wire.InferRequest(request_id=new_request_id(), model=answer.model_id, messages=messages,
+                                     prompt=prompt if args.raw else None)
+            check = await spot_check(host, [served] + [a for a in addrs if a != served], base)
+            if check.blamed:
+                store.record(check.blamed, "integrity")
+        return answer, check
 
     async def run():
         if args.peer:
             async with running_host(ident) as host:
-                return await ask(host, args.peer, model=args.model or "", **kwargs)
+                return await answer_and_check(host, args.peer, args.model or "")
         async with _joined(args, settings) as node:
-            model, candidates = await _candidates(node, args.model)
-            return await ask(node.host, candidates, model=model, **kwargs)
+            model, adverts = await _find_model(node, args.model)
+            order, considered = await rank_peers(node.host, adverts, store, weights=weights, rng=rng,
+                                                 top=args.choose_top)
+            if args.explain:
+                print(explain(considered, order[0].peer_id if order else None, weights, args.choose_top), file=sys.stderr)
+            if not order:
+                raise AskFailed(f"every peer serving {model!r} is unreachable or has its breaker open; "
+                                "see: gputorrent peers (and peers --reset PEER to give one another chance)", [])
+            return await answer_and_check(node.host, [a.addrs[0] for a in order], model)
 
     try:
-        answer = trio.run(run)
+        answer, check = trio.run(run)
     except AskFailed as exc:
         if streamed and exc.partial_text:
             print()
@@ -401,17 +463,45 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
             _out({"error": str(exc), "attempts": [asdict(a) for a in exc.attempts], "text": exc.partial_text})
         raise
+    finally:
+        store.close()
     if args.json:
-        _out(answer.to_dict())
+        from dataclasses import asdict
+
+        _out(answer.to_dict() | ({"spot_check": asdict(check)} if check else {}))
     else:
         print()
+        if check:
+            print(_describe_check(check), file=sys.stderr)
     return 0
 
 
-async def _candidates(node, model: str | None) -> tuple[str, list[str]]:
-    """Addresses of live peers serving ``model`` (by default the model most peers serve)."""
-    import random
+def _record(store, attempt, result) -> None:
+    """Count an attempt's outcome against the peer. Busy and 'wrong model' are not faults."""
+    outcome = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped": "failed",
+               "unreachable": "failed"}.get(attempt.outcome)
+    if outcome is None:
+        return
+    tps = ttft = None
+    if outcome == "ok" and result.t_first:
+        ttft = (result.t_first - result.t_start) * 1000
+        if len(result.ids) > 1 and result.t_last > result.t_first:
+            tps = (len(result.ids) - 1) / (result.t_last - result.t_first)
+    store.record(attempt.peer_id, outcome, tokens_per_s=tps, ttft_ms=ttft)
 
+
+def _describe_check(check) -> str:
+    if check.agreed is None:
+        return f"spot check: {check.note}"
+    if check.agreed:
+        return f"spot check: {check.peers[0][:16]}… and {check.peers[1][:16]}… agree token for token"
+    if check.blamed:
+        return f"spot check: {check.blamed[:16]}… disagreed with the majority and loses reputation"
+    return f"spot check: disagreement; {check.note}"
+
+
+async def _find_model(node, model: str | None):
+    """Live adverts serving ``model`` (by default the model most peers serve)."""
     from .peer.asker import AskFailed
 
     if not model:
@@ -422,11 +512,10 @@ async def _candidates(node, model: str | None) -> tuple[str, list[str]]:
         if not counts:
             raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [])
         model = max(counts, key=counts.get)
-    adverts = await node.find_model(model)
+    adverts = [a for a in await node.find_model(model) if a.addrs]
     if not adverts:
         raise AskFailed(f"no live peer serves {model!r}; see what the swarm has with: gputorrent models list --swarm", [])
-    random.shuffle(adverts)  # until peers are scored, spread requesters over them
-    return model, [a.addrs[0] for a in adverts if a.addrs]
+    return model, adverts
 
 
 _FLAG_OF = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
@@ -441,6 +530,15 @@ def _flag_message(exc: Exception) -> str:
 
 
 # --- the parser -----------------------------------------------------------------------------
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "[default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -501,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[swarm], help="donate this machine: serve a model to the swarm",
                        description="Load a GGUF model, join the swarm, announce it in the DHT and answer "
                                    "requests until Ctrl-C. Prints this peer's full addresses.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     s.add_argument("--model", required=True, help="alias (smollm2, fetched on first use) or path to a .gguf")
     listening(s)
     s.add_argument("--name", help="a name for this peer in listings [default: the host name]")
@@ -527,12 +625,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the verified adverts as JSON")
     s.add_argument("--watch", action="store_true", help="keep the table up to date until Ctrl-C")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    s.add_argument("--reset", action="append", metavar="PEER",
+                   help="close PEER's circuit breaker (and lift a ban); repeatable; no network needed")
+    s.add_argument("--ban", action="append", metavar="PEER", help="never choose PEER again (until --reset)")
     s.set_defaults(func=cmd_peers)
 
     s = sub.add_parser("ask", parents=[swarm], help="ask the swarm; streams the answer",
                        description="Find peers serving the model in the DHT (or use --peer), stream the answer to "
                                    "stdout, and continue on another peer if one fails mid-answer.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     s.add_argument("prompt", help="the question; '-' reads it from stdin")
     s.add_argument("--peer", action="append", metavar="MULTIADDR",
                    help="ask this peer directly instead of looking in the DHT (repeatable: the rest are failover)")
@@ -547,9 +648,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
     s.add_argument("--attempts", type=int, default=3, help="peers to try before giving up")
     s.add_argument("--stall-timeout", type=float, default=10.0, help="seconds without a token before failing over")
+    s.add_argument("--explain", action="store_true",
+                   help="print each candidate's criteria, score, reputation and breaker, and why one was chosen")
+    s.add_argument("--weights", metavar="W", help="scoring weights, e.g. vram=0.4,slots=0.3,rtt=0.2,speed=0.1 "
+                                                  "(the default; they must sum to 1)")
+    s.add_argument("--choose-top", type=int, default=3, metavar="N",
+                   help="draw the peer among the N best (weighted by score) so requesters spread out; 1 = always the best")
+    s.add_argument("--verify", action="store_true",
+                   help="also send a small greedy request to a second peer with the same model id and compare")
+    s.add_argument("--spot-check", type=float, default=0.05, metavar="P",
+                   help="probability of that check when --verify is not given")
     s.add_argument("--json", action="store_true",
                    help="print one JSON object at the end (text, peer_id, model_id, usage, ttft_ms, "
-                        "tokens_per_s, receipt_verified, attempts) instead of streaming")
+                        "tokens_per_s, receipt_verified, attempts, spot_check) instead of streaming")
     s.set_defaults(func=cmd_ask)
     return p
 

@@ -1,4 +1,5 @@
-"""``make demo``: three peers on loopback, one question, a streamed answer, a clean stop."""
+"""``make demo``: a bootstrap node and three peers on loopback, found through the DHT;
+one question, a streamed answer, a clean stop."""
 
 from __future__ import annotations
 
@@ -11,19 +12,22 @@ QUESTION = "What is the capital of France? Answer in one word."
 
 
 def main(peers: int = 3) -> int:
-    print(f"starting {peers} peers on 127.0.0.1 with the demo model (smollm2)…", file=sys.stderr)
+    print(f"starting a local swarm on 127.0.0.1: a bootstrap node and {peers} peers serving smollm2…",
+          file=sys.stderr)
     with LocalSwarm() as swarm:
-        started = [swarm.spawn(f"peer{i}") for i in range(peers)]
+        boot = swarm.bootstrap()
+        print(f"  bootstrap ready: {boot.addr}", file=sys.stderr)
+        started = [swarm.spawn(f"peer{i}", "--bootstrap", boot.addr) for i in range(peers)]
         for p in started:
             p.wait_ready(120)
             print(f"  {p.name} ready: {p.addr}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "gputorrent.cli", "ask", QUESTION, "--temperature", "0",
-               "--identity", str(swarm.identity("asker"))]
-        for p in started:
-            cmd += ["--peer", p.addr]  # the first answers; the others are failover
-        print(f"\n$ gputorrent ask {QUESTION!r} --temperature 0 --peer …\n", file=sys.stderr)
-        rc = subprocess.call(cmd)
-        print("\nstopping peers…", file=sys.stderr)
+        base = [sys.executable, "-m", "gputorrent.cli"]
+        common = ["--bootstrap", boot.addr, "--no-mdns", "--identity", str(swarm.identity("asker"))]
+        print("\n$ gputorrent peers --bootstrap …", file=sys.stderr)
+        subprocess.call([*base, "peers", *common])
+        print(f"\n$ gputorrent ask {QUESTION!r} --bootstrap … --temperature 0\n", file=sys.stderr)
+        rc = subprocess.call([*base, "ask", QUESTION, *common, "--temperature", "0"])
+        print("\nstopping the swarm…", file=sys.stderr)
     print("done", file=sys.stderr)
     return rc
 

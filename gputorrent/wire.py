@@ -69,7 +69,11 @@ class Cancel(msgspec.Struct, tag="cancel", array_like=True):
     reason: str = ""
 
 
-Inbound = Union[InferRequest, Cancel]
+class Ping(msgspec.Struct, tag="ping", array_like=True):
+    nonce: RequestId
+
+
+Inbound = Union[InferRequest, Cancel, Ping]
 
 # --- replies (server -> requester), each signed ------------------------------------------
 
@@ -109,7 +113,17 @@ class Error(msgspec.Struct, tag="err", array_like=True):
     message: str
 
 
-Reply = Union[Accepted, Busy, Token, Done, Error]
+class Pong(msgspec.Struct, tag="pong", array_like=True):
+    """Live load, fresher than the advert (which is up to one announce interval old)."""
+
+    active: int
+    queued: int
+    slots: int
+    free_memory_mb: int  # free VRAM on a GPU peer, free RAM on a CPU peer
+    tokens_per_s: float
+
+
+Reply = Union[Accepted, Busy, Token, Done, Error, Pong]
 
 
 class _Envelope(msgspec.Struct, array_like=True):
@@ -192,7 +206,7 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_inbound(payload: bytes) -> InferRequest | Cancel:
+def decode_inbound(payload: bytes) -> InferRequest | Cancel | Ping:
     try:
         return _inbound_decoder.decode(payload)
     except msgspec.ValidationError as exc:

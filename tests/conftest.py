@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +23,22 @@ def model_path() -> Path:
     return path
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args: str, input: str | None = None, timeout: float = 120,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `gputorrent` command in a fresh process."""
     return subprocess.run([sys.executable, "-m", "gputorrent.cli", *args], capture_output=True, text=True,
-                          input=input, timeout=timeout)
+                          input=input, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
 def cli(tmp_path):
-    """`gputorrent …` with a throwaway identity, so tests never touch the user's key."""
+    """`gputorrent …` with a throwaway identity and data dir (reputation store), so tests never
+    touch the user's; the model cache stays shared."""
     ident = tmp_path / "asker.key"
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
 
     def _run(*args: str, **kw) -> subprocess.CompletedProcess:
-        return run_cli(*args, "--identity", str(ident), **kw)
+        return run_cli(*args, "--identity", str(ident), env=env, **kw)
 
     return _run
 

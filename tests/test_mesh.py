@@ -1,7 +1,6 @@
 """serve and ask as real processes over libp2p on loopback, with the real demo model."""
 
 import json
-import os
 import signal
 
 import msgspec

@@ -126,3 +126,55 @@ def test_breaker_invariants_over_any_history(events):
         assert FIRST_COOLDOWN_S <= b.cooldown_s <= MAX_COOLDOWN_S
         assert len(b.failures) < 5
         assert b.current(now) != "closed" or b.allows(now)
+
+
+# --- the reputation store -------------------------------------------------------------------
+
+from gputorrent.scoring.reputation import HALF_LIFE_S, ReputationStore  # noqa: E402
+
+
+def test_reputation_counts_decay_and_persist(tmp_path):
+    db = tmp_path / "rep.sqlite"
+    store = ReputationStore(db)
+    assert store.get("p", now=0).reputation == 1.0  # never seen: benefit of the doubt
+    store.record("p", "ok", tokens_per_s=100, ttft_ms=50, now=0)
+    store.record("p", "failed", now=0)
+    r = store.get("p", now=0)
+    assert r.successes == 1 and r.failures == 1 and r.reputation == pytest.approx(3 / 4)
+    assert r.tokens_per_s == 100 and r.ttft_ms == 50
+    store.close()
+    later = ReputationStore(db).get("p", now=HALF_LIFE_S)  # reopened: persisted, and decayed
+    assert later.successes == pytest.approx(0.5) and later.failures == pytest.approx(0.5)
+
+
+def test_integrity_failure_costs_more_and_opens_the_persisted_breaker(tmp_path):
+    store = ReputationStore(tmp_path / "rep.sqlite")
+    store.record("honest", "failed", now=0)
+    store.record("liar", "integrity", now=0)
+    assert store.get("liar", now=1).reputation < store.get("honest", now=1).reputation
+    assert ReputationStore(tmp_path / "rep.sqlite").get("liar", now=1).breaker.current(1) == "open"
+
+
+def test_two_processes_can_write_at_once(tmp_path):
+    import multiprocessing as mp
+
+    db = tmp_path / "rep.sqlite"
+    procs = [mp.get_context("spawn").Process(target=_hammer, args=(db, i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert ReputationStore(db).get("shared").successes == pytest.approx(100, rel=1e-3)
+
+
+def _hammer(db, _i):
+    store = ReputationStore(db)
+    for _ in range(50):
+        store.record("shared", "ok")
+
+
+def test_ban_and_reset(tmp_path):
+    store = ReputationStore(tmp_path / "rep.sqlite")
+    assert not store.ban("p").breaker.allows(0)
+    assert store.reset("p").breaker.allows(0)

@@ -69,6 +69,8 @@ async def ask(
     on_text: Callable[[str], None] = lambda _t: None,
     max_attempts: int = 3,
     stall_timeout: float = 10.0,
+    before_attempt: Callable[[str], None] = lambda _peer_id: None,
+    after_attempt: Callable[[Attempt, AttemptResult], None] = lambda _a, _r: None,
 ) -> Answer:
     """Stream an answer from the first candidate that completes it.
 
@@ -101,23 +103,27 @@ async def ask(
             prompt=base.prompt, params=msgspec.structs.replace(params, max_tokens=max(1, remaining)),
             resume_ids=list(ids),
         )
+        res = AttemptResult(_peer_id_of(addr))
+        before_attempt(res.peer_id)
         try:
             peer_id = await connect(host, addr)
         except DialError as exc:
-            attempts.append(Attempt(peer_id=_peer_id_of(addr), outcome="unreachable", error=str(exc)))
+            attempts.append(Attempt(peer_id=res.peer_id, outcome="unreachable", error=str(exc)))
+            after_attempt(attempts[-1], res)
             continue
-        res = AttemptResult(peer_id)
         try:
             await run_attempt(host, peer_id, request, on_token, stall_timeout=stall_timeout, result=res)
         except AttemptFailed as exc:
             model_id = model_id or res.model_id
             attempts.append(Attempt(peer_id, exc.outcome, len(res.ids), str(exc)))
+            after_attempt(attempts[-1], res)
             if not exc.retry:
                 break
             continue
         done = res.done
         assert done is not None
         attempts.append(Attempt(peer_id, "ok", len(res.ids)))
+        after_attempt(attempts[-1], res)
         completion = len(ids) - len(res.ids) + done.usage.completion_tokens
         decode_s = (t_last - t_first) if (t_first and t_last and t_last > t_first) else 0.0
         return Answer(

@@ -60,6 +60,7 @@ class AttemptResult:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: wire.Done | None = None
+    t_start: float = 0.0
     t_first: float | None = None
     t_last: float | None = None
 
@@ -84,6 +85,7 @@ async def run_attempt(
     from libp2p.peer.id import ID
 
     res = result or AttemptResult(peer_id)
+    res.t_start = time.perf_counter()
     payload = wire.encode(request)
     verifier = wire.ReplyVerifier(peer_id, protocol.INFER, request.request_id, wire.request_digest(payload))
     try:
@@ -139,3 +141,39 @@ async def run_attempt(
                 await (stream.close() if finished else stream.reset())
             except Exception:
                 pass
+
+
+async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wire.Pong]:
+    """Round-trip time (ms) and the signed live load of ``peer_id``."""
+    import os
+
+    from libp2p.peer.id import ID
+
+    nonce = os.urandom(16)
+    payload = wire.encode(wire.Ping(nonce))
+    t0 = time.perf_counter()
+    try:
+        with trio.fail_after(timeout):
+            stream = await host.new_stream(ID.from_base58(peer_id), [protocol.PING])
+            await stream.write(wire.frame(payload))
+            raw = await wire.FrameReader(stream).read_frame()
+    except trio.TooSlowError as exc:
+        raise Stalled(f"no pong from {peer_id} within {timeout:g}s") from exc
+    except Exception as exc:
+        raise StreamBroken(f"cannot ping {peer_id}: {exc or type(exc).__name__}") from exc
+    rtt_ms = (time.perf_counter() - t0) * 1000
+    with trio.move_on_after(1) as cleanup:
+        cleanup.shield = True
+        try:
+            await stream.close()
+        except Exception:
+            pass
+    if raw is None:
+        raise StreamBroken(f"{peer_id} closed the ping stream")
+    try:
+        msg = wire.ReplyVerifier(peer_id, protocol.PING, nonce, wire.request_digest(payload)).open(raw)
+    except wire.IntegrityError as exc:
+        raise IntegrityFailure(f"{peer_id}: {exc}") from exc
+    if not isinstance(msg, wire.Pong):
+        raise IntegrityFailure(f"{peer_id} answered a ping with {type(msg).__name__}")
+    return rtt_ms, msg

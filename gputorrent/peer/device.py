@@ -31,5 +31,17 @@ def _ram_mb() -> int:
     return 0
 
 
+def free_memory_mb() -> int:
+    """Memory available for more work: free RAM here (free VRAM once GPUs are detected)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def detect_device() -> Device:
     return Device(kind="cpu", name=_cpu_name(), cores=os.cpu_count() or 1, ram_mb=_ram_mb())

@@ -1,6 +1,7 @@
 """Protocol ids and the error codes both sides agree on."""
 
 INFER = "/gputorrent/infer/1"
+PING = "/gputorrent/ping/1"
 
 # Error codes in a signed ``Error`` frame. A requester may try another peer after the
 # "peer" kind; the "request" kind would fail anywhere, so it stops.

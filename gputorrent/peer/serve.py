@@ -71,7 +71,7 @@ async def serve(
 ) -> InferServer:
     """Serve ``engine`` until SIGINT or SIGTERM; returns the server (for its stats)."""
     tps = await measure_tokens_per_s(engine)
-    server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault)
+    server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps)
     device = detect_device()
     model = served_model(info, engine.n_ctx)
     name = opts.name or socket.gethostname()
@@ -89,7 +89,8 @@ async def serve(
         )
 
     await run_node(
-        identity, opts.node, handlers={protocol.INFER: server.handle}, make_advert=make_advert,
+        identity, opts.node, handlers={protocol.INFER: server.handle, protocol.PING: server.handle_ping},
+        make_advert=make_advert,
         ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps}, on_ready=on_ready,
     )
     return server

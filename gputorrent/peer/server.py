@@ -23,6 +23,7 @@ from ..engine.streaming import EventChannel
 from ..identity import Identity
 from ..models import ModelInfo
 from . import protocol
+from .device import free_memory_mb
 from .faults import Fault
 
 log = logging.getLogger("gputorrent.server")
@@ -49,6 +50,7 @@ class InferServer:
     model: ModelInfo
     queue_limit: int = 8
     fault: Fault | None = None
+    tokens_per_s: float = 0.0
     stats: ServerStats = field(default_factory=ServerStats)
 
     async def handle(self, stream: Any) -> None:
@@ -81,6 +83,25 @@ class InferServer:
                 await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, "expected a request frame first")
                 return
             await self._generate(stream, reader, req, payload)
+
+    async def handle_ping(self, stream: Any) -> None:
+        """``/gputorrent/ping/1``: one signed ``Pong`` with live load; never raises."""
+        try:
+            with trio.move_on_after(FIRST_FRAME_TIMEOUT):
+                payload = await wire.FrameReader(stream).read_frame()
+                ping = wire.decode_inbound(payload) if payload else None
+                if not isinstance(ping, wire.Ping):
+                    await self._refuse(stream, b"", payload or b"", protocol.BAD_REQUEST, "expected a ping")
+                else:
+                    load = self.engine.load()
+                    signer = wire.ReplySigner(self.identity, protocol.PING, ping.nonce, wire.request_digest(payload))
+                    await stream.write(signer.seal(wire.Pong(load.active, load.queued, load.slots,
+                                                             free_memory_mb(), self.tokens_per_s)))
+        except Exception as exc:
+            log.debug("ping stream ended with %r", exc)
+            await _reset(stream)
+            return
+        await _close(stream)
 
     async def _refuse(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str) -> None:
         self.stats.refused += 1

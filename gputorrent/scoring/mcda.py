@@ -1,7 +1,7 @@
 """Multi-criteria scoring of candidate peers: pure and deterministic given inputs and a seed.
 
-Each criterion is min-max normalized across the candidates to [0, 1] (higher is better; RTT is
-inverted), combined with weights that sum to 1, then multiplied by the peer's reputation.
+Each criterion is normalized across the candidates to [0, 1] as a ratio to the best candidate
+(RTT inverted), combined with weights that sum to 1, then multiplied by the peer's reputation.
 The choice is random among the top few, weighted by score, so that many requesters with the
 same view of the swarm do not all herd onto the one best peer.
 """
@@ -57,13 +57,19 @@ class Scored:
 
 
 def normalize(values: Sequence[float], *, higher_is_better: bool = True) -> list[float]:
-    """Min-max to [0, 1]. When all candidates are equal the criterion cannot tell them apart,
-    so every one gets 1 (it neither helps nor hurts anyone)."""
-    lo, hi = min(values), max(values)
-    if hi - lo <= 1e-12:
-        return [1.0] * len(values)
-    out = [(v - lo) / (hi - lo) for v in values]
-    return out if higher_is_better else [1.0 - x for x in out]
+    """Each value relative to the best candidate's, in [0, 1] (the best gets 1).
+
+    Ratio to best, not min-max: min-max stretches any difference to the full range, so two
+    RTTs of 1.1 and 1.3 ms would score 1 and 0 and noise would decide. Negative values (more
+    queued than slots) count as 0; when no candidate has anything, all get 1.
+    """
+    vals = [max(0.0, v) for v in values]
+    if higher_is_better:
+        best = max(vals)
+        return [1.0] * len(vals) if best <= 0 else [v / best for v in vals]
+    floor = 1e-3  # lower is better (RTT): best / value, with a floor against zero
+    best = max(min(vals), floor)
+    return [min(1.0, best / max(v, floor)) for v in vals]
 
 
 def score(candidates: Sequence[Candidate], weights: Weights = Weights()) -> list[Scored]:
