@@ -28,6 +28,8 @@ test: model
 
 bench: model
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/dht.py
+	$(PY) benchmarks/failover.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -25,8 +25,8 @@ def main(peers: int = 3) -> int:
         common = ["--bootstrap", boot.addr, "--no-mdns", "--identity", str(swarm.identity("asker"))]
         print("\n$ gputorrent peers --bootstrap …", file=sys.stderr)
         subprocess.call([*base, "peers", *common])
-        print(f"\n$ gputorrent ask {QUESTION!r} --bootstrap … --temperature 0\n", file=sys.stderr)
-        rc = subprocess.call([*base, "ask", QUESTION, *common, "--temperature", "0"])
+        print(f"\n$ gputorrent ask {QUESTION!r} --bootstrap … --temperature 0 --explain\n", file=sys.stderr)
+        rc = subprocess.call([*base, "ask", QUESTION, *common, "--temperature", "0", "--explain"])
         print("\nstopping the swarm…", file=sys.stderr)
     print("done", file=sys.stderr)
     return rc

@@ -14,6 +14,7 @@ Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht.py:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -31,7 +32,7 @@ log = logging.getLogger("gputorrent.dht")
 LOOKUP_TIMEOUT_S = 5.0
 FETCH_CONCURRENCY = 16
 K = 20  # Kademlia's k: records live on the k peers closest to their key
-ALPHA = 5  # requests in flight per lookup round (py-libp2p uses 3)
+ALPHA = 5  # requests in flight per lookup (py-libp2p uses 3)
 PROVIDE_INTERVAL_S = 600.0
 
 
@@ -154,9 +155,9 @@ class SwarmNode:
     async def find_providers(self, key: str) -> list[str]:
         """Peer ids (base58) providing ``key``, deduplicated, ours and local records included.
 
-        A Kademlia lookup on GET_PROVIDERS itself: ask the ``ALPHA`` closest unasked peers at
-        once, learn closer peers from their answers, and stop when the ``K`` closest peers known
-        have all answered (that is where ``provide`` stores records). py-libp2p's own
+        A Kademlia lookup on GET_PROVIDERS itself: keep ``ALPHA`` requests in flight to the
+        closest peers not yet asked, learn closer peers from the answers, and stop when the
+        ``K`` closest peers known have all answered (that is where ``provide`` stores records). py-libp2p's own
         ``find_providers`` answers from the local store alone whenever it holds anything, and
         otherwise walks until it has ``count`` providers, i.e. the whole swarm for a model with
         fewer providers than that.
@@ -171,27 +172,34 @@ class SwarmNode:
         if not known:
             known = [p for p in self.host.get_connected_peers() if p != me]
         asked: set[Any] = set()
+        answered, answers = trio.open_memory_channel[None](math.inf)
 
         async def ask(peer: Any) -> None:
-            with trio.move_on_after(LOOKUP_TIMEOUT_S / 2):
-                try:
+            try:
+                with trio.move_on_after(LOOKUP_TIMEOUT_S / 2):
                     providers, closer = await store._get_providers_from_peer_with_closers(peer, key_bytes)
-                except Exception as exc:
-                    log.debug("GET_PROVIDERS to %s failed: %s", peer, exc)
-                    return
-                found.extend(p.peer_id.to_base58() for p in providers)
-                known.extend(c for c in closer if c != me and c not in known)
+                    found.extend(p.peer_id.to_base58() for p in providers)
+                    known.extend(c for c in closer if c != me and c not in known)
+            except Exception as exc:
+                log.debug("GET_PROVIDERS to %s failed: %s", peer, exc)
+            finally:
+                answered.send_nowait(None)
 
+        # A sliding window, not rounds: the moment one answer arrives, the closest peer not
+        # yet asked gets the next request, so one slow peer never holds up the others.
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
-            while True:
-                known = sort_peer_ids_by_distance(key_bytes, known)
-                batch = [p for p in known[:K] if p not in asked][:ALPHA]
-                if not batch:
-                    break
-                asked.update(batch)
-                async with trio.open_nursery() as n:
-                    for peer in batch:
-                        n.start_soon(ask, peer)
+            async with trio.open_nursery() as nursery:
+                in_flight = 0
+                while True:
+                    known = sort_peer_ids_by_distance(key_bytes, known)
+                    for peer in [p for p in known[:K] if p not in asked][: ALPHA - in_flight]:
+                        asked.add(peer)
+                        in_flight += 1
+                        nursery.start_soon(ask, peer)
+                    if in_flight == 0:
+                        break
+                    await answers.receive()
+                    in_flight -= 1
         found += [p.peer_id.to_base58() for p in store.get_providers(key_bytes)]
         if key_bytes in store.providing_keys:
             found.append(self.identity.peer_id)
