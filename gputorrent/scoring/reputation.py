@@ -9,6 +9,7 @@ as much as four ordinary ones; a peer never seen starts at 1 (its breaker protec
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
@@ -74,9 +75,18 @@ class ReputationStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL can fail with SQLITE_BUSY at once, without waiting on the
+        # busy timeout, when another process is doing the same: retry for a few seconds.
+        for attempt in range(100):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.02 + 0.03 * random.random())
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
