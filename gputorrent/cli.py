@@ -170,6 +170,20 @@ def cmd_models_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- keys -----------------------------------------------------------------------------------
+
+
+def cmd_keys_new_swarm_key(args: argparse.Namespace) -> int:
+    from .swarmkey import write_new
+
+    path = args.path or _settings(args).data_dir / "swarm.key"
+    write_new(path)
+    print(path)
+    print("give this file (privately) to every peer of the swarm and start them with --swarm-key FILE",
+          file=sys.stderr)
+    return 0
+
+
 # --- joining the swarm ----------------------------------------------------------------------
 
 
@@ -183,12 +197,20 @@ def _node_options(args: argparse.Namespace, settings: Settings):
     if ttl <= interval:
         raise UsageError("--advert-ttl must be longer than --announce-interval")
     return NodeOptions(listen=args.listen or [settings.listen], bootstrap=list(settings.bootstrap),
-                       mdns=settings.mdns, ready_file=args.ready_file, announce_interval=interval, advert_ttl=ttl)
+                       mdns=settings.mdns, ready_file=args.ready_file, announce_interval=interval, advert_ttl=ttl,
+                       psk=_psk(settings))
+
+
+def _psk(settings: Settings) -> str | None:
+    from .swarmkey import load
+
+    return load(settings.swarm_key) if settings.swarm_key else None
 
 
 def _swarm_settings(args: argparse.Namespace) -> Settings:
     return load_settings().with_overrides(
-        identity=args.identity, bootstrap=args.bootstrap or None, mdns=False if args.no_mdns else None)
+        identity=args.identity, bootstrap=args.bootstrap or None, mdns=False if args.no_mdns else None,
+        swarm_key=args.swarm_key)
 
 
 @asynccontextmanager
@@ -201,7 +223,8 @@ async def _joined(args: argparse.Namespace, settings: Settings):
         raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
                          "or leave mDNS on to find peers on this network")
     ident = _identity(args)
-    async with running_host(ident, mdns=settings.mdns) as host, swarm_node(host, ident, server=False) as node:
+    async with running_host(ident, mdns=settings.mdns, psk=_psk(settings)) as host, \
+            swarm_node(host, ident, server=False) as node:
         if settings.bootstrap and not await node.join(settings.bootstrap):
             raise DialFailed(f"none of the bootstrap peers answered ({', '.join(settings.bootstrap)}); "
                              "check the addresses and that those peers are running")
@@ -342,8 +365,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with _ByteBar(f"fetching {args.model}") as progress:
             pull(args.model, settings.models_dir, progress=progress)
     info = _model_info(args.model, settings)
+    if args.rate_limit < 0:
+        raise UsageError("--rate-limit must be 0 (no limit) or more")
+    allow = None
+    if args.allow:
+        from .identity import IdentityError, public_key_from_peer_id
+
+        try:
+            for pid in args.allow:
+                public_key_from_peer_id(pid)
+        except IdentityError as exc:
+            raise UsageError(f"--allow: {exc}; give peer ids as 'gputorrent id' prints them") from exc
+        allow = frozenset(args.allow)
     opts = ServeOptions(node=_node_options(args, settings), slots=args.slots, queue=args.queue, n_ctx=args.ctx,
-                        n_threads=args.threads, name=args.name or "", fault=fault)
+                        n_threads=args.threads, name=args.name or "", allow=allow, rate_limit=args.rate_limit,
+                        fault=fault)
     ident = _identity(args)
 
     from rich.progress import BarColumn, Progress, TextColumn
@@ -440,7 +476,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     async def run():
         if args.peer:
-            async with running_host(ident) as host:
+            async with running_host(ident, psk=_psk(settings)) as host:
                 return await answer_and_check(host, args.peer, args.model or "")
         async with _joined(args, settings) as node:
             model, adverts = await _find_model(node, args.model)
@@ -551,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a peer to join the swarm by (repeatable; also GPUTORRENT_BOOTSTRAP, or "
                             "bootstrap = [...] in config.toml)")
     swarm.add_argument("--no-mdns", action="store_true", help="do not look for peers on the local network")
+    swarm.add_argument("--swarm-key", type=Path, metavar="FILE",
+                       help="join the private swarm of this key (peers without it cannot connect); "
+                            "make one with: gputorrent keys new-swarm-key")
 
     def listening(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--listen", action="append", metavar="MULTIADDR",
@@ -596,6 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=cmd_models_info)
 
+    k = sub.add_parser("keys", help="make keys for private swarms", description="Make keys for private swarms.")
+    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    s = ksub.add_parser("new-swarm-key", parents=[common], help="create a new swarm key file (mode 0600)",
+                        description="Create a random swarm key (libp2p pre-shared key, swarm.key format). Peers "
+                                    "started with --swarm-key FILE connect only to peers holding the same key.")
+    s.add_argument("path", nargs="?", type=Path, help="where to write it [default: swarm.key in the user data dir]")
+    s.set_defaults(func=cmd_keys_new_swarm_key)
+
     s = sub.add_parser("serve", parents=[swarm], help="donate this machine: serve a model to the swarm",
                        description="Load a GGUF model, join the swarm, announce it in the DHT and answer "
                                    "requests until Ctrl-C. Prints this peer's full addresses.",
@@ -609,6 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=int, default=8, help="requests waiting beyond the slots before 'busy'")
     s.add_argument("--ctx", type=int, default=2048, help="context window per slot, in tokens")
     s.add_argument("--threads", type=int, help="decode threads [default: all usable cores]")
+    s.add_argument("--allow", action="append", metavar="PEER_ID",
+                   help="serve only these requesters (repeatable); others get a signed refusal")
+    s.add_argument("--rate-limit", type=int, default=120, metavar="N",
+                   help="requests per minute from one requester before 'busy' (0: no limit)")
     s.add_argument("--fault", help=argparse.SUPPRESS)  # test-only misbehaviour, see peer/faults.py
     s.set_defaults(func=cmd_serve)
 
@@ -673,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .identity import IdentityError
     from .models import ModelError
+    from .swarmkey import SwarmKeyError
 
     try:
         return args.func(args)
@@ -682,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ModelError, IdentityError, ValueError, OSError) as exc:
+    except (ModelError, IdentityError, SwarmKeyError, ValueError, OSError) as exc:
         _err(str(exc))
         return 1
     except Exception as exc:

@@ -35,6 +35,7 @@ class Settings:
     listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: tuple[str, ...] = ()
     mdns: bool = True
+    swarm_key: Path | None = None
 
     @property
     def identity_path(self) -> Path:
@@ -61,7 +62,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if key not in known:
             raise ValueError(f"unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
-        if key in {"data_dir", "cache_dir", "identity"}:
+        if key in {"data_dir", "cache_dir", "identity", "swarm_key"}:
             value = Path(value).expanduser()
         elif key == "bootstrap":
             # A list (flags, TOML) or one string of addresses split by commas or spaces (env).

@@ -40,9 +40,11 @@ def parse_peer_addr(addr: str) -> Any:
 
 
 @asynccontextmanager
-async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: bool = False) -> AsyncIterator[Any]:
+async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: bool = False,
+                       psk: str | None = None) -> AsyncIterator[Any]:
     """A started libp2p host for ``identity``; listens on ``listen`` (none: dial only).
-    ``mdns`` finds peers on the LAN (it joins a multicast group: off in tests)."""
+    ``mdns`` finds peers on the LAN (it joins a multicast group: off in tests); ``psk`` (a
+    swarm key, 64 hex digits) makes it a member of a private swarm only."""
     import multiaddr
     from libp2p import new_host
     from libp2p.network.config import ConnectionConfig
@@ -55,6 +57,7 @@ async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: 
             listen_addrs=addrs or None,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             enable_mDNS=mdns,
+            psk=psk,
         )
     except Exception as exc:
         raise DialError(f"cannot create a libp2p host: {exc}") from exc

@@ -30,6 +30,7 @@ class NodeOptions:
     ready_file: Path | None = None
     announce_interval: float = records.ANNOUNCE_INTERVAL_S
     advert_ttl: float = records.ADVERT_TTL_S
+    psk: str | None = None
 
 
 def write_ready_file(path: Path, info: dict[str, Any]) -> None:
@@ -56,7 +57,7 @@ async def run_node(
     choosing it at once instead of after the advert expires.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with running_host(identity, opts.listen, mdns=opts.mdns) as host:
+        async with running_host(identity, opts.listen, mdns=opts.mdns, psk=opts.psk) as host:
             for proto, handler in (handlers or {}).items():
                 host.set_stream_handler(proto, handler)
             async with swarm_node(host, identity, server=True) as node:

@@ -10,5 +10,6 @@ UNKNOWN_MODEL = "unknown_model"  # this peer does not serve that model
 CONTEXT_EXCEEDED = "context_exceeded"  # the prompt does not fit this peer's context
 ENGINE = "engine"  # the model failed while generating
 SHUTTING_DOWN = "shutting_down"
+NOT_ALLOWED = "not_allowed"  # this peer serves only an allowlist of requesters
 
-RETRY_ELSEWHERE = frozenset({UNKNOWN_MODEL, CONTEXT_EXCEEDED, ENGINE, SHUTTING_DOWN})
+RETRY_ELSEWHERE = frozenset({UNKNOWN_MODEL, CONTEXT_EXCEEDED, ENGINE, SHUTTING_DOWN, NOT_ALLOWED})

@@ -29,6 +29,8 @@ class ServeOptions:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     name: str = ""
+    allow: frozenset[str] | None = None
+    rate_limit: int = 0
     fault: Fault | None = None
 
 
@@ -71,7 +73,8 @@ async def serve(
 ) -> InferServer:
     """Serve ``engine`` until SIGINT or SIGTERM; returns the server (for its stats)."""
     tps = await measure_tokens_per_s(engine)
-    server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps)
+    server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps,
+                         allow=opts.allow, rate_limit=opts.rate_limit)
     device = detect_device()
     model = served_model(info, engine.n_ctx)
     name = opts.name or socket.gethostname()

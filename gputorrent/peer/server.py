@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,26 @@ class InferServer:
     queue_limit: int = 8
     fault: Fault | None = None
     tokens_per_s: float = 0.0
+    allow: frozenset[str] | None = None  # requester peer ids served; None serves everyone
+    rate_limit: int = 0  # requests per minute per requester; 0 is no limit
     stats: ServerStats = field(default_factory=ServerStats)
+    _recent: dict[str, deque[float]] = field(default_factory=dict)
+
+    def _rate_limited(self, requester: str) -> float:
+        """Seconds until ``requester`` may ask again (0: now); counts this request if allowed."""
+        if self.rate_limit <= 0:
+            return 0.0
+        now = trio.current_time()
+        recent = self._recent.setdefault(requester, deque())
+        while recent and now - recent[0] >= 60.0:
+            recent.popleft()
+        if len(recent) >= self.rate_limit:
+            return 60.0 - (now - recent[0])
+        recent.append(now)
+        if len(self._recent) > 10_000:  # forget idle requesters; bounded memory
+            for pid in [p for p, q in self._recent.items() if not q]:
+                del self._recent[pid]
+        return 0.0
 
     async def handle(self, stream: Any) -> None:
         """libp2p stream handler; never raises."""
@@ -117,6 +137,17 @@ class InferServer:
     async def _generate(self, stream: Any, reader: wire.FrameReader, req: wire.InferRequest, payload: bytes) -> None:
         signer = wire.ReplySigner(self.identity, protocol.INFER, req.request_id, wire.request_digest(payload))
         fault = self.fault
+        requester = stream.muxed_conn.peer_id.to_base58()
+        if self.allow is not None and requester not in self.allow:
+            await self._refuse_signed(stream, signer, protocol.NOT_ALLOWED,
+                                      f"this peer serves only its allowlist; ask its operator to add {requester}")
+            return
+        wait_s = self._rate_limited(requester)
+        if wait_s > 0:
+            self.stats.refused += 1
+            await stream.write(signer.seal(wire.Busy(retry_after_ms=int(wait_s * 1000) + 1,
+                                                     reason=f"rate limit: {self.rate_limit} requests/minute")))
+            return
         if not self.model.matches(req.model):
             await stream.write(signer.seal(wire.Error(
                 protocol.UNKNOWN_MODEL,

@@ -1,0 +1,115 @@
+"""Aggregate throughput and time to first token at 1, 2, 4 and 8 concurrent streams against one
+peer (continuous batching: the streams share each decode step), and the peer's peak RSS.
+
+Targets on 2 CPU cores: aggregate tokens/s at 8 streams >= 1.5 x one stream (llama.cpp's own
+server reaches about 1.6x here with 8 parallel slots); peak RSS <= model file + 400 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, median, pct, write_section  # noqa: E402
+
+from gputorrent import wire  # noqa: E402
+from gputorrent.identity import Identity  # noqa: E402
+from gputorrent.localswarm import LocalSwarm  # noqa: E402
+from gputorrent.models import CATALOG  # noqa: E402
+from gputorrent.peer.asker import new_request_id  # noqa: E402
+from gputorrent.peer.client import run_attempt  # noqa: E402
+from gputorrent.peer.host import connect, running_host  # noqa: E402
+
+TOPICS = ["the sea", "a lighthouse", "an old clock", "a mountain village", "a red kite", "the first snow",
+          "a train at night", "a lost key", "a small robot", "a garden in spring", "a desert road", "a library"]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def wave(host, peer_id: str, n: int, max_tokens: int, offset: int) -> tuple[float, list[float]]:
+    """``n`` streams at once; returns aggregate tokens/s and each stream's time to first token."""
+    results = []
+
+    async def one(i: int) -> None:
+        topic = TOPICS[(offset + i) % len(TOPICS)]
+        req = wire.InferRequest(request_id=new_request_id(), prompt=f"{topic.capitalize()} is the subject of "
+                                "this story. Once upon a time,",
+                                params=wire.Params(max_tokens=max_tokens, temperature=0.0))
+        results.append(await run_attempt(host, peer_id, req, lambda ids, text: None))
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(one, i)
+    elapsed = max(r.t_last for r in results) - t0
+    tokens = sum(len(r.ids) for r in results)
+    return tokens / elapsed, [(r.t_first - r.t_start) * 1000 for r in results]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", default="1,2,4,8")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    slots = max(levels)
+    rows: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in levels}
+
+    with LocalSwarm() as swarm:
+        peer = swarm.start("bench", "--slots", str(slots), "--queue", "0", "--ctx", str(args.ctx),
+                           "--rate-limit", "0")
+
+        async def run() -> None:
+            async with running_host(Identity.generate()) as host:
+                pid = await connect(host, peer.addr)
+                await wave(host, pid, 1, 8, 0)  # warm
+                for r in range(args.rounds):
+                    for n in levels:
+                        agg, ttfts = await wave(host, pid, n, args.max_tokens, r * 3 + n)
+                        rows[n][0].append(agg)
+                        rows[n][1].extend(ttfts)
+                        print(f"round {r + 1}, {n} streams: {agg:.1f} tokens/s aggregate", file=sys.stderr)
+
+        trio.run(run)
+        rss = peak_rss_mb(peer.proc.pid)
+
+    model_mb = CATALOG["smollm2"].size / 2**20
+    one = median(rows[levels[0]][0])
+    table = "\n".join(
+        f"| {n} | {median(rows[n][0]):.1f} | {median(rows[n][0]) / one:.2f}× | {pct(rows[n][1], 50):.0f} ms | "
+        f"{pct(rows[n][1], 95):.0f} ms |" for n in levels)
+    top = levels[-1]
+    body = f"""## Concurrency (`benchmarks/concurrency.py`)
+
+{machine()}; demo model; one serve process with `--slots {slots} --ctx {args.ctx}` (continuous batching:
+all running streams share each `llama_decode`), the requester in the benchmark process. Each level
+runs that many streams at once, {args.max_tokens} greedy tokens each on distinct prompts, {args.rounds} rounds.
+
+| streams | aggregate tokens/s (median) | vs 1 stream | time to first token p50 | p95 |
+|---|---|---|---|---|
+{table}
+
+Target: aggregate at {top} streams ≥ 1.5 × one stream: measured **{median(rows[top][0]) / one:.2f}×**.
+Peak RSS of the serve process (VmHWM): **{rss:.0f} MB** against a model file of {model_mb:.0f} MB, i.e.
+model + {rss - model_mb:.0f} MB (target: model + 400 MB).
+"""
+    print(body)
+    if not args.no_write:
+        write_section("concurrency", body)
+
+
+if __name__ == "__main__":
+    main()
