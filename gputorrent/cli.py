@@ -379,7 +379,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow = frozenset(args.allow)
     opts = ServeOptions(node=_node_options(args, settings), slots=args.slots, queue=args.queue, n_ctx=args.ctx,
                         n_threads=args.threads, name=args.name or "", allow=allow, rate_limit=args.rate_limit,
-                        fault=fault)
+                        first_frame_timeout=args.first_frame_timeout, fault=fault)
     ident = _identity(args)
 
     from rich.progress import BarColumn, Progress, TextColumn
@@ -661,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-limit", type=int, default=120, metavar="N",
                    help="requests per minute from one requester before 'busy' (0: no limit)")
     s.add_argument("--fault", help=argparse.SUPPRESS)  # test-only misbehaviour, see peer/faults.py
+    s.add_argument("--first-frame-timeout", type=float, default=10.0, help=argparse.SUPPRESS)  # for tests
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bootstrap", parents=[swarm], help="run a DHT-only node for others to join by",

@@ -174,7 +174,10 @@ class FrameReader:
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
-            chunk = await self._stream.read(max(n - len(self._buf), 65536))
+            try:
+                chunk = await self._stream.read(max(n - len(self._buf), 65536))
+            except EOFError:  # py-libp2p signals a clean end of stream by raising StreamEOF
+                chunk = b""
             if not chunk:
                 return False
             self._buf += chunk

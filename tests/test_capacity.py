@@ -23,6 +23,7 @@ def peers(swarm, tmp_path_factory):
         "roomy": ("--slots", "4", "--queue", "8", "--rate-limit", "0"),
         "single": ("--slots", "1", "--queue", "0", "--rate-limit", "0"),
         "private": ("--slots", "1", "--allow", ALLOWED.peer_id, "--rate-limit", "3", "--swarm-key", str(key)),
+        "impatient": ("--slots", "1", "--first-frame-timeout", "1", "--rate-limit", "0"),
     }
     for name, extra in spec.items():
         swarm.spawn(name, "--ctx", "1024", *extra)
@@ -130,3 +131,24 @@ async def test_a_peer_without_the_swarm_key_cannot_connect(peers, tmp_path):
                 with trio.fail_after(15):
                     await connect(outsider, private.addr)
                     await ping(outsider, private.peer_id)
+
+
+async def test_an_answer_may_outlast_the_wait_for_its_request(peers):
+    """Regression: the first-frame timeout once bounded the whole answer, so every answer
+    longer than 10 s was cut off with a clean end of stream and no receipt."""
+    impatient = peers[0]["impatient"]  # waits 1 s for a request
+    async with running_host(Identity.generate()) as host:
+        pid = await connect(host, impatient.addr)
+        req = wire.InferRequest(request_id=new_request_id(), prompt="Count upwards one by one: 1, 2, 3,",
+                                params=wire.Params(max_tokens=300, temperature=0.0))
+        t0 = trio.current_time()
+        res = await run_attempt(host, pid, req, lambda i, t: None)
+        assert trio.current_time() - t0 > 1.5 and res.done.finish_reason == "length" and len(res.ids) == 300
+
+        from libp2p.peer.id import ID
+
+        from gputorrent.peer import protocol
+
+        silent = await host.new_stream(ID.from_base58(pid), [protocol.INFER])  # says nothing at all
+        with trio.fail_after(10):
+            assert await wire.FrameReader(silent).read_frame() is None  # closed after ~1 s

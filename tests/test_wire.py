@@ -96,6 +96,15 @@ def test_oversized_frame_is_refused_both_ways():
         with pytest.raises(wire.ProtocolError):
             await cut.read_frame()
 
+        class RaisesAtEnd(Stream):  # py-libp2p raises StreamEOF (an EOFError) instead of b""
+            async def read(self, n=None):
+                if not self.data:
+                    raise EOFError
+                return await super().read(n)
+
+        ends = wire.FrameReader(RaisesAtEnd(wire.frame(b"x")))
+        assert (await ends.read_frame(), await ends.read_frame()) == (b"x", None)
+
     trio.run(main)
 
 

@@ -31,6 +31,7 @@ class ServeOptions:
     name: str = ""
     allow: frozenset[str] | None = None
     rate_limit: int = 0
+    first_frame_timeout: float = 10.0
     fault: Fault | None = None
 
 
@@ -74,7 +75,7 @@ async def serve(
     """Serve ``engine`` until SIGINT or SIGTERM; returns the server (for its stats)."""
     tps = await measure_tokens_per_s(engine)
     server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps,
-                         allow=opts.allow, rate_limit=opts.rate_limit)
+                         allow=opts.allow, rate_limit=opts.rate_limit, first_frame_timeout=opts.first_frame_timeout)
     device = detect_device()
     model = served_model(info, engine.n_ctx)
     name = opts.name or socket.gethostname()

@@ -30,10 +30,12 @@ from .faults import Fault
 log = logging.getLogger("gputorrent.server")
 
 FIRST_FRAME_TIMEOUT = 10.0
-# Token frames are coalesced: the first goes out at once, later tokens wait at most this long
-# to share a frame. Each frame costs the requester ~1 ms of CPU in py-libp2p; at GPU speeds
+# Token frames are coalesced: the first goes out at once, later tokens wait to share a frame,
+# for 20 ms per active stream (so a busy peer sends ~50 frames/s in all, not 50 per stream),
+# at most 250 ms. Each frame costs the requester ~1 ms of CPU in py-libp2p; at GPU speeds
 # (1,000+ tokens/s) one frame per token would cost more than the decode.
 COALESCE_S = 0.020
+COALESCE_MAX_S = 0.250
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class InferServer:
     tokens_per_s: float = 0.0
     allow: frozenset[str] | None = None  # requester peer ids served; None serves everyone
     rate_limit: int = 0  # requests per minute per requester; 0 is no limit
+    first_frame_timeout: float = FIRST_FRAME_TIMEOUT
     stats: ServerStats = field(default_factory=ServerStats)
     _recent: dict[str, deque[float]] = field(default_factory=dict)
 
@@ -79,35 +82,37 @@ class InferServer:
             await self._serve(stream)
         except Exception as exc:  # the other side vanished mid-write, or a bug: keep serving others
             self.stats.failed += 1
-            log.debug("infer stream ended with %r", exc)
+            log.warning("infer stream ended with %r", exc)
             await _reset(stream)
             return
         await _close(stream)
 
     async def _serve(self, stream: Any) -> None:
         reader = wire.FrameReader(stream)
-        with trio.move_on_after(FIRST_FRAME_TIMEOUT):
+        payload = None
+        # Only the wait for the request is bounded here; generation has its own deadline.
+        with trio.move_on_after(self.first_frame_timeout):
             try:
                 payload = await reader.read_frame()
             except wire.ProtocolError as exc:
                 await self._refuse(stream, b"", b"", protocol.BAD_REQUEST, str(exc))
                 return
-            if payload is None:
-                return
-            try:
-                req = wire.decode_inbound(payload)
-            except wire.ProtocolError as exc:
-                await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, str(exc))
-                return
-            if not isinstance(req, wire.InferRequest):
-                await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, "expected a request frame first")
-                return
-            await self._generate(stream, reader, req, payload)
+        if payload is None:
+            return
+        try:
+            req = wire.decode_inbound(payload)
+        except wire.ProtocolError as exc:
+            await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, str(exc))
+            return
+        if not isinstance(req, wire.InferRequest):
+            await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, "expected a request frame first")
+            return
+        await self._generate(stream, reader, req, payload)
 
     async def handle_ping(self, stream: Any) -> None:
         """``/gputorrent/ping/1``: one signed ``Pong`` with live load; never raises."""
         try:
-            with trio.move_on_after(FIRST_FRAME_TIMEOUT):
+            with trio.move_on_after(self.first_frame_timeout):
                 payload = await wire.FrameReader(stream).read_frame()
                 ping = wire.decode_inbound(payload) if payload else None
                 if not isinstance(ping, wire.Ping):
@@ -219,17 +224,19 @@ class InferServer:
             if fault and fault.kind == "stall-after-tokens" and sent >= fault.n:
                 await trio.sleep_forever()
 
+        window = COALESCE_S
         while True:
             ev = None
             # Only the wait sits under the coalescing deadline: a write cut short would leave
             # a sequence number signed but never sent.
-            with trio.move_on_at(last_write + COALESCE_S if ids else math.inf):
+            with trio.move_on_at(last_write + window if ids else math.inf):
                 ev = await events.receive()
             if isinstance(ev, Tokens):
                 ids.extend(ev.ids)
                 text.append(ev.text)
-                if trio.current_time() < last_write + COALESCE_S:
+                if trio.current_time() < last_write + window:
                     continue
+                window = min(COALESCE_MAX_S, COALESCE_S * max(1, self.engine.load().active))
             await flush()  # a token after a quiet spell, the window closing, or the end
             if isinstance(ev, Finished):
                 self.stats.served += 1
@@ -253,8 +260,8 @@ async def _watch_requester(reader: wire.FrameReader, job, scope: trio.CancelScop
                 break
         else:
             return
-    except Exception:
-        pass
+    except Exception as exc:
+        log.warning("requester stream failed while generating (%r); cancelling its job", exc)
     job.cancel()
     scope.cancel()
 
