@@ -25,8 +25,12 @@ from gputorrent.peer.asker import new_request_id  # noqa: E402
 from gputorrent.peer.client import run_attempt  # noqa: E402
 from gputorrent.peer.host import connect, running_host  # noqa: E402
 
-TOPICS = ["the sea", "a lighthouse", "an old clock", "a mountain village", "a red kite", "the first snow",
-          "a train at night", "a lost key", "a small robot", "a garden in spring", "a desert road", "a library"]
+
+def prompt(i: int) -> str:
+    # Counting keeps greedy decoding going to max_tokens: a stream that stopped early would
+    # leave a wave's time mostly time-to-first-token and understate the one-stream baseline.
+    start = 100 * (i + 1)
+    return f"Count upwards one by one: {start}, {start + 1}, {start + 2},"
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -36,14 +40,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def wave(host, peer_id: str, n: int, max_tokens: int, offset: int) -> tuple[float, list[float]]:
-    """``n`` streams at once; returns aggregate tokens/s and each stream's time to first token."""
+async def wave(host, peer_id: str, n: int, max_tokens: int, offset: int) -> tuple[float, list[float], int]:
+    """``n`` streams at once: aggregate tokens/s (all tokens over the wave's wall time), each
+    stream's time to first token, and the fewest tokens any stream generated."""
     results = []
 
     async def one(i: int) -> None:
-        topic = TOPICS[(offset + i) % len(TOPICS)]
-        req = wire.InferRequest(request_id=new_request_id(), prompt=f"{topic.capitalize()} is the subject of "
-                                "this story. Once upon a time,",
+        req = wire.InferRequest(request_id=new_request_id(), prompt=prompt(offset + i),
                                 params=wire.Params(max_tokens=max_tokens, temperature=0.0))
         results.append(await run_attempt(host, peer_id, req, lambda ids, text: None))
 
@@ -53,7 +56,7 @@ async def wave(host, peer_id: str, n: int, max_tokens: int, offset: int) -> tupl
             nursery.start_soon(one, i)
     elapsed = max(r.t_last for r in results) - t0
     tokens = sum(len(r.ids) for r in results)
-    return tokens / elapsed, [(r.t_first - r.t_start) * 1000 for r in results]
+    return tokens / elapsed, [(r.t_first - r.t_start) * 1000 for r in results], min(len(r.ids) for r in results)
 
 
 def main() -> None:
@@ -67,6 +70,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     slots = max(levels)
     rows: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in levels}
+    shortest: list[int] = []
 
     with LocalSwarm() as swarm:
         peer = swarm.start("bench", "--slots", str(slots), "--queue", "0", "--ctx", str(args.ctx),
@@ -78,10 +82,12 @@ def main() -> None:
                 await wave(host, pid, 1, 8, 0)  # warm
                 for r in range(args.rounds):
                     for n in levels:
-                        agg, ttfts = await wave(host, pid, n, args.max_tokens, r * 3 + n)
+                        agg, ttfts, fewest = await wave(host, pid, n, args.max_tokens, r * 10 + n)
                         rows[n][0].append(agg)
                         rows[n][1].extend(ttfts)
-                        print(f"round {r + 1}, {n} streams: {agg:.1f} tokens/s aggregate", file=sys.stderr)
+                        shortest.append(fewest)
+                        print(f"round {r + 1}, {n} streams: {agg:.1f} tokens/s aggregate "
+                              f"(shortest stream {fewest} tokens)", file=sys.stderr)
 
         trio.run(run)
         rss = peak_rss_mb(peer.proc.pid)
@@ -96,7 +102,9 @@ def main() -> None:
 
 {machine()}; demo model; one serve process with `--slots {slots} --ctx {args.ctx}` (continuous batching:
 all running streams share each `llama_decode`), the requester in the benchmark process. Each level
-runs that many streams at once, {args.max_tokens} greedy tokens each on distinct prompts, {args.rounds} rounds.
+runs that many streams at once on distinct counting prompts, greedy, {args.max_tokens} tokens each (the
+shortest stream of any wave generated {min(shortest)}), {args.rounds} rounds; aggregate = all tokens over the
+wave's wall time, time to first token included.
 
 | streams | aggregate tokens/s (median) | vs 1 stream | time to first token p50 | p95 |
 |---|---|---|---|---|
