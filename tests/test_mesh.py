@@ -1,6 +1,7 @@
 """serve and ask as real processes over libp2p on loopback, with the real demo model."""
 
 import json
+import os
 import signal
 
 import msgspec
@@ -150,3 +151,20 @@ def test_serve_stops_cleanly_on_signals(swarm, sig):
     assert peer.ready_file.exists()
     assert peer.stop(sig, timeout=15) == 0
     assert not peer.ready_file.exists()
+
+
+def test_ctrl_c_stops_ask_cleanly_and_frees_the_peer(peers, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    ask = subprocess.Popen([sys.executable, "-m", "gputorrent.cli", "ask", "Write a very long story about the sea.",
+                            "--peer", peers["good"].addr, "--max-tokens", "2000", "--identity", str(tmp_path / "k")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert ask.stdout.read(20)  # text is streaming
+        ask.send_signal(signal.SIGINT)
+        _, err = ask.communicate(timeout=20)
+    finally:
+        ask.kill()
+    assert ask.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err

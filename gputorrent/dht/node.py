@@ -109,7 +109,11 @@ class SwarmNode:
         """Store our signed advert and (with ``provide``) provide each served model and the
         swarm key."""
         key = records.advert_key(advert.peer_id)
-        await self.dht.put_value(key, records.sign_advert(self.identity, advert))
+        value = records.sign_advert(self.identity, advert)
+        if advert.leaving:
+            await self._say_goodbye(key, value)
+            return
+        await self.dht.put_value(key, value)
         # py-libp2p's maintenance loop (every 600 s) republishes every value and provider key
         # it has no republish time for, and put/provide never set one: all of them, all at
         # once. Our announce loop renews on its own schedule, so mark them as just done.
@@ -124,6 +128,23 @@ class SwarmNode:
             for pkey in keys:
                 n.start_soon(self.dht.provide, pkey)
                 self.dht.provider_store._last_republish[bytes.fromhex(pkey)] = now
+
+    async def _say_goodbye(self, key: str, value: bytes) -> None:
+        """A leaving advert must land while the process is stopping: store it at once at the
+        closest peers we already know (no lookup first), alongside the usual put."""
+        key_bytes = key.encode()
+        known = self.dht.routing_table.find_local_closest_peers(key_bytes, K)
+
+        async def store_at(peer: Any) -> None:
+            try:
+                await self.dht.value_store._store_at_peer(peer, key_bytes, value)
+            except Exception as exc:
+                log.debug("goodbye to %s failed: %s", peer, exc)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(self.dht.put_value, key, value)
+            for peer in known:
+                n.start_soon(store_at, peer)
 
     async def announce_forever(self, make_advert: Callable[[], Advert], interval: float,
                                task_status=trio.TASK_STATUS_IGNORED) -> None:

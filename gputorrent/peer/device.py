@@ -20,11 +20,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _ram_mb() -> int:
+def _meminfo_mb(field: str) -> int:
+    """A field of /proc/meminfo (``MemTotal``, ``MemAvailable``) in MB; 0 where unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) // 1024
     except (OSError, ValueError):
         pass
@@ -33,15 +34,8 @@ def _ram_mb() -> int:
 
 def free_memory_mb() -> int:
     """Memory available for more work: free RAM here (free VRAM once GPUs are detected)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _meminfo_mb("MemAvailable")
 
 
 def detect_device() -> Device:
-    return Device(kind="cpu", name=_cpu_name(), cores=os.cpu_count() or 1, ram_mb=_ram_mb())
+    return Device(kind="cpu", name=_cpu_name(), cores=os.cpu_count() or 1, ram_mb=_meminfo_mb("MemTotal"))

@@ -4,6 +4,7 @@
 - py-libp2p logs clean ends of DHT streams as errors; those loggers are quieted.
 - ``import libp2p`` costs ~0.8 s, so this module imports it only inside functions.
 - The auto-connector (dial known peers up to ~150 connections) is switched off.
+- A failed dial is retried once after 50 ms, not three times with backoff.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: 
     except Exception as exc:
         raise DialError(f"cannot create a libp2p host: {exc}") from exc
     _no_auto_dial(host)
+    _fail_fast(host)
     try:
         async with host.run(addrs):
             yield host
@@ -86,6 +88,14 @@ def _no_auto_dial(host: Any) -> None:
         return None
 
     host.get_network().auto_connector.maybe_connect = nothing
+
+
+def _fail_fast(host: Any) -> None:
+    """One quick retry of a failed dial, not three with backoff: a DHT lookup that meets a
+    dead peer moves on (measured: a killed peer cost each lookup ~1.5 s with the default)."""
+    from libp2p.network.config import RetryConfig
+
+    host.get_network().retry_config = RetryConfig(max_retries=1, initial_delay=0.05, max_delay=0.5)
 
 
 def full_addrs(host: Any) -> list[str]:

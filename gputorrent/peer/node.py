@@ -79,7 +79,7 @@ async def run_node(
                         break
                     nursery.cancel_scope.cancel()
                 if make_advert is not None:
-                    with trio.move_on_after(3):
+                    with trio.move_on_after(5):
                         await node.publish(make_advert(node, True))
     if opts.ready_file:
         Path(opts.ready_file).unlink(missing_ok=True)
