@@ -1,10 +1,11 @@
 """Swarm membership over py-libp2p's Kademlia DHT: join, announce, look up.
 
-Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht.py:
+Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht_workarounds.py:
 - ``find_providers`` answers from the local store alone whenever it holds any record for the
   key (a serving peer would find only itself; a watcher only what it saw first), and otherwise
-  walks the whole swarm when a key has fewer providers than it asked for. Lookups here ask the
-  k closest peers of the key directly, merge local records and dedupe by peer id.
+  walks the whole swarm when a key has fewer providers than it asked for. Ours is a Kademlia
+  walk on GET_PROVIDERS (``ALPHA`` in flight, done when the ``K`` closest known have answered),
+  merged with local records and deduplicated by peer id.
 - ``get_value`` likewise returns a local copy without asking the network; advert lookups go to
   the network and keep the local copy only if nothing newer is found.
 - Adverts live under hashed keys (FIND_NODE rejects plain keys over 50 bytes) in a namespace
@@ -243,15 +244,17 @@ class SwarmNode:
             if local is not None and key_bytes not in vs.store:
                 vs.store[key_bytes] = local
         now = time.time()
-        candidates = []
+        best: tuple[int, bytes] | None = None
         for v in (value, local[0].value if local else None):
+            if not v:
+                continue
             try:
-                if v:
-                    records.open_advert(key, v, now)
-                    candidates.append(v)
+                seq = records.open_advert(key, v, now).seq
             except RecordError:
-                pass
-        return candidates[records.best_index(key, candidates)] if candidates else None
+                continue
+            if best is None or seq > best[0]:
+                best = (seq, v)
+        return best[1] if best else None
 
     async def get_advert(self, peer_id: str) -> Advert | None:
         value = await self.get_advert_value(peer_id)

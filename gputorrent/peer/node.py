@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ async def run_node(
                     joined = await node.join(opts.bootstrap)
                     if not joined:
                         print("gputorrent: warning: no bootstrap peer answered; waiting for peers to find us",
-                              flush=True, file=__import__("sys").stderr)
+                              flush=True, file=sys.stderr)
                 async with trio.open_nursery() as nursery:
                     if make_advert is not None:
                         await nursery.start(node.announce_forever, lambda: make_advert(node, False),

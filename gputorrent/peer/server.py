@@ -82,7 +82,7 @@ class InferServer:
             await self._serve(stream)
         except Exception as exc:  # the other side vanished mid-write, or a bug: keep serving others
             self.stats.failed += 1
-            log.warning("infer stream ended with %r", exc)
+            log.log(logging.DEBUG if _went_away(exc) else logging.WARNING, "infer stream ended with %r", exc)
             await _reset(stream)
             return
         await _close(stream)
@@ -260,10 +260,18 @@ async def _watch_requester(reader: wire.FrameReader, job, scope: trio.CancelScop
                 break
         else:
             return
-    except Exception as exc:
-        log.warning("requester stream failed while generating (%r); cancelling its job", exc)
+    except Exception as exc:  # usually a reset: how a requester that cancels or quits leaves
+        log.log(logging.DEBUG if _went_away(exc) else logging.WARNING,
+                "requester stream ended while generating (%r); cancelling its job", exc)
     job.cancel()
     scope.cancel()
+
+
+def _went_away(exc: BaseException) -> bool:
+    """The other side reset or closed the stream: routine, not worth an operator's attention."""
+    from libp2p.exceptions import BaseLibp2pError
+
+    return isinstance(exc, (BaseLibp2pError, EOFError, ConnectionError, trio.BrokenResourceError))
 
 
 async def _close(stream: Any) -> None:
