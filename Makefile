@@ -30,6 +30,7 @@ bench: model
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/dht.py
 	$(PY) benchmarks/failover.py
+	$(PY) benchmarks/concurrency.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

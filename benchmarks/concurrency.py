@@ -93,6 +93,11 @@ def main() -> None:
         rss = peak_rss_mb(peer.proc.pid)
 
     model_mb = CATALOG["smollm2"].size / 2**20
+    from gputorrent.config import load_settings
+    from gputorrent.models import read_info, resolve
+    from gputorrent.models.quant import estimate_memory
+
+    est = estimate_memory(read_info(resolve("smollm2", load_settings().models_dir), identify=False), args.ctx, slots)
     one = median(rows[levels[0]][0])
     table = "\n".join(
         f"| {n} | {median(rows[n][0]):.1f} | {median(rows[n][0]) / one:.2f}× | {pct(rows[n][1], 50):.0f} ms | "
@@ -112,7 +117,9 @@ wave's wall time, time to first token included.
 
 Target: aggregate at {top} streams ≥ 1.5 × one stream: measured **{median(rows[top][0]) / one:.2f}×**.
 Peak RSS of the serve process (VmHWM): **{rss:.0f} MB** against a model file of {model_mb:.0f} MB, i.e.
-model + {rss - model_mb:.0f} MB (target: model + 400 MB).
+model + {rss - model_mb:.0f} MB (target: model + 400 MB). `gputorrent models info` estimates {est.total_mb} MB
+for these settings (weights {est.weights_mb} + KV cache {est.kv_cache_mb} + buffers {est.buffers_mb}): what llama.cpp
+reserves; the process adds the Python runtime and libp2p, and KV pages no answer reached stay untouched.
 """
     print(body)
     if not args.no_write:

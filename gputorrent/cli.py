@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -150,23 +151,72 @@ def _models_in_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_info(spec: str, settings: Settings):
-    from .models import read_info, resolve
+def _identified(path: Path, settings: Settings):
+    from .models import read_info
 
-    path = resolve(spec, settings.models_dir)
     with _ByteBar("hashing model (once per file)") as progress:
         return read_info(path, settings.cache_dir, progress=progress)
 
 
+def _pick_model(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int):
+    """The model to serve for ``--model``, and the quantization choice when it named a directory."""
+    from .models import read_info, resolve
+    from .models.quant import choose_quantization, gguf_files
+
+    path = resolve(spec, settings.models_dir)
+    if not path.is_dir():
+        return _identified(path, settings), None
+    choice = choose_quantization([read_info(p, identify=False) for p in gguf_files(path)], offered_mb, n_ctx, slots)
+    return _identified(Path(choice.chosen.path), settings), choice
+
+
+def _offered(max_vram_mb: int | None):
+    from .peer.device import detect_device, offered_memory_mb
+
+    if max_vram_mb is not None and max_vram_mb <= 0:
+        raise UsageError("--max-vram-mb must be positive")
+    device = detect_device(max_vram_mb)
+    return device, offered_memory_mb(device, max_vram_mb)
+
+
+def _describe_choice(choice) -> list[str]:
+    from .models.quant import tier
+
+    lines = [f"{'':2}{'quantization':13} {'tier':>4} {'file MB':>8} {'needs MB':>8}  file"]
+    for c, est in sorted(choice.candidates, key=lambda ce: -ce[1].total_mb):
+        mark = "*" if c.path == choice.chosen.path else " "
+        lines.append(f"{mark:2}{c.quantization:13} {tier(c.quantization):>4} {est.weights_mb:>8} {est.total_mb:>8}  "
+                     f"{Path(c.path).name}")
+    lines.append(f"* chosen: the best quality that fits the {choice.offered_mb} MB offered")
+    return lines
+
+
 def cmd_models_info(args: argparse.Namespace) -> int:
-    info = _model_info(args.model, _settings(args))
+    from .models.quant import estimate_memory
+
+    settings = _settings(args)
+    device, offered = _offered(args.max_vram_mb)
+    info, choice = _pick_model(args.model, settings, offered, args.ctx, args.slots)
+    est = estimate_memory(info, args.ctx, args.slots)
+    memory = {"weights_mb": est.weights_mb, "kv_cache_mb": est.kv_cache_mb, "buffers_mb": est.buffers_mb,
+              "total_mb": est.total_mb, "ctx": args.ctx, "slots": args.slots, "offered_mb": offered,
+              "device": device.kind}
     if args.json:
-        _out(info.to_dict())
+        out = info.to_dict() | {"memory": memory}
+        if choice:
+            out["candidates"] = [{"path": c.path, "quantization": c.quantization, "needs_mb": e.total_mb,
+                                  "fits": e.total_mb <= offered} for c, e in choice.candidates]
+        _out(out)
         return 0
+    if choice:
+        print("\n".join(_describe_choice(choice)) + "\n")
     d = info.to_dict()
     for key in ("alias", "name", "architecture", "blocks", "context_length", "embedding_length", "head_count",
                 "head_count_kv", "vocab_size", "quantization", "size_bytes", "has_chat_template", "model_id", "path"):
         print(f"{key:18} {d[key]}")
+    print(f"{'memory':18} {est.total_mb} MB to serve {args.slots} slots of {args.ctx} tokens: weights "
+          f"{est.weights_mb} + KV cache {est.kv_cache_mb} + buffers {est.buffers_mb} "
+          f"({offered} MB offered by this {device.kind})")
     return 0
 
 
@@ -361,10 +411,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fault = Fault.parse(args.fault) if args.fault else None
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.n_gpu_layers is not None and args.n_gpu_layers < -1:
+        raise UsageError("--n-gpu-layers is a count of layers, or -1 for all of them")
     if args.model.lower() in CATALOG:  # like `ollama run`: fetch a known model on first use
         with _ByteBar(f"fetching {args.model}") as progress:
             pull(args.model, settings.models_dir, progress=progress)
-    info = _model_info(args.model, settings)
+    device, offered = _offered(args.max_vram_mb)
+    info, choice = _pick_model(args.model, settings, offered, args.ctx, args.slots)
+    if choice:
+        print("\n".join(_describe_choice(choice)), file=sys.stderr)
     if args.rate_limit < 0:
         raise UsageError("--rate-limit must be 0 (no limit) or more")
     allow = None
@@ -379,7 +434,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow = frozenset(args.allow)
     opts = ServeOptions(node=_node_options(args, settings), slots=args.slots, queue=args.queue, n_ctx=args.ctx,
                         n_threads=args.threads, name=args.name or "", allow=allow, rate_limit=args.rate_limit,
-                        first_frame_timeout=args.first_frame_timeout, fault=fault)
+                        first_frame_timeout=args.first_frame_timeout, fault=fault, n_gpu_layers=args.n_gpu_layers,
+                        max_vram_mb=args.max_vram_mb)
     ident = _identity(args)
 
     from rich.progress import BarColumn, Progress, TextColumn
@@ -388,20 +444,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   console=_console()) as bar:
         task = bar.add_task(f"loading {info.alias} ({info.size_bytes / 1e6:.0f} MB)", total=1.0)
         try:
-            engine = load_engine(info, opts, progress=lambda p: bar.update(task, completed=p))
+            engine = load_engine(info, opts, device, progress=lambda p: bar.update(task, completed=p))
         except Exception as exc:
             raise ModelError(str(exc)) from exc
+    if device.kind == "gpu" and engine.n_gpu_layers != 0 and not engine.gpu_offload:
+        _err("warning: found a GPU, but this llama-cpp-python build runs on the CPU only; reinstall it with "
+             "CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall --no-cache-dir llama-cpp-python")
+    from .liveview import StatusView
+
+    view = StatusView(json_log=args.log_format == "json", live=sys.stderr.isatty())
 
     def on_ready(ready: dict) -> None:
-        print(f"serving {info.alias} ({info.short_id}) as {ready['peer_id']}", file=sys.stderr)
-        print(f"  {opts.slots} slots, context {engine.n_ctx}, {ready['tokens_per_s']} tokens/s measured; "
-              f"announced every {opts.node.announce_interval:g}s", file=sys.stderr)
+        where = (f"{device.name}, {device.vram_free_mb} MB VRAM offered, {engine.n_gpu_layers} layers on the GPU"
+                 if device.kind == "gpu" else f"{device.name}, {device.cores} cores")
+        view.ready(ready, f"serving {info.alias} ({info.short_id}) as {ready['peer_id']}\n"
+                          f"  on {where}; {opts.slots} slots, context {engine.n_ctx}, {ready['tokens_per_s']} "
+                          f"tokens/s measured; announced every {opts.node.announce_interval:g}s\npress Ctrl-C to stop")
         for a in ready["addrs"]:
             print(a, flush=True)
-        print("press Ctrl-C to stop", file=sys.stderr)
 
     try:
-        server = trio.run(serve, ident, info, engine, opts, on_ready)
+        server = trio.run(partial(serve, ident, info, engine, opts, device, on_ready, on_event=view.event,
+                                  watch=view.watch))
     finally:
         engine.close()
     s = server.stats
@@ -628,10 +692,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--swarm", action="store_true", help="list the models peers announce, with how many serve each")
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=cmd_models_list)
-    s = msub.add_parser("info", parents=[common], help="show a GGUF's metadata and model id",
-                        description="Show architecture, blocks, context, quantization, size and the model id "
-                                    "(sha256 of the file) of an alias or a .gguf path.")
-    s.add_argument("model", help="alias (smollm2) or path to a .gguf file")
+    s = msub.add_parser("info", parents=[common], help="show a GGUF's metadata, model id and memory need",
+                        description="Show architecture, blocks, context, quantization, size, the model id "
+                                    "(sha256 of the file) and the memory serving it needs (weights + KV cache "
+                                    "for the context and slots + buffers). Given a directory of quantizations, "
+                                    "show which one 'serve' would choose here.", formatter_class=_Help)
+    s.add_argument("model", help="alias (smollm2), path to a .gguf file, or a directory of quantizations")
+    s.add_argument("--ctx", type=int, default=2048, help="context window per slot, as for serve")
+    s.add_argument("--slots", type=int, default=4, help="slots, as for serve")
+    s.add_argument("--max-vram-mb", type=int, metavar="MB", help="memory offered, as for serve [default: all free]")
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=cmd_models_info)
 
@@ -647,7 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a GGUF model, join the swarm, announce it in the DHT and answer "
                                    "requests until Ctrl-C. Prints this peer's full addresses.",
                        formatter_class=_Help)
-    s.add_argument("--model", required=True, help="alias (smollm2, fetched on first use) or path to a .gguf")
+    s.add_argument("--model", required=True,
+                   help="alias (smollm2, fetched on first use), path to a .gguf, or a directory of one model's "
+                        "quantizations (the best that fits the memory offered is served)")
     listening(s)
     s.add_argument("--name", help="a name for this peer in listings [default: the host name]")
     s.add_argument("--announce-interval", type=float, default=30.0, help="seconds between adverts")
@@ -656,6 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=int, default=8, help="requests waiting beyond the slots before 'busy'")
     s.add_argument("--ctx", type=int, default=2048, help="context window per slot, in tokens")
     s.add_argument("--threads", type=int, help="decode threads [default: all usable cores]")
+    s.add_argument("--max-vram-mb", type=int, metavar="MB",
+                   help="most memory to offer (VRAM on a GPU, RAM on a CPU); caps what is announced and which "
+                        "quantization a --model DIR serves [default: all that is free]")
+    s.add_argument("--n-gpu-layers", type=int, metavar="N",
+                   help="layers to offload to the GPU; -1 for all [default: all when a GPU is found, else 0]")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="'json' writes one JSON object per event (request accepted, done, busy, refused, "
+                        "and a status every 10 s) to stderr, for log collectors")
     s.add_argument("--allow", action="append", metavar="PEER_ID",
                    help="serve only these requesters (repeatable); others get a signed refusal")
     s.add_argument("--rate-limit", type=int, default=120, metavar="N",

@@ -29,12 +29,19 @@ class PeerProcess:
     proc: subprocess.Popen
     ready_file: Path
     identity: Path
+    log: Path  # the process's stderr: a file, so a chatty peer never blocks on a full pipe
     addr: str = ""
     info: dict = field(default_factory=dict)
 
     @property
     def peer_id(self) -> str:
         return self.info.get("peer_id", "")
+
+    def stderr(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the process prints its address (it does so once serving)."""
@@ -49,7 +56,7 @@ class PeerProcess:
             if ready:
                 line = out.readline()
                 if not line:
-                    err = self.proc.stderr.read() if self.proc.stderr else ""
+                    err = self.stderr()
                     raise SwarmError(f"{self.name} exited with {self.proc.wait()} before it was ready:\n{err[-2000:]}")
                 if line.startswith("/"):
                     self.addr = line.strip()
@@ -64,9 +71,8 @@ class PeerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
@@ -85,8 +91,9 @@ class LocalSwarm:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.peers: dict[str, PeerProcess] = {}
 
-    def start(self, name: str, *extra: str, timeout: float = 120.0, command: str = "serve") -> PeerProcess:
-        peer = self.spawn(name, *extra, command=command)
+    def start(self, name: str, *extra: str, timeout: float = 120.0, command: str = "serve",
+              env: dict | None = None) -> PeerProcess:
+        peer = self.spawn(name, *extra, command=command, env=env)
         try:
             peer.wait_ready(timeout)
         except BaseException:
@@ -94,7 +101,7 @@ class LocalSwarm:
             raise
         return peer
 
-    def spawn(self, name: str, *extra: str, command: str = "serve") -> PeerProcess:
+    def spawn(self, name: str, *extra: str, command: str = "serve", env: dict | None = None) -> PeerProcess:
         """Start a serve (or bootstrap) process without waiting for it: start several, then
         wait on each. Loopback only, mDNS off: nothing leaves this machine."""
         ready = self.workdir / f"{name}.ready.json"
@@ -102,9 +109,11 @@ class LocalSwarm:
         model = ["--model", self.model] if command == "serve" else []
         cmd = [sys.executable, "-m", "gputorrent.cli", command, *model, "--no-mdns",
                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready), "--identity", str(ident), *extra]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
-                                stdin=subprocess.DEVNULL)
-        peer = self.peers[name] = PeerProcess(name, proc, ready, ident)
+        log = self.workdir / f"{name}.stderr"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**self.env, **(env or {})},
+                                    stdin=subprocess.DEVNULL)
+        peer = self.peers[name] = PeerProcess(name, proc, ready, ident, log)
         return peer
 
     def bootstrap(self, name: str = "bootstrap", timeout: float = 60.0) -> PeerProcess:

