@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -132,12 +131,12 @@ def _models_in_swarm(args: argparse.Namespace) -> int:
     import trio
 
     async def run():
-        async with _joined(args, _swarm_settings(args)) as node:
-            return await node.overview()
+        async with _swarm(args) as swarm:
+            return await swarm.peers()
 
     by_id: dict[str, dict] = {}
-    for advert in trio.run(run):
-        for m in advert.models:
+    for peer in trio.run(run):
+        for m in peer.advert.models:
             row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id,
                                                 "quantization": m.quantization, "peers": 0})
             row["peers"] += 1
@@ -151,23 +150,11 @@ def _models_in_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _identified(path: Path, settings: Settings):
-    from .models import read_info
+def _pick_model(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int):
+    from .peer.serve import pick_model
 
     with _ByteBar("hashing model (once per file)") as progress:
-        return read_info(path, settings.cache_dir, progress=progress)
-
-
-def _pick_model(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int):
-    """The model to serve for ``--model``, and the quantization choice when it named a directory."""
-    from .models import read_info, resolve
-    from .models.quant import choose_quantization, gguf_files
-
-    path = resolve(spec, settings.models_dir)
-    if not path.is_dir():
-        return _identified(path, settings), None
-    choice = choose_quantization([read_info(p, identify=False) for p in gguf_files(path)], offered_mb, n_ctx, slots)
-    return _identified(Path(choice.chosen.path), settings), choice
+        return pick_model(spec, settings.models_dir, settings.cache_dir, offered_mb, n_ctx, slots, progress)
 
 
 def _offered(max_vram_mb: int | None):
@@ -263,28 +250,16 @@ def _swarm_settings(args: argparse.Namespace) -> Settings:
         swarm_key=args.swarm_key)
 
 
-@asynccontextmanager
-async def _joined(args: argparse.Namespace, settings: Settings):
-    """A DHT client node joined to the swarm, for commands that look things up."""
-    from .dht.node import swarm_node
-    from .peer.host import running_host
+def _swarm(args: argparse.Namespace, **kw: Any):
+    """The API's Swarm with this command's swarm flags (bootstrap, mDNS, swarm key, identity)."""
+    from .api import Swarm
 
-    if not settings.bootstrap and not settings.mdns:
+    settings = _swarm_settings(args)
+    if not kw.get("peers") and not settings.bootstrap and not settings.mdns:
         raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
                          "or leave mDNS on to find peers on this network")
-    ident = _identity(args)
-    async with running_host(ident, mdns=settings.mdns, psk=_psk(settings)) as host, \
-            swarm_node(host, ident, server=False) as node:
-        if settings.bootstrap and not await node.join(settings.bootstrap):
-            raise DialFailed(f"none of the bootstrap peers answered ({', '.join(settings.bootstrap)}); "
-                             "check the addresses and that those peers are running")
-        if not settings.bootstrap:
-            await node.adopt_known_peers()
-        yield node
-
-
-class DialFailed(Exception):
-    pass
+    return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=_identity(args), swarm_key=settings.swarm_key,
+                 **kw)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -321,68 +296,55 @@ def _advert_row(a, now: float) -> dict:
 def cmd_peers(args: argparse.Namespace) -> int:
     import time
 
-    import msgspec
     import trio
 
     from .scoring.reputation import ReputationStore
 
-    settings = _swarm_settings(args)
-    store = ReputationStore(settings.data_dir / "reputation.sqlite")
     if args.reset or args.ban:
-        for pid in args.reset or []:
-            store.reset(pid)
-            print(f"{pid}: breaker reset (and unbanned)", file=sys.stderr)
-        for pid in args.ban or []:
-            store.ban(pid)
-            print(f"{pid}: banned (its breaker stays open until peers --reset)", file=sys.stderr)
+        store = ReputationStore(_swarm_settings(args).data_dir / "reputation.sqlite")
+        try:
+            for pid in args.reset or []:
+                store.reset(pid)
+                print(f"{pid}: breaker reset (and unbanned)", file=sys.stderr)
+            for pid in args.ban or []:
+                store.ban(pid)
+                print(f"{pid}: banned (its breaker stays open until peers --reset)", file=sys.stderr)
+        finally:
+            store.close()
         return 0
 
-    async def fetch(node):
-        return await (node.find_model(args.model) if args.model else node.overview())
-
-    def render(adverts) -> Any:
+    def render(peers) -> Any:
         from rich.table import Table
 
         now = time.time()
-        table = Table(title=f"{len(adverts)} peers" + (f" serving {args.model}" if args.model else ""))
+        table = Table(title=f"{len(peers)} peers" + (f" serving {args.model}" if args.model else ""))
         for col in ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "age", "rep", "breaker"):
             table.add_column(col)
-        for a in adverts:
-            r = _advert_row(a, now)
-            rec = store.get(a.peer_id, now)
+        for p in peers:
+            r = _advert_row(p.advert, now)
             table.add_row(r["peer_id"][:16] + "…", r["name"], r["device"][:28], r["vram_mb"], r["models"],
-                          r["load"], f"{r['tokens_per_s']:.0f}", r["age"], f"{rec.reputation:.2f}",
-                          rec.breaker.current(now))
+                          r["load"], f"{r['tokens_per_s']:.0f}", r["age"], f"{p.reputation:.2f}",
+                          p.breaker + (" (banned)" if p.banned else ""))
         return table
 
     async def run() -> None:
-        async with _joined(args, settings) as node:
+        async with _swarm(args) as swarm:
             if not args.watch:
-                adverts = await fetch(node)
+                peers = await swarm.peers(args.model)
                 if args.json:
-                    now = time.time()
-                    rows = [msgspec.to_builtins(a) | _local_view(store.get(a.peer_id, now), now) for a in adverts]
-                    print(json.dumps(rows))
+                    print(json.dumps([p.to_dict() for p in peers]))
                 else:
-                    _console_out().print(render(adverts))
+                    _console_out().print(render(peers))
                 return
             from rich.live import Live
 
             with Live(render([]), console=_console_out(), auto_refresh=False) as live:
                 while True:
-                    live.update(render(await fetch(node)), refresh=True)
+                    live.update(render(await swarm.peers(args.model)), refresh=True)
                     await trio.sleep(args.interval)
 
     trio.run(run)
     return 0
-
-
-def _local_view(rec, now: float) -> dict:
-    """What this requester has seen of a peer (not part of its signed advert)."""
-    return {"reputation": round(rec.reputation, 4), "breaker": rec.breaker.current(now),
-            "observed": {"successes": round(rec.successes, 3), "failures": round(rec.failures, 3),
-                         "timeouts": round(rec.timeouts, 3), "integrity_failures": round(rec.integrity, 3),
-                         "tokens_per_s": rec.tokens_per_s, "ttft_ms": rec.ttft_ms}}
 
 
 def _console_out():
@@ -477,41 +439,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    import msgspec
     import trio
 
-    from . import wire
-    from .peer.asker import AskFailed, ask
-    from .peer.host import running_host
+    from .api import Finished, Swarm, Text
+    from .api.swarm import params_from
+    from .peer.asker import AskFailed
+    from .peer.choose import explain
+    from .scoring import Weights
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UsageError("the prompt is empty; give it as an argument or pipe it in with '-'")
+    gen = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+           "top_k": args.top_k, "seed": args.seed, "stop": args.stop or []}
     try:
-        params = msgspec.convert(
-            {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-             "top_k": args.top_k, "seed": args.seed, "stop": args.stop or []}, wire.Params)
-    except msgspec.ValidationError as exc:
-        raise UsageError(f"bad generation parameter: {_flag_message(exc)}") from exc
-    messages = None if args.raw else (
-        ([wire.ChatMessage("system", args.system)] if args.system else []) + [wire.ChatMessage("user", prompt)])
-    settings = _swarm_settings(args)
-    ident = _identity(args)
-    streamed = not args.json
-
-    def on_text(text: str) -> None:
-        if streamed:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-    import random
-
-    from .peer.asker import new_request_id
-    from .peer.choose import explain, rank_peers
-    from .peer.verify import spot_check
-    from .scoring import Weights
-    from .scoring.reputation import ReputationStore
-
+        params_from(**gen)
+    except ValueError as exc:
+        raise UsageError(_flag_message(exc)) from exc
     try:
         weights = Weights.parse(args.weights) if args.weights else Weights()
     except ValueError as exc:
@@ -520,41 +464,33 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError("--choose-top must be 1 or more")
     if not 0.0 <= args.spot_check <= 1.0:
         raise UsageError("--spot-check is a probability, between 0 and 1")
-    store = ReputationStore(settings.data_dir / "reputation.sqlite")
-    rng = random.Random()
-    kwargs = dict(messages=messages, prompt=prompt if args.raw else None, params=params, on_text=on_text,
-                  max_attempts=args.attempts, stall_timeout=args.stall_timeout,
-                  before_attempt=store.start_trial, after_attempt=lambda a, r: _record(store, a, r))
-
-    async def answer_and_check(host, addrs: list[str], model: str):
-        answer = await ask(host, addrs, model=model, **kwargs)
-        check = None
-        if args.verify or rng.random() < args.spot_check:
-            served = next(a for a in addrs if a.endswith(answer.peer_id))
-            base = wire.InferRequest(request_id=new_request_id(), model=answer.model_id, messages=messages,
-                                     prompt=prompt if args.raw else None)
-            check = await spot_check(host, [served] + [a for a in addrs if a != served], base)
-            if check.blamed:
-                store.record(check.blamed, "integrity")
-        return answer, check
+    settings = _swarm_settings(args)
+    if not args.peer and not settings.bootstrap and not settings.mdns:
+        raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
+                         "or leave mDNS on to find peers on this network")
+    streamed = not args.json
+    swarm = Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=_identity(args),
+                  swarm_key=settings.swarm_key, peers=args.peer or (), weights=weights, choose_top=args.choose_top,
+                  attempts=args.attempts, stall_timeout=args.stall_timeout)
 
     async def run():
-        if args.peer:
-            async with running_host(ident, psk=_psk(settings)) as host:
-                return await answer_and_check(host, args.peer, args.model or "")
-        async with _joined(args, settings) as node:
-            model, adverts = await _find_model(node, args.model)
-            order, considered = await rank_peers(node.host, adverts, store, weights=weights, rng=rng,
-                                                 top=args.choose_top)
-            if args.explain:
-                print(explain(considered, order[0].peer_id if order else None, weights, args.choose_top), file=sys.stderr)
-            if not order:
-                raise AskFailed(f"every peer serving {model!r} is unreachable or has its breaker open; "
-                                "see: gputorrent peers (and peers --reset PEER to give one another chance)", [])
-            return await answer_and_check(node.host, [a.addrs[0] for a in order], model)
+        async with swarm:
+            plan = None
+            if not args.peer:
+                plan = await swarm.rank(args.model)
+                if args.explain:
+                    print(explain(plan.considered, plan.order[0].peer_id, weights, args.choose_top), file=sys.stderr)
+            async for ev in swarm.stream(prompt, model=args.model, system=args.system, raw=args.raw, plan=plan,
+                                         verify=args.verify, spot_check=args.spot_check, **gen):
+                if isinstance(ev, Text) and streamed:
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+                elif isinstance(ev, Finished):
+                    return ev.answer
+        raise AskFailed("the answer ended without a receipt", [])
 
     try:
-        answer, check = trio.run(run)
+        answer = trio.run(run)
     except AskFailed as exc:
         if streamed and exc.partial_text:
             print()
@@ -563,31 +499,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
             _out({"error": str(exc), "attempts": [asdict(a) for a in exc.attempts], "text": exc.partial_text})
         raise
-    finally:
-        store.close()
     if args.json:
-        from dataclasses import asdict
-
-        _out(answer.to_dict() | ({"spot_check": asdict(check)} if check else {}))
+        _out(answer.to_dict())
     else:
         print()
-        if check:
-            print(_describe_check(check), file=sys.stderr)
+        if answer.spot_check:
+            print(_describe_check(answer.spot_check), file=sys.stderr)
     return 0
-
-
-def _record(store, attempt, result) -> None:
-    """Count an attempt's outcome against the peer. Busy and 'wrong model' are not faults."""
-    outcome = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped": "failed",
-               "unreachable": "failed"}.get(attempt.outcome)
-    if outcome is None:
-        return
-    tps = ttft = None
-    if outcome == "ok" and result.t_first:
-        ttft = (result.t_first - result.t_start) * 1000
-        if len(result.ids) > 1 and result.t_last > result.t_first:
-            tps = (len(result.ids) - 1) / (result.t_last - result.t_first)
-    store.record(attempt.peer_id, outcome, tokens_per_s=tps, ttft_ms=ttft)
 
 
 def _describe_check(check) -> str:
@@ -598,24 +516,6 @@ def _describe_check(check) -> str:
     if check.blamed:
         return f"spot check: {check.blamed[:16]}… disagreed with the majority and loses reputation"
     return f"spot check: disagreement; {check.note}"
-
-
-async def _find_model(node, model: str | None):
-    """Live adverts serving ``model`` (by default the model most peers serve)."""
-    from .peer.asker import AskFailed
-
-    if not model:
-        counts: dict[str, int] = {}
-        for a in await node.overview():
-            for m in a.models:
-                counts[m.alias] = counts.get(m.alias, 0) + 1
-        if not counts:
-            raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [])
-        model = max(counts, key=counts.get)
-    adverts = [a for a in await node.find_model(model) if a.addrs]
-    if not adverts:
-        raise AskFailed(f"no live peer serves {model!r}; see what the swarm has with: gputorrent models list --swarm", [])
-    return model, adverts
 
 
 _FLAG_OF = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
@@ -821,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
         from .peer.asker import AskFailed
         from .peer.host import DialError
 
-        if isinstance(exc, (AskFailed, DialError, DialFailed)):
+        from .api import SwarmError
+
+        if isinstance(exc, (AskFailed, DialError, SwarmError)):
             _err(str(exc))
             return 1
         raise

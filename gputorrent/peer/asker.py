@@ -39,7 +39,9 @@ class Answer:
     ttft_ms: float
     tokens_per_s: float
     receipt_verified: bool
+    receipt: str = ""  # the transcript hash the serving peer signed in its Done frame (hex)
     attempts: list[Attempt] = field(default_factory=list)
+    spot_check: Any = None  # a verify.SpotCheck when the answer was cross-checked
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +138,7 @@ async def ask(
             ttft_ms=round(((t_first or time.perf_counter()) - t0) * 1000, 2),
             tokens_per_s=round((len(ids) - 1) / decode_s, 2) if decode_s else 0.0,
             receipt_verified=True,  # run_attempt returns only after Done's receipt verified
+            receipt=done.transcript.hex(),
             attempts=attempts,
         )
     tried = "; ".join(f"{a.peer_id[:16]}…: {a.outcome} ({a.error})" for a in attempts) or "no candidates"

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +52,15 @@ async def run_node(
     make_advert: Callable[[SwarmNode, bool], records.Advert] | None = None,
     ready_info: Callable[[SwarmNode], dict[str, Any]] | None = None,
     on_ready: Callable[[dict[str, Any]], None] = lambda info: None,
+    stop: trio.Event | None = None,
 ) -> None:
-    """Join the swarm, announce (when ``make_advert`` is given), and run until a signal.
+    """Join the swarm, announce (when ``make_advert`` is given), and run until a signal, or
+    until ``stop`` is set when one is given (embedded use leaves signals to the program).
 
-    On a signal a node that announced publishes a final "leaving" advert, so requesters stop
+    On stopping, a node that announced publishes a final "leaving" advert, so requesters stop
     choosing it at once instead of after the advert expires.
     """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if stop is None else nullcontext()) as signals:
         async with running_host(identity, opts.listen, mdns=opts.mdns, psk=opts.psk) as host:
             for proto, handler in (handlers or {}).items():
                 host.set_stream_handler(proto, handler)
@@ -76,8 +79,11 @@ async def run_node(
                     if opts.ready_file:
                         write_ready_file(opts.ready_file, info)
                     on_ready(info)
-                    async for _ in signals:
-                        break
+                    if stop is not None:
+                        await stop.wait()
+                    else:
+                        async for _ in signals:
+                            break
                     nursery.cancel_scope.cancel()
                 if make_advert is not None:
                     with trio.move_on_after(5):

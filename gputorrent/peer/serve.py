@@ -38,6 +38,21 @@ class ServeOptions:
     fault: Fault | None = None
 
 
+def pick_model(spec: str, models_dir: Path, cache_dir: Path, offered_mb: int, n_ctx: int, slots: int,
+               progress: Callable[[int, int], None] | None = None) -> tuple[ModelInfo, Any]:
+    """The model ``--model`` names, identified (hashed once, cached); for a directory, the best
+    quantization that fits ``offered_mb``, with the choice (else None) to show."""
+    from ..models import read_info, resolve
+    from ..models.quant import choose_quantization, gguf_files
+
+    path = resolve(spec, models_dir)
+    choice = None
+    if path.is_dir():
+        choice = choose_quantization([read_info(p, identify=False) for p in gguf_files(path)], offered_mb, n_ctx, slots)
+        path = Path(choice.chosen.path)
+    return read_info(path, cache_dir, progress=progress), choice
+
+
 def gpu_layers(device: records.Device, opts: ServeOptions) -> int:
     """Layers to offload: all of them (-1) on a GPU unless ``--n-gpu-layers`` says otherwise."""
     if opts.n_gpu_layers is not None:
@@ -96,11 +111,13 @@ async def serve(
     on_ready: Callable[[dict[str, Any]], None] = lambda r: None,
     on_event: Callable[[dict[str, Any]], None] = lambda e: None,
     watch: Callable[[Callable[[], dict[str, Any]]], Awaitable[None]] | None = None,
+    stop: Any = None,
 ) -> InferServer:
     """Serve ``engine`` until SIGINT or SIGTERM; returns the server (for its stats).
 
     ``on_event`` gets each request's structured events; ``watch``, when given, runs alongside
-    with a function that snapshots the live status (for a live view).
+    with a function that snapshots the live status (for a live view). With a ``stop`` event
+    it serves until that is set instead of until a signal.
     """
     import trio
 
@@ -131,7 +148,7 @@ async def serve(
             make_advert=make_advert,
             ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps,
                                      "device": msgspec.to_builtins(device)},
-            on_ready=on_ready,
+            on_ready=on_ready, stop=stop,
         )
         nursery.cancel_scope.cancel()
     return server

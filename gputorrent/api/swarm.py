@@ -1,0 +1,479 @@
+"""The swarm as a library: join it, see its peers, and stream answers with failover.
+
+``Swarm`` works from trio directly and from asyncio through a trio guest run (``guest.py``).
+Everything the ``ask`` and ``peers`` commands do goes through here, so the CLI, the TUI and
+the gateway all choose peers, keep reputations and fail over the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import msgspec
+import trio
+
+from .. import wire
+from ..config import Settings, load_settings
+from ..dht.records import Advert
+from ..identity import Identity
+from ..peer.asker import AskFailed, Attempt, Answer, ask, new_request_id
+from ..peer.choose import Considered, rank_peers
+from ..peer.client import AttemptResult
+from ..scoring import Weights
+from ..scoring.reputation import ReputationStore
+from .guest import Hosted
+
+
+class SwarmError(Exception):
+    """The swarm cannot be reached or used; the message says what to do."""
+
+
+# --- what streams out ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A piece of the answer, as it arrives."""
+
+    text: str
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """A peer failed mid-answer (or before it); the next candidate continues."""
+
+    peer_id: str
+    outcome: str  # busy, error, dropped, stalled, integrity, unreachable
+    error: str
+    tokens_so_far: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The answer is complete; ``answer`` holds the text, the receipt and the attempts."""
+
+    answer: Answer
+
+
+StreamEvent = Union[Text, Failover, Finished]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """A peer as this requester sees it: its signed advert plus local reputation and breaker."""
+
+    advert: Advert
+    reputation: float
+    breaker: str  # closed, open, half-open (a banned peer's breaker stays open)
+    rtt_ms: float | None = None
+    banned: bool = False
+    observed: dict[str, Any] = field(default_factory=dict)  # what this requester saw it do
+
+    @property
+    def peer_id(self) -> str:
+        return self.advert.peer_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self.advert) | {"reputation": round(self.reputation, 3),
+                                                   "breaker": self.breaker, "rtt_ms": self.rtt_ms,
+                                                   "banned": self.banned, "observed": self.observed}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSeen:
+    peer: PeerStatus
+    new: bool  # first time seen (else an updated advert)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeft:
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChanged:
+    peer_id: str
+    state: str
+
+
+SwarmEvent = Union[PeerSeen, PeerLeft, BreakerChanged, Failover]
+
+
+@dataclass(slots=True)
+class Plan:
+    """Which peers to try for a model, best first, and how every candidate was judged."""
+
+    model: str
+    order: list[Advert]
+    considered: list[Considered] = field(default_factory=list)
+
+
+def to_messages(prompt: str | Sequence[Any] | None, system: str | None = None) -> list[wire.ChatMessage]:
+    """A prompt string or OpenAI-style ``[{"role", "content"}]`` as chat messages."""
+    if isinstance(prompt, str):
+        msgs = [wire.ChatMessage("user", prompt)]
+    else:
+        msgs = []
+        for m in prompt or []:
+            if isinstance(m, wire.ChatMessage):
+                msgs.append(m)
+                continue
+            try:
+                msgs.append(msgspec.convert([m["role"], m["content"]], wire.ChatMessage))
+            except (KeyError, TypeError, msgspec.ValidationError) as exc:
+                raise ValueError(f"a message needs a role (system, user or assistant) and text content: {m!r}") from exc
+    if system:
+        msgs.insert(0, wire.ChatMessage("system", system))
+    if not msgs:
+        raise ValueError("give a prompt or at least one message")
+    return msgs
+
+
+def params_from(**kw: Any) -> wire.Params:
+    """Sampling parameters from keywords, checked (``ValueError`` names the bad one)."""
+    given = {k: v for k, v in kw.items() if v is not None}
+    try:
+        return msgspec.convert(given, wire.Params)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad generation parameter: {exc}") from exc
+
+
+_OUTCOME = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped": "failed",
+            "unreachable": "failed"}
+
+
+class _Core:
+    """The trio side. One per ``Swarm``; every method runs in trio."""
+
+    def __init__(self, settings: Settings, identity: Identity, direct: list[str], weights: Weights,
+                 choose_top: int, attempts: int, stall_timeout: float, watch_interval: float) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.direct = direct
+        self.weights = weights
+        self.choose_top = choose_top
+        self.attempts = attempts
+        self.stall_timeout = stall_timeout
+        self.watch_interval = watch_interval
+        self.rng = random.Random()
+        self.host: Any = None
+        self.node: Any = None
+        self.store: ReputationStore | None = None
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._subscribers: list[trio.MemorySendChannel] = []
+        self._watching = False
+        self._known: dict[str, Advert] = {}
+
+    async def open(self) -> None:
+        from ..dht.node import swarm_node
+        from ..peer.host import running_host
+        from ..swarmkey import load
+
+        s = self.settings
+        if not self.direct and not s.bootstrap and not s.mdns:
+            raise SwarmError("no way to find the swarm: give bootstrap=[MULTIADDR] (or GPUTORRENT_BOOTSTRAP), "
+                             "or leave mDNS on to find peers on this network")
+        psk = load(s.swarm_key) if s.swarm_key else None
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self.store = ReputationStore(s.data_dir / "reputation.sqlite")
+            stack.callback(self.store.close)
+            self.host = await stack.enter_async_context(running_host(self.identity, mdns=s.mdns and not self.direct,
+                                                                     psk=psk))
+            if not self.direct:
+                self.node = await stack.enter_async_context(swarm_node(self.host, self.identity, server=False))
+                if s.bootstrap and not await self.node.join(s.bootstrap):
+                    raise SwarmError(f"none of the bootstrap peers answered ({', '.join(s.bootstrap)}); "
+                                     "check the addresses and that those peers are running")
+                if not s.bootstrap:
+                    await self.node.adopt_known_peers()
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+            for ch in self._subscribers:
+                ch.close()
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    # --- peers ------------------------------------------------------------------------------
+
+    def _status(self, ad: Advert, now: float, rtt_ms: float | None = None) -> PeerStatus:
+        rec = self.store.get(ad.peer_id, now)  # type: ignore[union-attr]
+        observed = {"successes": round(rec.successes, 3), "failures": round(rec.failures, 3),
+                    "timeouts": round(rec.timeouts, 3), "integrity_failures": round(rec.integrity, 3),
+                    "tokens_per_s": rec.tokens_per_s, "ttft_ms": rec.ttft_ms}
+        return PeerStatus(ad, rec.reputation, rec.breaker.current(now), rtt_ms, rec.breaker.banned, observed)
+
+    async def peers(self, model: str | None = None, ping: bool = False) -> list[PeerStatus]:
+        if self.node is None:
+            raise SwarmError("this Swarm asks fixed peers (peers=[...]); it has no DHT to list")
+        adverts = await (self.node.find_model(model) if model else self.node.overview())
+        rtts: dict[str, float] = {}
+        if ping:
+            from ..peer.client import AttemptFailed
+            from ..peer.client import ping as ping_peer
+            from ..peer.host import DialError, connect
+
+            async def one(ad: Advert) -> None:
+                try:
+                    with trio.move_on_after(3):
+                        await connect(self.host, ad.addrs[0])
+                        rtts[ad.peer_id] = round((await ping_peer(self.host, ad.peer_id, 2.0))[0], 1)
+                except (DialError, AttemptFailed, IndexError):
+                    pass
+
+            async with trio.open_nursery() as n:
+                for ad in adverts:
+                    n.start_soon(one, ad)
+        now = time.time()
+        return [self._status(ad, now, rtts.get(ad.peer_id)) for ad in adverts]
+
+    async def rank(self, model: str | None = None) -> Plan:
+        """Find the peers serving ``model`` (by default the one most peers serve) and order them."""
+        if self.node is None:
+            return Plan(model or "", [])
+        if not model:
+            counts: dict[str, int] = {}
+            for a in await self.node.overview():
+                for m in a.models:
+                    counts[m.alias] = counts.get(m.alias, 0) + 1
+            if not counts:
+                raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [])
+            model = max(counts, key=counts.__getitem__)
+        adverts = [a for a in await self.node.find_model(model) if a.addrs]
+        if not adverts:
+            raise AskFailed(f"no live peer serves {model!r}; see what the swarm has with: "
+                            "gputorrent models list --swarm", [])
+        order, considered = await rank_peers(self.host, adverts, self.store, weights=self.weights, rng=self.rng,
+                                             top=self.choose_top)
+        if not order:
+            raise AskFailed(f"every peer serving {model!r} is unreachable or has its breaker open; see: "
+                            "gputorrent peers (and peers --reset PEER to give one another chance)", [])
+        return Plan(model, order, considered)
+
+    async def set_banned(self, peer_id: str, banned: bool) -> str:
+        rec = self.store.ban(peer_id) if banned else self.store.reset(peer_id)  # type: ignore[union-attr]
+        state = rec.breaker.current(time.time())
+        self._publish(BreakerChanged(peer_id, state))
+        return state
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _publish(self, event: SwarmEvent) -> None:
+        for ch in list(self._subscribers):
+            try:
+                ch.send_nowait(event)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.remove(ch)
+
+    async def events(self) -> AsyncIterator[SwarmEvent]:
+        send, recv = trio.open_memory_channel[SwarmEvent](math.inf)
+        self._subscribers.append(send)
+        if self.node is not None and not self._watching:
+            self._watching = True
+            self._nursery.start_soon(self._watch)  # type: ignore[union-attr]
+        try:
+            async with recv:
+                async for ev in recv:
+                    yield ev
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+
+    async def _watch(self) -> None:
+        """Crawl the DHT every ``watch_interval`` while anyone listens; publish what changed."""
+        while self._subscribers:
+            try:
+                statuses = await self.peers(ping=True)
+            except Exception:  # a failed crawl is retried next round; the stream of events goes on
+                statuses = []
+            now = time.time()
+            seen = {}
+            for st in statuses:
+                if st.advert.leaving or not st.advert.live(now):
+                    continue
+                seen[st.peer_id] = st.advert
+                old = self._known.get(st.peer_id)
+                if old is None or old.seq != st.advert.seq:
+                    self._publish(PeerSeen(st, new=old is None))
+            for pid in set(self._known) - set(seen):
+                self._publish(PeerLeft(pid))
+            self._known = seen
+            await trio.sleep(self.watch_interval)
+        self._watching = False
+
+    # --- answers ----------------------------------------------------------------------------
+
+    def _after_attempt(self, attempt: Attempt, res: AttemptResult, out: trio.MemorySendChannel) -> None:
+        before = self.store.get(attempt.peer_id).breaker.current(time.time())  # type: ignore[union-attr]
+        outcome = _OUTCOME.get(attempt.outcome)
+        if outcome is not None:
+            tps = ttft = None
+            if outcome == "ok" and res.t_first:
+                ttft = (res.t_first - res.t_start) * 1000
+                if len(res.ids) > 1 and res.t_last > res.t_first:
+                    tps = (len(res.ids) - 1) / (res.t_last - res.t_first)
+            self.store.record(attempt.peer_id, outcome, tokens_per_s=tps, ttft_ms=ttft)  # type: ignore[union-attr]
+        after = self.store.get(attempt.peer_id).breaker.current(time.time())  # type: ignore[union-attr]
+        if after != before:
+            self._publish(BreakerChanged(attempt.peer_id, after))
+        if attempt.outcome != "ok":
+            ev = Failover(attempt.peer_id, attempt.outcome, attempt.error, len(res.ids))
+            out.send_nowait(ev)
+            self._publish(ev)
+
+    async def stream(self, prompt: str | Sequence[Any] | None = None, *, model: str | None = None,
+                     system: str | None = None, raw: bool = False, plan: Plan | None = None,
+                     verify: bool = False, spot_check: float = 0.0, **params: Any) -> AsyncIterator[StreamEvent]:
+        p = params_from(**params)
+        messages = None if raw else to_messages(prompt, system)
+        if raw and not isinstance(prompt, str):
+            raise ValueError("raw=True takes the prompt as one string")
+        if self.direct:
+            addrs, model = list(self.direct), model or ""
+        else:
+            plan = plan or await self.rank(model)
+            addrs, model = [a.addrs[0] for a in plan.order], plan.model
+        send, recv = trio.open_memory_channel[Any](math.inf)
+        current = {"peer": ""}
+
+        async def produce() -> None:
+            async with send:
+                try:
+                    answer = await ask(
+                        self.host, addrs, messages=messages, prompt=prompt if raw else None, model=model, params=p,
+                        on_text=lambda t: send.send_nowait(Text(t, current["peer"])),
+                        max_attempts=self.attempts, stall_timeout=self.stall_timeout,
+                        before_attempt=lambda pid: (current.__setitem__("peer", pid), self.store.start_trial(pid)),
+                        after_attempt=lambda a, r: self._after_attempt(a, r, send),
+                    )
+                    if verify or (spot_check and self.rng.random() < spot_check):
+                        answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)
+                    send.send_nowait(Finished(answer))
+                except AskFailed as exc:
+                    send.send_nowait(exc)
+
+        # The producer runs in the swarm's nursery, under a scope this generator only holds:
+        # a generator must not yield inside a cancel scope it entered.
+        scope = trio.CancelScope()
+        self._nursery.start_soon(_scoped, scope, produce)  # type: ignore[union-attr]
+        try:
+            async with recv:
+                async for ev in recv:
+                    if isinstance(ev, AskFailed):
+                        raise ev
+                    yield ev
+        finally:
+            scope.cancel()
+
+    async def _spot_check(self, answer: Answer, addrs: list[str], messages, prompt) -> Any:
+        from ..peer.verify import spot_check
+
+        served = next(a for a in addrs if a.endswith(answer.peer_id))
+        base = wire.InferRequest(request_id=new_request_id(), model=answer.model_id, messages=messages, prompt=prompt)
+        check = await spot_check(self.host, [served] + [a for a in addrs if a != served], base)
+        if check.blamed:
+            self.store.record(check.blamed, "integrity")  # type: ignore[union-attr]
+        return check
+
+    async def generate(self, prompt: str | Sequence[Any] | None = None, **kw: Any) -> Answer:
+        async with aclosing(self.stream(prompt, **kw)) as events:
+            async for ev in events:
+                if isinstance(ev, Finished):
+                    return ev.answer
+        raise AskFailed("the answer ended without a receipt", [])
+
+
+async def _scoped(scope: trio.CancelScope, fn: Any) -> None:
+    with scope:
+        await fn()
+
+
+class Swarm(Hosted):
+    """A requester's handle on the swarm.
+
+    >>> async with Swarm(bootstrap=["/ip4/127.0.0.1/tcp/4001/p2p/12D3Koo..."]) as swarm:
+    ...     async for ev in swarm.stream("What is the capital of France?", model="smollm2"):
+    ...         if isinstance(ev, Text):
+    ...             print(ev.text, end="")
+
+    Works under trio and under asyncio (where trio runs as a guest on the asyncio loop).
+    ``peers=[MULTIADDR, ...]`` asks those peers directly, in that order, without the DHT.
+    Settings left as ``None`` come from the config file and ``GPUTORRENT_*`` variables.
+    """
+
+    def __init__(self, bootstrap: Sequence[str] | None = None, *, mdns: bool | None = None,
+                 identity: Identity | str | Path | None = None, swarm_key: str | Path | None = None,
+                 data_dir: str | Path | None = None, peers: Sequence[str] = (), weights: Weights | None = None,
+                 choose_top: int = 3, attempts: int = 3, stall_timeout: float = 10.0,
+                 watch_interval: float = 2.0) -> None:
+        if choose_top < 1 or attempts < 1 or stall_timeout <= 0 or watch_interval <= 0:
+            raise ValueError("choose_top and attempts must be 1 or more; stall_timeout and watch_interval positive")
+        settings = load_settings().with_overrides(
+            bootstrap=list(bootstrap) if bootstrap else None, mdns=mdns,
+            identity=None if isinstance(identity, Identity) else identity, swarm_key=swarm_key,
+            data_dir=data_dir)
+        ident = identity if isinstance(identity, Identity) else Identity.load_or_create(settings.identity_path)
+        self._core = _Core(settings, ident, list(peers), weights or Weights(), choose_top, attempts,
+                           stall_timeout, watch_interval)
+
+    @property
+    def peer_id(self) -> str:
+        """This requester's own peer id."""
+        return self._core.identity.peer_id
+
+    async def _open(self) -> None:
+        await self._core.open()
+
+    async def _close(self) -> None:
+        await self._core.close()
+
+    def stream(self, prompt: str | Sequence[Any] | None = None, **kw: Any) -> AsyncIterator[StreamEvent]:
+        """Stream an answer: ``Text`` pieces, a ``Failover`` whenever a peer drops out and the
+        next continues, then ``Finished`` with the whole ``Answer``. Raises ``AskFailed`` when
+        no candidate can finish. Keywords: ``model``, ``system``, ``raw``, ``verify``,
+        ``spot_check``, ``plan`` and the sampling parameters ``max_tokens``, ``temperature``,
+        ``top_p``, ``top_k``, ``seed``, ``stop``."""
+        return self._iterate(self._core.stream(prompt, **kw))
+
+    async def generate(self, prompt: str | Sequence[Any] | None = None, **kw: Any) -> Answer:
+        """The whole answer (text, peer, model id, usage, receipt, attempts); as ``stream``."""
+        return await self._call(self._core.generate, prompt, **kw)
+
+    async def peers(self, model: str | None = None, *, ping: bool = False) -> list[PeerStatus]:
+        """Live peers from their signed adverts (serving ``model``, if given), with this
+        requester's reputation and breaker for each; ``ping=True`` also measures RTT."""
+        return await self._call(self._core.peers, model, ping)
+
+    async def rank(self, model: str | None = None) -> Plan:
+        """The peers to try for ``model``, best first, and how each was scored (``--explain``)."""
+        return await self._call(self._core.rank, model)
+
+    async def ban(self, peer_id: str) -> str:
+        """Never choose ``peer_id`` again (kept across runs) until ``unban``; returns the breaker state."""
+        return await self._call(self._core.set_banned, peer_id, True)
+
+    async def unban(self, peer_id: str) -> str:
+        """Lift a ban and close the peer's breaker."""
+        return await self._call(self._core.set_banned, peer_id, False)
+
+    def events(self) -> AsyncIterator[SwarmEvent]:
+        """Peers appearing, changing and leaving (the DHT is re-crawled every ``watch_interval``
+        while someone listens), breaker changes and failovers."""
+        return self._iterate(self._core.events())
