@@ -435,6 +435,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- gateway --------------------------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    import trio
+
+    from .gateway import run_gateway
+    from .peer.node import write_ready_file
+
+    api_key = args.api_key or os.environ.get("GPUTORRENT_API_KEY") or None
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port must be between 0 and 65535")
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError as exc:
+        raise UsageError(f"--host must be an IP address (or localhost): {exc}") from exc
+    if not loopback and not api_key:
+        _err("warning: listening beyond this machine without --api-key: anyone who reaches this port can use "
+             "the swarm through you")
+    swarm = _swarm(args)
+
+    def on_ready(urls: list[str]) -> None:
+        url = urls[0]
+        if args.ready_file:
+            write_ready_file(args.ready_file, {"url": url, "peer_id": swarm.peer_id})
+        print(f"gateway to the swarm on {url}", file=sys.stderr)
+        print(f"  OpenAI clients: base_url={url}/v1" + (" with api_key=<your key>" if api_key else ""),
+              file=sys.stderr)
+        print(f"  Ollama clients: OLLAMA_HOST={url}", file=sys.stderr)
+        print("press Ctrl-C to stop", file=sys.stderr)
+        print(url, flush=True)
+
+    trio.run(partial(run_gateway, swarm, host=args.host, port=args.port, api_key=api_key,
+                     default_model=args.model, on_ready=on_ready))
+    if args.ready_file:
+        Path(args.ready_file).unlink(missing_ok=True)
+    return 0
+
+
 # --- ask ------------------------------------------------------------------------------------
 
 
@@ -660,6 +702,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close PEER's circuit breaker (and lift a ban); repeatable; no network needed")
     s.add_argument("--ban", action="append", metavar="PEER", help="never choose PEER again (until --reset)")
     s.set_defaults(func=cmd_peers)
+
+    s = sub.add_parser("gateway", parents=[swarm], help="an OpenAI- and Ollama-compatible HTTP API to the swarm",
+                       description="Serve the swarm over HTTP so existing clients work unchanged: OpenAI "
+                                   "(/v1/chat/completions, /v1/completions, /v1/models; SSE streaming) and Ollama "
+                                   "(/api/chat, /api/generate, /api/tags; NDJSON streaming). Prints its URL.",
+                       epilog="examples:\n  gputorrent gateway --bootstrap /ip4/…/p2p/…\n"
+                              "  OPENAI_BASE_URL=http://127.0.0.1:11434/v1 OPENAI_API_KEY=none python my_app.py\n"
+                              "  OLLAMA_HOST=http://127.0.0.1:11434 ollama run smollm2 'Hello'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=11434, help="port (default: 11434, Ollama's; 0 picks a free one)")
+    s.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (or set GPUTORRENT_API_KEY); needed beyond loopback")
+    s.add_argument("--model", help="model for requests that name none (default: what most peers serve)")
+    s.add_argument("--ready-file", type=Path, help="write the URL as JSON here once listening")
+    s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("ask", parents=[swarm], help="ask the swarm; streams the answer",
                        description="Find peers serving the model in the DHT (or use --peer), stream the answer to "

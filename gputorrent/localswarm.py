@@ -58,7 +58,7 @@ class PeerProcess:
                 if not line:
                     err = self.stderr()
                     raise SwarmError(f"{self.name} exited with {self.proc.wait()} before it was ready:\n{err[-2000:]}")
-                if line.startswith("/"):
+                if line.startswith(("/", "http://")):  # a peer's multiaddr, or a gateway's URL
                     self.addr = line.strip()
                     self.info = json.loads(self.ready_file.read_text())
                     return
@@ -107,14 +107,19 @@ class LocalSwarm:
         ready = self.workdir / f"{name}.ready.json"
         ident = self.workdir / f"{name}.key"
         model = ["--model", self.model] if command == "serve" else []
-        cmd = [sys.executable, "-m", "gputorrent.cli", command, *model, "--no-mdns",
-               "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready), "--identity", str(ident), *extra]
+        listen = ["--port", "0"] if command == "gateway" else ["--listen", "/ip4/127.0.0.1/tcp/0"]
+        cmd = [sys.executable, "-m", "gputorrent.cli", command, *model, "--no-mdns", *listen,
+               "--ready-file", str(ready), "--identity", str(ident), *extra]
         log = self.workdir / f"{name}.stderr"
         with open(log, "w") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**self.env, **(env or {})},
                                     stdin=subprocess.DEVNULL)
         peer = self.peers[name] = PeerProcess(name, proc, ready, ident, log)
         return peer
+
+    def gateway(self, name: str, *extra: str, timeout: float = 60.0) -> PeerProcess:
+        """``gputorrent gateway`` on a free loopback port; its URL is ``.addr``."""
+        return self.start(name, *extra, timeout=timeout, command="gateway")
 
     def bootstrap(self, name: str = "bootstrap", timeout: float = 60.0) -> PeerProcess:
         """A DHT-only node for the others to join by."""

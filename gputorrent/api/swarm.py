@@ -254,17 +254,22 @@ class _Core:
                 for m in a.models:
                     counts[m.alias] = counts.get(m.alias, 0) + 1
             if not counts:
-                raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [])
+                raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [],
+                                kind="no_peers")
             model = max(counts, key=counts.__getitem__)
         adverts = [a for a in await self.node.find_model(model) if a.addrs]
         if not adverts:
+            if not await self.node.overview():
+                raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [],
+                                kind="no_peers")
             raise AskFailed(f"no live peer serves {model!r}; see what the swarm has with: "
-                            "gputorrent models list --swarm", [])
+                            "gputorrent models list --swarm", [], kind="unknown_model")
         order, considered = await rank_peers(self.host, adverts, self.store, weights=self.weights, rng=self.rng,
                                              top=self.choose_top)
         if not order:
             raise AskFailed(f"every peer serving {model!r} is unreachable or has its breaker open; see: "
-                            "gputorrent peers (and peers --reset PEER to give one another chance)", [])
+                            "gputorrent peers (and peers --reset PEER to give one another chance)", [],
+                            kind="unavailable")
         return Plan(model, order, considered)
 
     async def set_banned(self, peer_id: str, banned: bool) -> str:

@@ -48,12 +48,18 @@ class Answer:
 
 
 class AskFailed(Exception):
-    """No candidate finished the answer; ``attempts`` says what was tried."""
+    """No candidate finished the answer; ``attempts`` says what was tried.
 
-    def __init__(self, message: str, attempts: list[Attempt], partial_text: str = "") -> None:
+    ``kind`` is for callers that map failures to status codes: ``no_peers`` (nothing serves
+    anything), ``unknown_model``, ``unavailable`` (every candidate unreachable or its breaker
+    open), ``busy`` (every attempt got Busy), ``failed`` (anything else).
+    """
+
+    def __init__(self, message: str, attempts: list[Attempt], partial_text: str = "", kind: str = "") -> None:
         super().__init__(message)
         self.attempts = attempts
         self.partial_text = partial_text
+        self.kind = kind or ("busy" if attempts and all(a.outcome == "busy" for a in attempts) else "failed")
 
 
 def new_request_id() -> bytes:

@@ -1,0 +1,133 @@
+"""The gateway, driven by the official ``openai`` and ``ollama`` clients against real swarms.
+
+Three small swarms: a healthy one (two peers), one whose only peer is always busy (behind a
+gateway that wants an API key), and one with no serving peer at all.
+"""
+
+import time
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from .conftest import QUESTION
+
+KEY = "test-key-not-a-secret"
+
+
+def _wait_for_model(url: str, headers: dict | None = None, timeout: float = 30) -> None:
+    """Polls the gateway's model list until the swarm's adverts reach it (another process's
+    DHT state: nothing to await across processes); bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+        if r.status_code == 200 and r.json()["data"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no model appeared at {url} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def gateways(swarm):
+    boot = swarm.bootstrap("gw-boot")
+    for name in ("gw-a", "gw-b"):
+        swarm.spawn(name, "--bootstrap", boot.addr, "--ctx", "1024", "--rate-limit", "0")
+    busy_boot = swarm.bootstrap("busy-boot")
+    swarm.spawn("busy", "--bootstrap", busy_boot.addr, "--ctx", "512", "--fault", "busy")
+    for name in ("gw-a", "gw-b", "busy"):
+        swarm.peers[name].wait_ready(120)
+    empty_boot = swarm.bootstrap("empty-boot")
+    open_gw = swarm.gateway("gw-open", "--bootstrap", boot.addr)
+    locked = swarm.gateway("gw-locked", "--bootstrap", busy_boot.addr, "--api-key", KEY)
+    empty = swarm.gateway("gw-empty", "--bootstrap", empty_boot.addr)
+    _wait_for_model(open_gw.addr)
+    _wait_for_model(locked.addr, {"Authorization": f"Bearer {KEY}"})
+    return {"open": open_gw.addr, "locked": locked.addr, "empty": empty.addr}
+
+
+@pytest.fixture(scope="module")
+def oa(gateways):
+    return openai.OpenAI(base_url=gateways["open"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_chat_completion(oa):
+    r = oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                   temperature=0, max_tokens=16)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    assert r.model == "smollm2" and r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 10
+    gt = r.model_extra["gputorrent"]  # who answered, and the receipt it signed
+    assert len(gt["receipt"]) == 64 and gt["attempts"][-1]["outcome"] == "ok"
+
+
+def test_openai_chat_streaming(oa):
+    chunks = list(oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                             temperature=0, max_tokens=16, stream=True,
+                                             stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text and len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
+    finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finished) == 1 and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_openai_completions_and_models(oa):
+    r = oa.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=4)
+    assert "Paris" in r.choices[0].text
+    streamed = "".join(c.choices[0].text for c in oa.completions.create(
+        model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=4, stream=True))
+    assert streamed == r.choices[0].text  # greedy: streaming or not, the same tokens
+    assert [m.id for m in oa.models.list()] == ["smollm2"]
+
+
+def test_openai_errors_have_the_codes_clients_expect(oa, gateways):
+    with pytest.raises(openai.NotFoundError, match="no live peer serves 'gpt-4'"):
+        oa.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], temperature=99)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        oa.chat.completions.create(model="smollm2", messages=[])
+    bad = httpx.post(gateways["open"] + "/v1/chat/completions", content=b"{not json", timeout=10)
+    assert bad.status_code == 400 and "error" in bad.json()
+
+    locked = gateways["locked"] + "/v1"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=locked, api_key="wrong", max_retries=0).models.list()
+    busy = openai.OpenAI(base_url=locked, api_key=KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.RateLimitError) as exc:
+        busy.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.response.headers["retry-after"] == "1"
+
+    empty = openai.OpenAI(base_url=gateways["empty"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.InternalServerError) as exc:
+        empty.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.status_code == 503 and "no peer in the swarm serves any model" in str(exc.value)
+
+
+def test_ollama_chat_generate_and_tags(gateways):
+    client = ollama.Client(host=gateways["open"], timeout=60)
+    opts = {"temperature": 0, "num_predict": 16}
+    r = client.chat(model="smollm2", messages=[{"role": "user", "content": QUESTION}], options=opts)
+    assert "Paris" in r.message.content and r.done and r.eval_count >= 1
+    parts = list(client.chat(model="smollm2:latest", messages=[{"role": "user", "content": QUESTION}],
+                             options=opts, stream=True))
+    assert "Paris" in "".join(p.message.content for p in parts) and parts[-1].done and not parts[0].done
+    g = client.generate(model="smollm2", prompt="The capital of France is", raw=True, options={"temperature": 0,
+                                                                                              "num_predict": 4})
+    assert "Paris" in g.response
+    assert [m.model for m in client.list().models] == ["smollm2:latest"]
+    with pytest.raises(ollama.ResponseError) as exc:
+        client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.status_code == 404
+
+
+def test_ollama_errors_on_the_locked_and_empty_gateways(gateways):
+    with pytest.raises(ollama.ResponseError) as exc:
+        ollama.Client(host=gateways["locked"]).generate(model="smollm2", prompt="hi")
+    assert exc.value.status_code == 401
+    authed = ollama.Client(host=gateways["locked"], headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(ollama.ResponseError) as exc:
+        authed.generate(model="smollm2", prompt="hi", stream=False)
+    assert exc.value.status_code == 429
+    with pytest.raises(ollama.ResponseError) as exc:
+        ollama.Client(host=gateways["empty"]).generate(model="smollm2", prompt="hi")
+    assert exc.value.status_code == 503
