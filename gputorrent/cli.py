@@ -280,19 +280,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _age(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
-
-
-def _advert_row(a, now: float) -> dict:
-    return {
-        "peer_id": a.peer_id, "name": a.name, "device": a.device.name, "kind": a.device.kind,
-        "vram_mb": f"{a.device.vram_free_mb}/{a.device.vram_total_mb}" if a.device.kind == "gpu" else "-",
-        "models": ",".join(m.alias for m in a.models), "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
-        "tokens_per_s": a.tokens_per_s, "age": _age(now - a.issued_at),
-    }
-
-
 def cmd_peers(args: argparse.Namespace) -> int:
     import time
 
@@ -316,15 +303,15 @@ def cmd_peers(args: argparse.Namespace) -> int:
     def render(peers) -> Any:
         from rich.table import Table
 
-        now = time.time()
+        from .api.rows import COLUMNS, cells
+
         table = Table(title=f"{len(peers)} peers" + (f" serving {args.model}" if args.model else ""))
-        for col in ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "age", "rep", "breaker"):
+        for col in COLUMNS + ("advert age",):
             table.add_column(col)
+        now = time.time()
         for p in peers:
-            r = _advert_row(p.advert, now)
-            table.add_row(r["peer_id"][:16] + "…", r["name"], r["device"][:28], r["vram_mb"], r["models"],
-                          r["load"], f"{r['tokens_per_s']:.0f}", r["age"], f"{p.reputation:.2f}",
-                          p.breaker + (" (banned)" if p.banned else ""))
+            age = now - p.advert.issued_at
+            table.add_row(*cells(p).values(), f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m")
         return table
 
     async def run() -> None:
@@ -432,6 +419,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine.close()
     s = server.stats
     print(f"stopped: {s.served} answers, {s.tokens} tokens, {s.refused} refused, {s.failed} failed", file=sys.stderr)
+    return 0
+
+
+# --- tui ------------------------------------------------------------------------------------
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from .tui import SwarmApp
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+    params = {"temperature": args.temperature, "max_tokens": args.max_tokens}
+    SwarmApp(_swarm(args, watch_interval=args.interval), model=args.model, params=params).run()
     return 0
 
 
@@ -702,6 +702,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close PEER's circuit breaker (and lift a ban); repeatable; no network needed")
     s.add_argument("--ban", action="append", metavar="PEER", help="never choose PEER again (until --reset)")
     s.set_defaults(func=cmd_peers)
+
+    s = sub.add_parser("tui", parents=[swarm], help="watch the swarm live and chat with it, in the terminal",
+                       description="A live view of the swarm: totals, a peers table (device, VRAM, models, load, "
+                                   "RTT, your reputation and breaker for each), the selected peer's details, a chat "
+                                   "pane that streams answers and shows who served them, and a log of joins, "
+                                   "leaves, breaker changes and failovers. Keys: a ask, r refresh, b ban/unban the "
+                                   "selected peer, m filter by model, q quit.")
+    s.add_argument("--model", help="show and ask only this model (m cycles through the swarm's models)")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between DHT crawls (default: 2)")
+    s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the chat (0: greedy)")
+    s.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer in the chat")
+    s.set_defaults(func=cmd_tui)
 
     s = sub.add_parser("gateway", parents=[swarm], help="an OpenAI- and Ollama-compatible HTTP API to the swarm",
                        description="Serve the swarm over HTTP so existing clients work unchanged: OpenAI "

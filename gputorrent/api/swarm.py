@@ -89,8 +89,10 @@ class PeerStatus:
 
 @dataclass(frozen=True, slots=True)
 class PeerSeen:
+    """A live peer, as of the latest crawl (sent every round for every live peer)."""
+
     peer: PeerStatus
-    new: bool  # first time seen (else an updated advert)
+    new: bool  # first time seen by this Swarm
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,9 +316,8 @@ class _Core:
                 if st.advert.leaving or not st.advert.live(now):
                     continue
                 seen[st.peer_id] = st.advert
-                old = self._known.get(st.peer_id)
-                if old is None or old.seq != st.advert.seq:
-                    self._publish(PeerSeen(st, new=old is None))
+                # Every round, not only on a new advert: RTT, reputation and breaker move too.
+                self._publish(PeerSeen(st, new=st.peer_id not in self._known))
             for pid in set(self._known) - set(seen):
                 self._publish(PeerLeft(pid))
             self._known = seen

@@ -1,0 +1,38 @@
+"""How a peer reads in a table: one formatting for ``gputorrent peers`` and the TUI."""
+
+from __future__ import annotations
+
+from .swarm import PeerStatus
+
+COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "rep", "breaker")
+
+
+def short_id(peer_id: str) -> str:
+    """Enough of a peer id to tell peers apart: the base58 head is the same for every Ed25519 key."""
+    return f"…{peer_id[-10:]}"
+
+
+def device(status: PeerStatus) -> str:
+    """Short enough for a column: the GPU's model, or the CPU's core count."""
+    d = status.advert.device
+    if d.kind == "gpu":
+        return d.name.replace("NVIDIA ", "").replace("GeForce ", "")[:22]
+    return f"CPU, {d.cores} cores"
+
+
+def vram(status: PeerStatus) -> str:
+    d = status.advert.device
+    return f"{d.vram_free_mb}/{d.vram_total_mb}" if d.kind == "gpu" else "-"
+
+
+def breaker(status: PeerStatus) -> str:
+    return status.breaker + (" (banned)" if status.banned else "")
+
+
+def cells(status: PeerStatus) -> dict[str, str]:
+    """One row, by column name (see ``COLUMNS``); each view picks the columns it has room for."""
+    a = status.advert
+    return {"peer": short_id(a.peer_id), "name": a.name[:14], "device": device(status), "VRAM MB": vram(status),
+            "models": ",".join(m.alias for m in a.models), "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
+            "tok/s": f"{a.tokens_per_s:.0f}", "RTT ms": "-" if status.rtt_ms is None else f"{status.rtt_ms:.0f}",
+            "rep": f"{status.reputation:.2f}", "breaker": breaker(status)}

@@ -1,0 +1,5 @@
+"""The Textual TUI (``gputorrent tui``)."""
+
+from .app import SwarmApp
+
+__all__ = ["SwarmApp"]

@@ -1,0 +1,280 @@
+"""``gputorrent tui``: the swarm, live, in a terminal.
+
+A Textual app over the API's ``Swarm`` (trio hosted as a guest on Textual's asyncio loop).
+The peers table follows ``Swarm.events()`` (a DHT crawl with pings every couple of seconds);
+answers stream in a worker, so the table, keys and log stay live while tokens arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.text import Text as RichText
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Footer, Header, Input, RichLog, Static
+
+from ..api import AskFailed, BreakerChanged, Failover, Finished, PeerLeft, PeerSeen, PeerStatus, Text
+from ..api.rows import breaker, cells, short_id
+
+# tokens/s is in the header's total and the detail pane; the table keeps to what fits.
+COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "RTT ms", "rep", "breaker")
+
+
+def totals(peers: list[PeerStatus]) -> str:
+    """The header line: peers, models, VRAM offered and tokens/s across the swarm."""
+    models = {m.alias for p in peers for m in p.advert.models}
+    vram = sum(p.advert.device.vram_total_mb for p in peers)
+    gpus = sum(1 for p in peers if p.advert.device.kind == "gpu")
+    speed = sum(p.advert.tokens_per_s for p in peers)
+    return (f"{_n(len(peers), 'peer')} ({gpus} GPU) · {_n(len(models), 'model')} · {vram / 1024:.1f} GB VRAM · "
+            f"{speed:.0f} tokens/s")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def detail(p: PeerStatus) -> str:
+    a, d = p.advert, p.advert.device
+    where = (f"{d.name}, {d.vram_free_mb}/{d.vram_total_mb} MB VRAM free, compute {d.compute}"
+             if d.kind == "gpu" else f"{d.name}, {d.cores} cores, {d.ram_mb} MB RAM")
+    models = "; ".join(f"{m.alias} {m.quantization} ctx {m.context_length} ({m.model_id[:12]})" for m in a.models)
+    seen = p.observed
+    return (f"[b]{a.name or '(no name)'}[/b]  {a.peer_id}\n"
+            f"device   {where}\nmodels   {models or '-'}\n"
+            f"load     {a.load.active} active / {a.load.slots} slots, {a.load.queued} queued; "
+            f"{a.tokens_per_s:.0f} tokens/s announced\n"
+            f"address  {a.addrs[0] if a.addrs else '-'}\n"
+            f"yours    reputation {p.reputation:.2f}, breaker {breaker(p)}, RTT "
+            f"{'-' if p.rtt_ms is None else f'{p.rtt_ms:.0f} ms'}, "
+            f"{seen.get('successes', 0):.0f} ok / {seen.get('failures', 0):.0f} failed / "
+            f"{seen.get('integrity_failures', 0):.0f} integrity")
+
+
+class Answer(Static):
+    """One answer, growing as its tokens arrive."""
+
+
+class SwarmApp(App):
+    TITLE = "gputorrent"
+    CSS = """
+    #totals { height: 1; padding: 0 1; background: $boost; }
+    #main { height: 1fr; }
+    #left { width: 1fr; }
+    #right { width: 44; border-left: solid $primary; }
+    #peers { height: 1fr; }
+    #detail { height: 9; padding: 0 1; border-top: solid $primary; }
+    #chat { height: 1fr; padding: 0 1; }
+    .question { color: $accent; margin-top: 1; }
+    .meta { color: $text-muted; }
+    #log { height: 7; border-top: solid $primary; }
+    """
+    BINDINGS = [
+        Binding("a", "ask", "Ask"),
+        Binding("r", "refresh", "Refresh"),
+        Binding("b", "ban", "Ban/unban"),
+        Binding("m", "filter_model", "Filter model"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, swarm: Any, *, model: str | None = None, params: dict[str, Any] | None = None) -> None:
+        """``swarm``: an un-entered ``gputorrent.Swarm`` (the app enters and leaves it);
+        ``params``: sampling parameters for the chat (``temperature``, ``max_tokens``, ...)."""
+        super().__init__()
+        self.swarm = swarm
+        self.model = model
+        self.params = dict(params or {})
+        self.peers: dict[str, PeerStatus] = {}
+        self.connected = False
+        self.asking = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("joining the swarm…", id="totals")
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield DataTable(id="peers", cursor_type="row", zebra_stripes=True)
+                yield Static("select a peer to see its details", id="detail")
+            with Vertical(id="right"):
+                yield VerticalScroll(id="chat")
+                yield Input(placeholder="ask the swarm… (Enter to send)", id="prompt")
+        yield RichLog(id="log", max_lines=500, markup=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#peers", DataTable)
+        for col in COLUMNS:  # the breaker column is sized for "half-open" and "open (banned)" up front
+            table.add_column(col, key=col, width=13 if col == "breaker" else None)
+        self.sub_title = self._filter_label()
+        self.connect()
+
+    async def on_unmount(self) -> None:
+        if self.connected:
+            self.connected = False
+            await self.swarm.__aexit__(None, None, None)
+
+    # --- the swarm ------------------------------------------------------------------------
+
+    @work(exclusive=True, group="swarm")
+    async def connect(self) -> None:
+        try:
+            await self.swarm.__aenter__()
+        except Exception as exc:  # shown, not raised: the app stays up to say what went wrong
+            self.log_line(f"[red]could not join the swarm:[/] {exc}")
+            self.query_one("#totals", Static).update(f"not connected: {exc}")
+            return
+        self.connected = True
+        self.log_line(f"joined as {short_id(self.swarm.peer_id)}")
+        await self.refresh_peers()
+        async for ev in self.swarm.events():
+            if isinstance(ev, PeerSeen):
+                if ev.new and ev.peer.peer_id not in self.peers:
+                    self.log_line(f"peer joined: {short_id(ev.peer.peer_id)} {ev.peer.advert.name}")
+                self.upsert(ev.peer)
+            elif isinstance(ev, PeerLeft):
+                self.log_line(f"peer left: {short_id(ev.peer_id)}")
+                self.remove(ev.peer_id)
+            elif isinstance(ev, BreakerChanged):
+                self.log_line(f"breaker of {short_id(ev.peer_id)} is now [b]{ev.state}[/b]")
+            elif isinstance(ev, Failover):
+                self.log_line(f"[yellow]failover[/]: {short_id(ev.peer_id)} {ev.outcome} after {ev.tokens_so_far} "
+                              f"tokens ({ev.error})")
+
+    async def refresh_peers(self) -> None:
+        found = await self.swarm.peers(ping=True)
+        for pid in set(self.peers) - {p.peer_id for p in found}:
+            self.remove(pid)
+        for p in found:
+            self.upsert(p)
+
+    def _visible(self, p: PeerStatus) -> bool:
+        return self.model is None or p.advert.serves(self.model) is not None
+
+    def upsert(self, p: PeerStatus) -> None:
+        self.peers[p.peer_id] = p
+        table = self.query_one("#peers", DataTable)
+        if not self._visible(p):
+            if p.peer_id in table.rows:
+                table.remove_row(p.peer_id)
+        elif p.peer_id in table.rows:
+            row = cells(p)
+            for col in COLUMNS:
+                table.update_cell(p.peer_id, col, self._cell(col, row[col]))
+        else:
+            row = cells(p)
+            table.add_row(*(self._cell(c, row[c]) for c in COLUMNS), key=p.peer_id)
+        self._update_totals()
+        self._show_detail()
+
+    def remove(self, peer_id: str) -> None:
+        self.peers.pop(peer_id, None)
+        table = self.query_one("#peers", DataTable)
+        if peer_id in table.rows:
+            table.remove_row(peer_id)
+        self._update_totals()
+
+    @staticmethod
+    def _cell(col: str, value: str) -> Any:
+        if col == "breaker" and value != "closed":
+            return RichText(value, style="bold red" if value.startswith("open") else "yellow")
+        return value
+
+    def _update_totals(self) -> None:
+        shown = [p for p in self.peers.values() if self._visible(p)]
+        self.query_one("#totals", Static).update(totals(shown))
+
+    def _selected(self) -> PeerStatus | None:
+        table = self.query_one("#peers", DataTable)
+        if table.row_count == 0:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return self.peers.get(key)
+
+    def _show_detail(self) -> None:
+        p = self._selected()
+        self.query_one("#detail", Static).update(detail(p) if p else "select a peer to see its details")
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self) -> None:
+        self._show_detail()
+
+    def log_line(self, text: str) -> None:
+        self.query_one("#log", RichLog).write(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}")
+
+    def _filter_label(self) -> str:
+        return f"model: {self.model}" if self.model else "all models"
+
+    # --- actions --------------------------------------------------------------------------
+
+    def action_ask(self) -> None:
+        self.query_one("#prompt", Input).focus()
+
+    async def action_refresh(self) -> None:
+        if self.connected:
+            await self.refresh_peers()
+            self.log_line("refreshed")
+
+    async def action_ban(self) -> None:
+        p = self._selected()
+        if p is None or not self.connected:
+            return
+        state = await (self.swarm.unban(p.peer_id) if p.banned else self.swarm.ban(p.peer_id))
+        verb = "unbanned" if p.banned else "banned"
+        self.log_line(f"{verb} {short_id(p.peer_id)}: breaker {state}")
+        fresh = {q.peer_id: q for q in await self.swarm.peers()}
+        if p.peer_id in fresh:
+            self.upsert(fresh[p.peer_id])
+
+    def action_filter_model(self) -> None:
+        """Cycle: all models, then each model the swarm serves."""
+        models = sorted({m.alias for p in self.peers.values() for m in p.advert.models})
+        cycle = [None, *models]
+        self.model = cycle[(cycle.index(self.model) + 1) % len(cycle)] if self.model in cycle else None
+        self.sub_title = self._filter_label()
+        for p in list(self.peers.values()):
+            self.upsert(p)
+        self._update_totals()
+
+    @on(Input.Submitted, "#prompt")
+    def _submitted(self, event: Input.Submitted) -> None:
+        question = event.value.strip()
+        if not question or self.asking:
+            return
+        event.input.value = ""
+        self.ask(question)
+
+    @work(exclusive=True, group="ask")
+    async def ask(self, question: str) -> None:
+        chat = self.query_one("#chat", VerticalScroll)
+        await chat.mount(Static(f"> {question}", classes="question"))
+        answer, meta = Answer(""), Static("", classes="meta")
+        await chat.mount(answer, meta)
+        if not self.connected:
+            meta.update("[red]not connected to the swarm[/]")
+            return
+        self.asking = True
+        text: list[str] = []
+        try:
+            async for ev in self.swarm.stream(question, model=self.model, **self.params):
+                if isinstance(ev, Text):
+                    text.append(ev.text)
+                    answer.update("".join(text))
+                    meta.update(f"from {short_id(ev.peer_id)}…")
+                    chat.scroll_end(animate=False)
+                elif isinstance(ev, Failover):
+                    meta.update(f"[yellow]{short_id(ev.peer_id)} {ev.outcome}; continuing on the next peer…[/]")
+                elif isinstance(ev, Finished):
+                    a = ev.answer
+                    hops = " → ".join(f"{short_id(t.peer_id)} {t.outcome}" for t in a.attempts)
+                    meta.update(f"answered by {short_id(a.peer_id)} · {a.usage['completion_tokens']} tokens · "
+                                f"{a.tokens_per_s:.0f} tokens/s · receipt verified"
+                                + (f" · failover: {hops}" if len(a.attempts) > 1 else ""))
+        except AskFailed as exc:
+            meta.update(f"[red]{exc}[/]")
+        finally:
+            self.asking = False
+            chat.scroll_end(animate=False)

@@ -1,0 +1,164 @@
+"""The Textual app under its test pilot against a real 3-peer swarm, and SVG snapshots of the
+main screen (rendered from fixed, signed adverts so the picture is the same on every run)."""
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from gputorrent import Swarm
+from gputorrent.api.swarm import PeerStatus
+from gputorrent.dht.records import Advert, Device, Load, ServedModel
+from gputorrent.identity import Identity
+from gputorrent.tui import SwarmApp
+from gputorrent.tui.app import Answer
+
+from .conftest import QUESTION
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.fixture(scope="module")
+def three(swarm):
+    boot = swarm.bootstrap("tui-boot")
+    for name in ("tui-a", "tui-b", "tui-c"):
+        swarm.spawn(name, "--bootstrap", boot.addr, "--ctx", "1024", "--rate-limit", "0", "--name", name)
+    for name in ("tui-a", "tui-b", "tui-c"):
+        swarm.peers[name].wait_ready(120)
+    return boot.addr, {swarm.peers[n].peer_id: n for n in ("tui-a", "tui-b", "tui-c")}
+
+
+async def until(pilot, check, timeout: float = 30.0, what: str = "") -> None:
+    """Let the app run until ``check()`` holds (it updates from another process's DHT state
+    and from a token stream; there is no single event to await from the test)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await pilot.pause(0.1)
+
+
+def test_peers_fill_a_question_streams_and_a_ban_opens_the_breaker(three, tmp_path):
+    boot, names = three
+    app = SwarmApp(Swarm([boot], mdns=False, identity=tmp_path / "me.key", data_dir=tmp_path / "data",
+                         watch_interval=0.5), params={"temperature": 0, "max_tokens": 24})
+
+    async def scenario() -> None:
+        async with app.run_test(size=(150, 42)) as pilot:
+            table = app.query_one("#peers")
+            await until(pilot, lambda: table.row_count == 3, what="three peers in the table")
+            assert set(app.peers) == set(names)
+            assert "3 peers" in str(app.query_one("#totals").render())
+
+            await pilot.press("a")
+            assert app.focused is app.query_one("#prompt")
+            await pilot.press(*QUESTION, "enter")
+            await until(pilot, lambda: "receipt verified" in str(app.query_one(".meta").render()),
+                        what="a finished answer")
+            answer = str(app.query_one(Answer).render())
+            assert "Paris" in answer
+            served_by = str(app.query_one(".meta").render())
+            assert any(pid[-10:] in served_by for pid in names)
+
+            table.focus()
+            await pilot.press("home")
+            victim = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+            await pilot.press("b")
+            await until(pilot, lambda: app.peers[victim].banned, what="the ban")
+            assert str(table.get_cell(victim, "breaker")) == "open (banned)"
+            assert "breaker open (banned)" in str(app.query_one("#detail").render())
+            log = "\n".join(str(line.text) for line in app.query_one("#log").lines)
+            assert f"banned …{victim[-10:]}" in log
+            shot = app.save_screenshot(path=str(tmp_path), filename="tui.svg")
+            if os.environ.get("GPUTORRENT_UPDATE_DOCS"):
+                (DOCS / "tui.svg").write_text(Path(shot).read_text())
+            assert "Paris" in Path(shot).read_text()
+            await pilot.press("b")  # unban: the breaker closes again
+            await until(pilot, lambda: not app.peers[victim].banned, what="the unban")
+            assert str(table.get_cell(victim, "breaker")) == "closed"
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_swarm_that_cannot_be_joined_is_reported_not_a_crash(tmp_path):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    app = SwarmApp(Swarm([dead], mdns=False, identity=tmp_path / "me.key", data_dir=tmp_path / "data"))
+
+    async def scenario() -> None:
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: "not connected" in str(app.query_one("#totals").render()))
+            await pilot.press("a", *"hello", "enter")
+            await until(pilot, lambda: "not connected" in str(app.query_one(".meta").render()))
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+
+def _frozen_peers() -> list[PeerStatus]:
+    """Three peers as signed adverts would describe them, with fixed identities and figures."""
+    model = ServedModel(model_id="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", alias="smollm2",
+                        quantization="Q4_1", context_length=2048, end_block=30, total_blocks=30)
+    specs = [("attic-4090", Device(kind="gpu", name="NVIDIA GeForce RTX 4090", cores=16, ram_mb=65536,
+                                   vram_total_mb=24564, vram_free_mb=20110, compute="8.9"), Load(active=1, slots=8), 212.0,
+              0.98, "closed", 14.2),
+             ("lab-h100", Device(kind="gpu", name="NVIDIA H100 80GB HBM3", cores=32, ram_mb=262144,
+                                 vram_total_mb=81559, vram_free_mb=79000, compute="9.0"), Load(active=3, slots=16), 480.0,
+              1.0, "closed", 31.5),
+             ("old-laptop", Device(kind="cpu", name="Intel Core i5-8250U", cores=8, ram_mb=16000), Load(slots=2),
+              21.0, 0.41, "open", None)]
+    out = []
+    for i, (name, device, load, speed, rep, brk, rtt) in enumerate(specs):
+        ident = Identity(bytes([i + 1]) * 32)
+        advert = Advert(peer_id=ident.peer_id, seq=1, issued_at=1_800_000_000.0, expires_at=1_800_000_120.0,
+                        addrs=[f"/ip4/192.0.2.{i + 10}/tcp/4001/p2p/{ident.peer_id}"], name=name, device=device,
+                        models=[model], load=load, tokens_per_s=speed, version="0.1.0")
+        out.append(PeerStatus(advert, rep, brk, rtt, observed={"successes": 12 - 4 * i, "failures": i}))
+    return out
+
+
+class FrozenSwarm:
+    """What the app reads from a Swarm, fixed: the snapshot shows layout and formatting, which
+    the real-swarm test above cannot pin down (ids, ports and timings change every run)."""
+
+    peer_id = "12D3KooWSnapshotRequester"
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return None
+
+    async def peers(self, model=None, *, ping=False):
+        return _frozen_peers()
+
+    async def events(self):
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+
+def _frozen_app() -> SwarmApp:
+    return SwarmApp(FrozenSwarm())
+
+
+async def _settle(pilot) -> None:
+    app = pilot.app
+    await until(pilot, lambda: app.query_one("#peers").row_count == 3)
+    app.query_one("#log").clear()  # its lines carry the wall-clock time
+    await pilot.pause()
+
+
+def test_snapshot_main_screen(snap_compare):
+    assert snap_compare(_frozen_app(), terminal_size=(150, 36), run_before=_settle)
+
+
+def test_snapshot_filtered_by_model_with_a_peer_selected(snap_compare):
+    async def select(pilot) -> None:
+        await _settle(pilot)
+        await pilot.press("down", "m")
+        await pilot.pause()
+
+    assert snap_compare(_frozen_app(), terminal_size=(150, 36), run_before=select)
