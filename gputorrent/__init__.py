@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 _API = {"Swarm", "Peer", "ask", "Answer", "AskFailed", "Attempt", "Text", "Failover", "Finished", "PeerStatus",
-        "PeerSeen", "PeerLeft", "BreakerChanged", "Plan", "SwarmError"}
+        "PeerSeen", "PeerLeft", "BreakerChanged", "Plan", "SwarmError", "Weights"}
 
 
 def __getattr__(name: str):

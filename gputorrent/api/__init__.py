@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..peer.asker import AskFailed, Answer, Attempt
+from ..scoring import Weights
 from .peer import Peer
 from .swarm import (BreakerChanged, Failover, Finished, PeerLeft, PeerSeen, PeerStatus, Plan, StreamEvent, Swarm,
                     SwarmError, SwarmEvent, Text)
@@ -39,4 +40,5 @@ def ask(prompt: str | Sequence[Any], *, model: str | None = None, bootstrap: Seq
 
 
 __all__ = ["Answer", "AskFailed", "Attempt", "BreakerChanged", "Failover", "Finished", "Peer", "PeerLeft",
-           "PeerSeen", "PeerStatus", "Plan", "StreamEvent", "Swarm", "SwarmError", "SwarmEvent", "Text", "ask"]
+           "PeerSeen", "PeerStatus", "Plan", "StreamEvent", "Swarm", "SwarmError", "SwarmEvent", "Text", "Weights",
+           "ask"]
