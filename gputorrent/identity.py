@@ -62,6 +62,12 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     return raw[len(head) :]
 
 
+def short_id(peer_id: str) -> str:
+    """Enough of a peer id to tell peers apart on screen. The tail, since the base58 head
+    ("12D3KooW...") is the same for every Ed25519 key."""
+    return f"…{peer_id[-10:]}"
+
+
 def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
     """True when ``signature`` over ``message`` was made by the key behind ``peer_id``."""
     try:

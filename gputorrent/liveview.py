@@ -13,31 +13,33 @@ from typing import Any, TextIO
 
 import trio
 
+from .identity import short_id
+
 STATUS_EVERY_S = 10.0  # a "status" event in the JSON log
 REFRESH_S = 0.5  # the live line on a terminal
 
 
 def status_line(st: dict[str, Any]) -> str:
-    return (f"{st['active']}/{st['slots']} slots busy, {st['queued']} queued | {st['tokens_per_s_now']:.0f} tokens/s "
-            f"now, {st['tokens_per_s']:.0f} per stream | {st['served']} served, {st['refused']} refused, "
-            f"{st['failed']} failed, {st['tokens']} tokens")
+    return (f"{st['active']}/{st['slots']} slots busy, {st['queued']} queued · {st['tokens_per_s_now']:.0f} tok/s "
+            f"now, {st['tokens_per_s']:.0f}/stream · {st['served']} served, {st['refused']} refused, "
+            f"{st['failed']} failed · {st['tokens']} tokens")
 
 
 def event_line(ev: dict[str, Any]) -> str | None:
     """One readable line for the events an operator cares about; None for the rest."""
-    who = (ev.get("requester") or "?")[-8:]
+    who = short_id(ev.get("requester") or "?")
     kind = ev["event"]
     if kind == "done":
         if ev.get("finish_reason") == "deadline":
-            return f"deadline reached for …{who}"
-        return (f"answered …{who}: {ev.get('completion_tokens', 0)} tokens, {ev.get('tokens_per_s', 0):.0f} tokens/s, "
+            return f"deadline reached for {who}"
+        return (f"answered {who}: {ev.get('completion_tokens', 0)} tokens, {ev.get('tokens_per_s', 0):.0f} tokens/s, "
                 f"first token {ev.get('ttft_ms', 0):.0f} ms ({ev.get('finish_reason')})")
     if kind == "busy":
-        return f"busy for …{who}: {ev.get('reason')}"
+        return f"busy for {who}: {ev.get('reason')}"
     if kind == "refused":
-        return f"refused …{who}: {ev.get('code')}: {ev.get('reason')}"
+        return f"refused {who}: {ev.get('code')}: {ev.get('reason')}"
     if kind == "failed":
-        return f"failed for …{who}: {ev.get('reason')}"
+        return f"failed for {who}: {ev.get('reason')}"
     return None
 
 
@@ -78,7 +80,12 @@ class StatusView:
             await trio.sleep_forever()
         from rich.live import Live
 
-        with Live(status_line(snapshot()), console=self._console, auto_refresh=False, transient=True) as live:
+        from rich.text import Text
+
+        def line() -> Text:  # one line, cut rather than wrapped on a narrow terminal
+            return Text(status_line(snapshot()), no_wrap=True, overflow="ellipsis")
+
+        with Live(line(), console=self._console, auto_refresh=False, transient=True) as live:
             while True:
                 await trio.sleep(REFRESH_S)
-                live.update(status_line(snapshot()), refresh=True)
+                live.update(line(), refresh=True)

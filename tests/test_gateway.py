@@ -4,6 +4,7 @@ Three small swarms: a healthy one (two peers), one whose only peer is always bus
 gateway that wants an API key), and one with no serving peer at all.
 """
 
+import signal
 import time
 
 import httpx
@@ -131,3 +132,10 @@ def test_ollama_errors_on_the_locked_and_empty_gateways(gateways):
     with pytest.raises(ollama.ResponseError) as exc:
         ollama.Client(host=gateways["empty"]).generate(model="smollm2", prompt="hi")
     assert exc.value.status_code == 503
+
+
+def test_ctrl_c_stops_the_gateway_cleanly(swarm):
+    gw = swarm.gateway("gw-sigint", "--bootstrap", swarm.peers["gw-boot"].addr)
+    assert httpx.get(gw.addr + "/", timeout=10).status_code == 200
+    assert gw.stop(signal.SIGINT, timeout=15) == 0
+    assert not gw.ready_file.exists() and "Traceback" not in gw.stderr()

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
+from ..identity import short_id
 from .swarm import PeerStatus
 
 COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "rep", "breaker")
-
-
-def short_id(peer_id: str) -> str:
-    """Enough of a peer id to tell peers apart: the base58 head is the same for every Ed25519 key."""
-    return f"…{peer_id[-10:]}"
 
 
 def device(status: PeerStatus) -> str:

@@ -20,6 +20,8 @@ from textual.widgets import DataTable, Footer, Header, Input, RichLog, Static
 from ..api import AskFailed, BreakerChanged, Failover, Finished, PeerLeft, PeerSeen, PeerStatus, Text
 from ..api.rows import breaker, cells, short_id
 
+REPAINT_S = 0.1
+
 # tokens/s is in the header's total and the detail pane; the table keeps to what fits.
 COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "RTT ms", "rep", "breaker")
 
@@ -79,6 +81,7 @@ class SwarmApp(App):
         Binding("b", "ban", "Ban/unban"),
         Binding("m", "filter_model", "Filter model"),
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),  # what users press to stop
     ]
 
     def __init__(self, swarm: Any, *, model: str | None = None, params: dict[str, Any] | None = None) -> None:
@@ -258,17 +261,23 @@ class SwarmApp(App):
             return
         self.asking = True
         text: list[str] = []
+        shown = 0.0
         try:
             async for ev in self.swarm.stream(question, model=self.model, **self.params):
                 if isinstance(ev, Text):
                     text.append(ev.text)
-                    answer.update("".join(text))
-                    meta.update(f"from {short_id(ev.peer_id)}…")
-                    chat.scroll_end(animate=False)
+                    # Repaint at most every REPAINT_S: a repaint per token cost the serving
+                    # peer (on the same machine) three quarters of its speed in the tests.
+                    if time.monotonic() - shown >= REPAINT_S:
+                        shown = time.monotonic()
+                        answer.update("".join(text))
+                        meta.update(f"from {short_id(ev.peer_id)}…")
+                        chat.scroll_end(animate=False)
                 elif isinstance(ev, Failover):
                     meta.update(f"[yellow]{short_id(ev.peer_id)} {ev.outcome}; continuing on the next peer…[/]")
                 elif isinstance(ev, Finished):
                     a = ev.answer
+                    answer.update(a.text)
                     hops = " → ".join(f"{short_id(t.peer_id)} {t.outcome}" for t in a.attempts)
                     meta.update(f"answered by {short_id(a.peer_id)} · {a.usage['completion_tokens']} tokens · "
                                 f"{a.tokens_per_s:.0f} tokens/s · receipt verified"
