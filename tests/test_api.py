@@ -147,3 +147,14 @@ async def test_serve_from_code_and_fail_over_to_it(mesh, tmp_path, model_path):
             with trio.fail_after(20):
                 while peer.peer_id not in {p.peer_id for p in await s.peers()}:
                     await trio.sleep(0.2)
+
+
+def test_serve_and_ask_from_asyncio_sharing_one_guest_run(mesh, tmp_path, model_path):
+    async def main():
+        async with Peer(str(model_path), bootstrap=[mesh[1]], mdns=False, identity=tmp_path / "peer.key", slots=1,
+                        ctx=512) as peer:
+            async with Swarm(peers=[peer.addrs[0]], identity=tmp_path / "me.key", data_dir=tmp_path / "d") as s:
+                return peer.peer_id, await s.generate(QUESTION, temperature=0, max_tokens=8)
+
+    peer_id, answer = asyncio.run(asyncio.wait_for(main(), 90))
+    assert answer.peer_id == peer_id and "Paris" in answer.text
