@@ -149,3 +149,13 @@ async def test_an_answer_may_outlast_the_wait_for_its_request(peers):
         silent = await host.new_stream(ID.from_base58(pid), [protocol.INFER])  # says nothing at all
         with trio.fail_after(10):
             assert await wire.FrameReader(silent).read_frame() is None  # closed after ~1 s
+
+
+async def test_a_peer_is_reached_by_any_of_its_advertised_addresses(peers):
+    roomy = peers[0]["roomy"]
+    dead = f"/ip4/127.0.0.1/tcp/9/p2p/{roomy.peer_id}"  # nothing listens on port 9
+    async with running_host(Identity.generate()) as host:
+        with trio.fail_after(20):
+            assert await connect(host, [dead, roomy.addr]) == roomy.peer_id
+        with pytest.raises(DialError, match="name different peers"):
+            await connect(host, [roomy.addr, f"/ip4/127.0.0.1/tcp/9/p2p/{ALLOWED.peer_id}"])

@@ -81,3 +81,26 @@ async def test_advert_keys_are_short_enough_to_route_and_long_ones_are_not():
 async def test_hosts_hold_one_connection_per_peer_so_dials_do_not_wait():
     async with running_host(Identity.generate()) as host:
         assert host.get_network().connection_config.max_connections_per_peer == 1
+
+
+async def test_every_advertised_address_is_tried_despite_the_negative_cache():
+    """Raw: py-libp2p dials one TCP address per peer (the first it heard of) and, once that
+    fails, refuses the peer for 60 s even at a good address. ``connect`` tries each in turn."""
+    import trio
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from gputorrent.peer.host import DialError, connect, parse_peer_addr
+
+    async with running_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as target, \
+            running_host(Identity.generate()) as raw, running_host(Identity.generate()) as ours:
+        live = full_addrs(target)[0]
+        dead = f"/ip4/127.0.0.1/tcp/9/p2p/{target.get_id().to_base58()}"  # nothing listens on port 9
+        both = PeerInfo(target.get_id(), [parse_peer_addr(dead).addrs[0], parse_peer_addr(live).addrs[0]])
+        with pytest.raises(Exception), trio.fail_after(20):
+            await raw.connect(both)
+        with pytest.raises(Exception, match="negative cache"), trio.fail_after(20):
+            await raw.connect(parse_peer_addr(live))
+        with trio.fail_after(20):
+            with pytest.raises(DialError, match="cannot reach peer"):
+                await connect(ours, [dead])
+            assert await connect(ours, [dead, live]) == target.get_id().to_base58()

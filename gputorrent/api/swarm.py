@@ -23,7 +23,7 @@ from .. import wire
 from ..config import Settings, load_settings
 from ..dht.records import Advert
 from ..identity import Identity
-from ..peer.asker import AskFailed, Attempt, Answer, ask, new_request_id
+from ..peer.asker import AskFailed, Attempt, Answer, ask, new_request_id, peer_id_of
 from ..peer.choose import Considered, rank_peers
 from ..peer.client import AttemptResult
 from ..scoring import Weights
@@ -235,9 +235,9 @@ class _Core:
             async def one(ad: Advert) -> None:
                 try:
                     with trio.move_on_after(3):
-                        await connect(self.host, ad.addrs[0])
+                        await connect(self.host, ad.addrs)
                         rtts[ad.peer_id] = round((await ping_peer(self.host, ad.peer_id, 2.0))[0], 1)
-                except (DialError, AttemptFailed, IndexError):
+                except (DialError, AttemptFailed):
                     pass
 
             async with trio.open_nursery() as n:
@@ -355,7 +355,7 @@ class _Core:
             addrs, model = list(self.direct), model or ""
         else:
             plan = plan or await self.rank(model)
-            addrs, model = [a.addrs[0] for a in plan.order], plan.model
+            addrs, model = [list(a.addrs) for a in plan.order], plan.model
         send, recv = trio.open_memory_channel[Any](math.inf)
         current = {"peer": ""}
 
@@ -388,12 +388,13 @@ class _Core:
         finally:
             scope.cancel()
 
-    async def _spot_check(self, answer: Answer, addrs: list[str], messages, prompt) -> Any:
+    async def _spot_check(self, answer: Answer, candidates: list[Any], messages, prompt) -> Any:
         from ..peer.verify import spot_check
 
-        served = next(a for a in addrs if a.endswith(answer.peer_id))
+        served = [c for c in candidates if peer_id_of(c) == answer.peer_id]
+        others = [c for c in candidates if peer_id_of(c) != answer.peer_id]
         base = wire.InferRequest(request_id=new_request_id(), model=answer.model_id, messages=messages, prompt=prompt)
-        check = await spot_check(self.host, [served] + [a for a in addrs if a != served], base)
+        check = await spot_check(self.host, served + others, base)
         if check.blamed:
             self.store.record(check.blamed, "integrity")  # type: ignore[union-attr]
         return check

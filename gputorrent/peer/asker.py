@@ -68,7 +68,7 @@ def new_request_id() -> bytes:
 
 async def ask(
     host: Any,
-    candidates: Sequence[str],
+    candidates: Sequence[str | Sequence[str]],
     *,
     messages: list[wire.ChatMessage] | None = None,
     prompt: str | None = None,
@@ -82,8 +82,8 @@ async def ask(
 ) -> Answer:
     """Stream an answer from the first candidate that completes it.
 
-    ``candidates`` are full peer multiaddrs, best first. Raises ``AskFailed`` when none
-    finishes within ``max_attempts``.
+    ``candidates`` are peers, best first: each a full multiaddr, or the list of a peer's
+    multiaddrs. Raises ``AskFailed`` when none finishes within ``max_attempts``.
     """
     base = wire.validate_request(wire.InferRequest(
         request_id=new_request_id(), model=model, messages=messages, prompt=prompt, params=params,
@@ -111,7 +111,7 @@ async def ask(
             prompt=base.prompt, params=msgspec.structs.replace(params, max_tokens=max(1, remaining)),
             resume_ids=list(ids),
         )
-        res = AttemptResult(_peer_id_of(addr))
+        res = AttemptResult(peer_id_of(addr))
         before_attempt(res.peer_id)
         try:
             peer_id = await connect(host, addr)
@@ -152,5 +152,6 @@ async def ask(
                     attempts, "".join(text_parts))
 
 
-def _peer_id_of(addr: str) -> str:
+def peer_id_of(addr: str | Sequence[str]) -> str:
+    addr = addr if isinstance(addr, str) else (addr[0] if addr else "")
     return addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else addr

@@ -50,9 +50,7 @@ async def rank_peers(
 
     async def probe(ad: Advert) -> None:
         try:
-            if not ad.addrs:
-                raise DialError("advert has no address")
-            await connect(host, ad.addrs[0])
+            await connect(host, ad.addrs)
             pongs[ad.peer_id] = await ping(host, ad.peer_id, ping_timeout)
         except (DialError, AttemptFailed) as exc:
             rec = store.get(ad.peer_id, now)

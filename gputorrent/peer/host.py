@@ -103,11 +103,33 @@ def full_addrs(host: Any) -> list[str]:
     return [str(a) for a in host.get_addrs()]
 
 
-async def connect(host: Any, addr: str) -> str:
-    """Dial ``addr``; returns the remote peer id (base58)."""
-    info = parse_peer_addr(addr)
-    try:
-        await host.connect(info)
-    except Exception as exc:
-        raise DialError(f"cannot reach peer {addr}: {exc or type(exc).__name__}; is it running?") from exc
-    return info.peer_id.to_base58()
+async def connect(host: Any, addr: str | Sequence[str]) -> str:
+    """Dial a peer by its full multiaddr, or by all of them in order (an advert lists every
+    address a peer listens on: LAN, public); returns the remote peer id (base58).
+
+    Each address is dialed on its own. Left to itself py-libp2p 0.8.1 dials one address per
+    transport (the first TCP address it ever heard of for the peer, even a stale one from
+    before a restart), and after a failure refuses every dial to that peer for 60 s (its
+    negative cache), however fresh the address. Measured in test_dht_workarounds.py.
+    """
+    addrs = [addr] if isinstance(addr, str) else list(addr)
+    if not addrs:
+        raise DialError("no address to dial")
+    infos = [parse_peer_addr(a) for a in addrs]
+    peer = infos[0].peer_id
+    if any(i.peer_id != peer for i in infos):
+        raise DialError(f"these addresses name different peers: {', '.join(addrs)}")
+    network = host.get_network()
+    if network.connections.get(peer):
+        await host.connect(infos[0])  # already connected: waits until it is ready
+        return peer.to_base58()
+    errors = []
+    for a, info in zip(addrs, infos):
+        host.get_peerstore().clear_addrs(peer)
+        network.unblock_peer(peer)
+        try:
+            await host.connect(info)
+            return peer.to_base58()
+        except Exception as exc:
+            errors.append(f"{a}: {exc or type(exc).__name__}")
+    raise DialError(f"cannot reach peer {peer.to_base58()} ({'; '.join(errors)}); is it running?")

@@ -28,7 +28,7 @@ class SpotCheck:
     note: str = ""
 
 
-async def _ids(host: Any, addr: str, base: wire.InferRequest) -> tuple[str, list[int]] | None:
+async def _ids(host: Any, addr: str | Sequence[str], base: wire.InferRequest) -> tuple[str, list[int]] | None:
     try:
         peer_id = await connect(host, addr)
         req = wire.InferRequest(request_id=new_request_id(), model=base.model, messages=base.messages,
@@ -39,9 +39,10 @@ async def _ids(host: Any, addr: str, base: wire.InferRequest) -> tuple[str, list
     return peer_id, res.ids
 
 
-async def spot_check(host: Any, addrs: Sequence[str], base: wire.InferRequest) -> SpotCheck:
-    """Compare the greedy answers of the first two reachable peers in ``addrs`` (all serving
-    ``base.model``, a model id); settle a disagreement with the next one."""
+async def spot_check(host: Any, addrs: Sequence[str | Sequence[str]], base: wire.InferRequest) -> SpotCheck:
+    """Compare the greedy answers of the first two reachable peers in ``addrs`` (each a
+    multiaddr or a peer's list of them, all serving ``base.model``, a model id); settle a
+    disagreement with the next one."""
     check = SpotCheck()
     answers: list[tuple[str, list[int]]] = []
     remaining = list(addrs)
