@@ -317,7 +317,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with _swarm(args) as swarm:
             if not args.watch:
-                peers = await swarm.peers(args.model)
+                peers = await swarm.peers(args.model, ping=not args.no_ping)
                 if args.json:
                     print(json.dumps([p.to_dict() for p in peers]))
                 else:
@@ -327,7 +327,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
             with Live(render([]), console=_console_out(), auto_refresh=False) as live:
                 while True:
-                    live.update(render(await swarm.peers(args.model)), refresh=True)
+                    live.update(render(await swarm.peers(args.model, ping=not args.no_ping)), refresh=True)
                     await trio.sleep(args.interval)
 
     trio.run(run)
@@ -697,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="only peers serving this model (alias or model id)")
     s.add_argument("--json", action="store_true", help="print the verified adverts as JSON")
     s.add_argument("--watch", action="store_true", help="keep the table up to date until Ctrl-C")
+    s.add_argument("--no-ping", action="store_true", help="do not ping each peer for its RTT (no dials)")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
     s.add_argument("--reset", action="append", metavar="PEER",
                    help="close PEER's circuit breaker (and lift a ban); repeatable; no network needed")

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from gputorrent.identity import short_id
+
 from .conftest import QUESTION
 
 SMALL = ("--ctx", "512")
@@ -101,7 +103,7 @@ def test_explain_shows_the_choice_following_the_weights(crowd, cli):
     assert by_slots.returncode == 0, by_slots.stderr
     assert _json(by_slots)["peer_id"] == peers["roomy"].peer_id  # the most free slots
     table = by_slots.stderr
-    assert "weights: vram 0, slots 1, rtt 0, speed 0" in table and "chose " + peers["roomy"].peer_id[:16] in table
-    rows = [line for line in table.splitlines() if line[:16] in {p.peer_id[:16] for p in peers.values()}]
-    order = [next(n for n, p in peers.items() if p.peer_id[:16] == row[:16]) for row in rows]
+    assert "weights: vram 0, slots 1, rtt 0, speed 0" in table and "chose " + short_id(peers["roomy"].peer_id) in table
+    shown = {short_id(p.peer_id): n for n, p in peers.items()}  # the same short ids as `peers` shows
+    order = [shown[line.split()[0]] for line in table.splitlines() if line.split() and line.split()[0] in shown]
     assert order.index("roomy") < order.index("middle") < order.index("narrow")  # ranked by the weights

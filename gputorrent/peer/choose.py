@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from ..dht.records import Advert
+from ..identity import short_id
 from ..scoring import Candidate, Scored, Weights, choose, score
 from ..scoring.reputation import ReputationStore
 from .client import AttemptFailed, ping
@@ -91,10 +92,10 @@ def explain(considered: list[Considered], chosen: str | None, weights: Weights, 
     w = weights
     lines = [f"weights: vram {w.vram:g}, slots {w.slots:g}, rtt {w.rtt:g}, speed {w.speed:g}; "
              "criteria relative to the best candidate (1 = best); score = weighted sum x reputation",
-             f"{'peer':18} {'name':10} {'vram':>5} {'slots':>5} {'rtt':>5} {'speed':>5} {'base':>5} "
+             f"{'peer':12} {'name':10} {'vram':>5} {'slots':>5} {'rtt':>5} {'speed':>5} {'base':>5} "
              f"{'rep':>5} {'score':>6} {'rtt ms':>7}  breaker"]
     for c in sorted(considered, key=lambda c: -(c.scored.score if c.scored else -1)):
-        head = f"{c.advert.peer_id[:16]}… {c.advert.name[:10]:10}"
+        head = f"{short_id(c.advert.peer_id):12} {c.advert.name[:10]:10}"
         if c.scored is None:
             lines.append(f"{head} {'':>44} {c.reputation:5.2f} {'-':>6} {'-':>7}  {c.breaker} ({c.skipped})")
             continue
@@ -105,5 +106,5 @@ def explain(considered: list[Considered], chosen: str | None, weights: Weights, 
         how = ("the best score" if top == 1 else
                f"drawn among the top {top} with probability proportional to score (so requesters do not "
                "all herd onto one peer)")
-        lines.append(f"chose {chosen[:16]}…: {how}; the rest are failover in score order")
+        lines.append(f"chose {short_id(chosen)}: {how}; the rest are failover in score order")
     return "\n".join(lines)
