@@ -474,6 +474,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                      default_model=args.model, on_ready=on_ready))
     if args.ready_file:
         Path(args.ready_file).unlink(missing_ok=True)
+    print("gateway stopped", file=sys.stderr)
     return 0
 
 
