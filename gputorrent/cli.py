@@ -794,8 +794,9 @@ def main(argv: list[str] | None = None) -> int:
         from .peer.host import DialError
 
         from .api import SwarmError
+        from .gateway.server import GatewayError
 
-        if isinstance(exc, (AskFailed, DialError, SwarmError)):
+        if isinstance(exc, (AskFailed, DialError, SwarmError, GatewayError)):
             _err(str(exc))
             return 1
         raise

@@ -139,3 +139,10 @@ def test_ctrl_c_stops_the_gateway_cleanly(swarm):
     assert httpx.get(gw.addr + "/", timeout=10).status_code == 200
     assert gw.stop(signal.SIGINT, timeout=15) == 0
     assert not gw.ready_file.exists() and "Traceback" not in gw.stderr()
+
+
+def test_a_port_in_use_is_a_clear_error(gateways, swarm, cli):
+    port = gateways["open"].rsplit(":", 1)[1]  # the open gateway holds it
+    done = cli("gateway", "--no-mdns", "--bootstrap", swarm.peers["gw-boot"].addr, "--port", port, timeout=60)
+    assert done.returncode == 1 and f"port {port} on 127.0.0.1 is already in use" in done.stderr
+    assert "Traceback" not in done.stderr

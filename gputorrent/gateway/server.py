@@ -15,6 +15,10 @@ from ..api import Swarm
 from .app import make_app
 
 
+class GatewayError(Exception):
+    """The gateway cannot start; the message says what to change."""
+
+
 async def _until_signal() -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
@@ -33,8 +37,24 @@ async def run_gateway(swarm: Swarm, *, host: str = "127.0.0.1", port: int = 1143
     config.accesslog = None
     config.errorlog = logging.getLogger("gputorrent.gateway")
     config.graceful_timeout = 5
+    _check_bind(config, host, port)  # before joining the swarm: fail fast, and without a traceback
     async with swarm:
         app = make_app(swarm, api_key=api_key, default_model=default_model)
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown))
             on_ready(list(urls))
+
+
+def _check_bind(config: Any, host: str, port: int) -> None:
+    import errno
+
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        hint = (" (an Ollama server, or another gateway, may be running there)" if port == 11434 else "")
+        if exc.errno == errno.EADDRINUSE:
+            raise GatewayError(f"port {port} on {host} is already in use{hint}; choose another with --port, "
+                               "or --port 0 for any free one") from exc
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    for sock in sockets.insecure_sockets + sockets.secure_sockets + sockets.quic_sockets:
+        sock.close()
