@@ -302,6 +302,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
     def render(peers) -> Any:
         from rich.table import Table
+        from rich.text import Text
 
         from .api.rows import COLUMNS, cells
 
@@ -311,7 +312,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         now = time.time()
         for p in peers:
             age = now - p.advert.issued_at
-            table.add_row(*cells(p).values(), f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m")
+            # Text, not str: names come from other peers' adverts and must not be read as markup.
+            table.add_row(*(Text(v) for v in cells(p).values()), f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m")
         return table
 
     async def run() -> None:

@@ -68,7 +68,7 @@ class StatusView:
         if self.json_log:
             self._json(ev)
         elif (line := event_line(ev)) is not None:
-            self._console.print(line)  # type: ignore[union-attr]
+            self._console.print(line, markup=False)  # type: ignore[union-attr]  # requesters' text
 
     async def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         """Runs alongside the server until it stops."""

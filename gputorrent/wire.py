@@ -218,9 +218,19 @@ def decode_inbound(payload: bytes) -> InferRequest | Cancel | Ping:
         raise ProtocolError(f"malformed frame: {exc}") from exc
 
 
+class RequestTooLarge(ValueError):
+    """A request that could not be sent in one frame: the asker's fault, not any peer's."""
+
+
 def validate_request(req: InferRequest) -> InferRequest:
-    """Run the server's own strict decode on a request before it is sent."""
-    return decode_inbound(encode(req))  # type: ignore[return-value]
+    """Run the server's own strict decode on a request before it is sent, and check that it
+    fits a frame with room for the token ids a failover would add (5 bytes each at most)."""
+    payload = encode(req)
+    room = MAX_FRAME - 5 * req.params.max_tokens
+    if len(payload) > room:
+        raise RequestTooLarge(f"the request is {len(payload):,} bytes; with max_tokens {req.params.max_tokens} it must "
+                              f"stay under {room:,} bytes: shorten the prompt")
+    return decode_inbound(payload)  # type: ignore[return-value]
 
 
 # --- the signed channel -------------------------------------------------------------------

@@ -146,3 +146,19 @@ def test_a_port_in_use_is_a_clear_error(gateways, swarm, cli):
     done = cli("gateway", "--no-mdns", "--bootstrap", swarm.peers["gw-boot"].addr, "--port", port, timeout=60)
     assert done.returncode == 1 and f"port {port} on 127.0.0.1 is already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_absurd_requests_are_refused_and_the_gateway_keeps_serving(gateways, oa):
+    url = gateways["open"]
+    huge = httpx.post(url + "/api/generate", json={"model": "smollm2", "prompt": "x " * 1_500_000, "stream": False},
+                      timeout=60)
+    assert huge.status_code == 400 and "error" in huge.json(), huge.text[:300]
+    for body in ({"model": "smollm2", "prompt": "hi", "options": {"num_predict": 10**9}},
+                 {"model": 7, "prompt": "hi"}, {"model": "smollm2", "messages": [{"role": "robot", "content": "x"}]},
+                 [1, 2, 3]):
+        path = "/api/chat" if isinstance(body, dict) and "messages" in body else "/api/generate"
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code == 400 and isinstance(r.json()["error"], str), (body, r.text)
+    r = oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                   temperature=0, max_tokens=8)
+    assert "Paris" in r.choices[0].message.content

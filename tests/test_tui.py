@@ -175,3 +175,28 @@ def test_snapshot_filtered_by_model_with_a_peer_selected(snap_compare):
         await pilot.pause()
 
     assert snap_compare(_frozen_app(), terminal_size=(150, 36), run_before=select)
+
+
+def test_names_from_adverts_are_shown_as_text_never_as_markup():
+    import msgspec
+
+    evil = "[/]x[link=http://e]"  # would end a markup tag that is not open: Rich raises on it
+    peers = _frozen_peers()
+    peers[0] = PeerStatus(msgspec.structs.replace(peers[0].advert, name=evil), 1.0, "closed")
+
+    class Evil(FrozenSwarm):
+        async def peers(self, model=None, *, ping=False):
+            return peers
+
+    app = SwarmApp(Evil())
+
+    async def scenario() -> None:
+        async with app.run_test(size=(150, 36)) as pilot:
+            await _settle(pilot)
+            table = app.query_one("#peers")
+            assert str(table.get_cell(peers[0].peer_id, "name")) == evil[:14]
+            table.move_cursor(row=table.get_row_index(peers[0].peer_id))
+            await pilot.pause()
+            assert evil in str(app.query_one("#detail").render())
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

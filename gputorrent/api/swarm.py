@@ -351,6 +351,8 @@ class _Core:
         messages = None if raw else to_messages(prompt, system)
         if raw and not isinstance(prompt, str):
             raise ValueError("raw=True takes the prompt as one string")
+        wire.validate_request(wire.InferRequest(request_id=new_request_id(), messages=messages,
+                                                prompt=prompt if raw else None, params=p))  # before any lookup
         if self.direct:
             addrs, model = list(self.direct), model or ""
         else:
@@ -372,7 +374,7 @@ class _Core:
                     if verify or (spot_check and self.rng.random() < spot_check):
                         answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)
                     send.send_nowait(Finished(answer))
-                except AskFailed as exc:
+                except Exception as exc:  # handed to the consumer: never into the swarm's nursery
                     send.send_nowait(exc)
 
         # The producer runs in the swarm's nursery, under a scope this generator only holds:
@@ -382,7 +384,7 @@ class _Core:
         try:
             async with recv:
                 async for ev in recv:
-                    if isinstance(ev, AskFailed):
+                    if isinstance(ev, Exception):
                         raise ev
                     yield ev
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text as RichText
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -41,16 +42,17 @@ def _n(count: int, noun: str) -> str:
 
 
 def detail(p: PeerStatus) -> str:
+    """The detail pane, as markup; every string from the (untrusted) advert is escaped."""
     a, d = p.advert, p.advert.device
     where = (f"{d.name}, {d.vram_free_mb}/{d.vram_total_mb} MB VRAM free, compute {d.compute}"
              if d.kind == "gpu" else f"{d.name}, {d.cores} cores, {d.ram_mb} MB RAM")
     models = "; ".join(f"{m.alias} {m.quantization} ctx {m.context_length} ({m.model_id[:12]})" for m in a.models)
     seen = p.observed
-    return (f"[b]{a.name or '(no name)'}[/b]  {a.peer_id}\n"
-            f"device   {where}\nmodels   {models or '-'}\n"
+    return (f"[b]{escape(a.name or '(no name)')}[/b]  {a.peer_id}\n"
+            f"device   {escape(where)}\nmodels   {escape(models or '-')}\n"
             f"load     {a.load.active} active / {a.load.slots} slots, {a.load.queued} queued; "
             f"{a.tokens_per_s:.0f} tokens/s announced\n"
-            f"address  {a.addrs[0] if a.addrs else '-'}\n"
+            f"address  {escape(a.addrs[0] if a.addrs else '-')}\n"
             f"yours    reputation {p.reputation:.2f}, breaker {breaker(p)}, RTT "
             f"{'-' if p.rtt_ms is None else f'{p.rtt_ms:.0f} ms'}, "
             f"{seen.get('successes', 0):.0f} ok / {seen.get('failures', 0):.0f} failed / "
@@ -127,8 +129,8 @@ class SwarmApp(App):
         try:
             await self.swarm.__aenter__()
         except Exception as exc:  # shown, not raised: the app stays up to say what went wrong
-            self.log_line(f"[red]could not join the swarm:[/] {exc}")
-            self.query_one("#totals", Static).update(f"not connected: {exc}")
+            self.log_line(f"[red]could not join the swarm:[/] {escape(str(exc))}")
+            self.query_one("#totals", Static).update(escape(f"not connected: {exc}"))
             return
         self.connected = True
         self.log_line(f"joined as {short_id(self.swarm.peer_id)}")
@@ -136,7 +138,7 @@ class SwarmApp(App):
         async for ev in self.swarm.events():
             if isinstance(ev, PeerSeen):
                 if ev.new and ev.peer.peer_id not in self.peers:
-                    self.log_line(f"peer joined: {short_id(ev.peer.peer_id)} {ev.peer.advert.name}")
+                    self.log_line(f"peer joined: {short_id(ev.peer.peer_id)} {escape(ev.peer.advert.name)}")
                 self.upsert(ev.peer)
             elif isinstance(ev, PeerLeft):
                 self.log_line(f"peer left: {short_id(ev.peer_id)}")
@@ -145,7 +147,7 @@ class SwarmApp(App):
                 self.log_line(f"breaker of {short_id(ev.peer_id)} is now [b]{ev.state}[/b]")
             elif isinstance(ev, Failover):
                 self.log_line(f"[yellow]failover[/]: {short_id(ev.peer_id)} {ev.outcome} after {ev.tokens_so_far} "
-                              f"tokens ({ev.error})")
+                              f"tokens ({escape(ev.error)})")
 
     async def refresh_peers(self) -> None:
         found = await self.swarm.peers(ping=True)
@@ -181,10 +183,11 @@ class SwarmApp(App):
         self._update_totals()
 
     @staticmethod
-    def _cell(col: str, value: str) -> Any:
+    def _cell(col: str, value: str) -> RichText:
+        """A cell as plain text: names come from other peers' adverts and must not be markup."""
         if col == "breaker" and value != "closed":
             return RichText(value, style="bold red" if value.startswith("open") else "yellow")
-        return value
+        return RichText(value)
 
     def _update_totals(self) -> None:
         shown = [p for p in self.peers.values() if self._visible(p)]
@@ -253,8 +256,9 @@ class SwarmApp(App):
     @work(exclusive=True, group="ask")
     async def ask(self, question: str) -> None:
         chat = self.query_one("#chat", VerticalScroll)
-        await chat.mount(Static(f"> {question}", classes="question"))
-        answer, meta = Answer(""), Static("", classes="meta")
+        # Questions and answers are shown as typed and as generated: never read as markup.
+        await chat.mount(Static(f"> {question}", classes="question", markup=False))
+        answer, meta = Answer("", markup=False), Static("", classes="meta")
         await chat.mount(answer, meta)
         if not self.connected:
             meta.update("[red]not connected to the swarm[/]")
@@ -282,8 +286,8 @@ class SwarmApp(App):
                     meta.update(f"answered by {short_id(a.peer_id)} · {a.usage['completion_tokens']} tokens · "
                                 f"{a.tokens_per_s:.0f} tokens/s · receipt verified"
                                 + (f" · failover: {hops}" if len(a.attempts) > 1 else ""))
-        except AskFailed as exc:
-            meta.update(f"[red]{exc}[/]")
+        except (AskFailed, ValueError) as exc:  # no peer could answer, or a request that cannot be sent
+            meta.update(f"[red]{escape(str(exc))}[/]")
         finally:
             self.asking = False
             chat.scroll_end(animate=False)
