@@ -80,8 +80,8 @@ def test_peers_fill_a_question_streams_and_a_ban_opens_the_breaker(three, tmp_pa
             assert str(table.get_cell(victim, "breaker")) == "closed"
 
             # Responsive while streaming: keys act before a long answer is done.
-            app.params["max_tokens"] = 400
-            await pilot.press("a", *"Count from 1 to 500, separated by commas.", "enter")
+            app.params["max_tokens"] = 400  # a story runs to the limit: seconds of streaming
+            await pilot.press("a", *"Write a long story about a cat who sails around the world.", "enter")
             await until(pilot, lambda: len(app.query(Answer)) == 2 and str(app.query(Answer).last().render()),
                         what="the second answer to start")
             table.focus()
@@ -89,8 +89,8 @@ def test_peers_fill_a_question_streams_and_a_ban_opens_the_breaker(three, tmp_pa
             assert app.sub_title == "model: smollm2" and app.asking  # filtered while tokens still arrive
             await until(pilot, lambda: not app.asking, timeout=60, what="the second answer to finish")
             assert "receipt verified" in str(app.query(".meta").last().render())
-            counted = str(app.query(Answer).last().render())
-            assert "19" in counted and "20" in counted  # the whole answer is shown once it finished
+            story = str(app.query(Answer).last().render())
+            assert len(story) > 200 and "cat" in story.lower()  # the whole answer is shown once it finished
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
