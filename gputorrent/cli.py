@@ -486,7 +486,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     import trio
 
-    from .api import Finished, Swarm, Text
+    from .api import Finished, Text
     from .api.swarm import params_from
     from .peer.asker import AskFailed
     from .peer.choose import explain
@@ -509,14 +509,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError("--choose-top must be 1 or more")
     if not 0.0 <= args.spot_check <= 1.0:
         raise UsageError("--spot-check is a probability, between 0 and 1")
-    settings = _swarm_settings(args)
-    if not args.peer and not settings.bootstrap and not settings.mdns:
-        raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
-                         "or leave mDNS on to find peers on this network")
     streamed = not args.json
-    swarm = Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=_identity(args),
-                  swarm_key=settings.swarm_key, peers=args.peer or (), weights=weights, choose_top=args.choose_top,
-                  attempts=args.attempts, stall_timeout=args.stall_timeout)
+    swarm = _swarm(args, peers=args.peer or (), weights=weights, choose_top=args.choose_top,
+                   attempts=args.attempts, stall_timeout=args.stall_timeout)
 
     async def run():
         async with swarm:

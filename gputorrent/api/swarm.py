@@ -173,7 +173,7 @@ class _Core:
         self._nursery: trio.Nursery | None = None
         self._subscribers: list[trio.MemorySendChannel] = []
         self._watching = False
-        self._known: dict[str, Advert] = {}
+        self._known: set[str] = set()  # peer ids live at the last crawl
 
     async def open(self) -> None:
         from ..dht.node import swarm_node
@@ -311,14 +311,14 @@ class _Core:
             except Exception:  # a failed crawl is retried next round; the stream of events goes on
                 statuses = []
             now = time.time()
-            seen = {}
+            seen = set()
             for st in statuses:
                 if st.advert.leaving or not st.advert.live(now):
                     continue
-                seen[st.peer_id] = st.advert
+                seen.add(st.peer_id)
                 # Every round, not only on a new advert: RTT, reputation and breaker move too.
                 self._publish(PeerSeen(st, new=st.peer_id not in self._known))
-            for pid in set(self._known) - set(seen):
+            for pid in self._known - seen:
                 self._publish(PeerLeft(pid))
             self._known = seen
             await trio.sleep(self.watch_interval)
