@@ -183,7 +183,7 @@ class InferServer:
     async def _generate(self, stream: Any, reader: wire.FrameReader, req: wire.InferRequest, payload: bytes) -> None:
         signer = wire.ReplySigner(self.identity, protocol.INFER, req.request_id, wire.request_digest(payload))
         fault = self.fault
-        requester = stream.muxed_conn.peer_id.to_base58()
+        requester = _requester(stream)
         rid = req.request_id.hex()
         if self.allow is not None and requester not in self.allow:
             await self._refuse_signed(stream, signer, requester, protocol.NOT_ALLOWED,
