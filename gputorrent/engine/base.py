@@ -42,12 +42,16 @@ Event = Tokens | Finished | Failed
 
 @dataclass(eq=False, slots=True)
 class Job:
-    """One generation: prompt token ids (plus any resumed ids) and sampling parameters."""
+    """One generation: prompt token ids, sampling parameters, and for a failover the tokens
+    another peer already produced (``forced``): the engine replays them as if it had sampled
+    them itself, one decode step each, and emits only what comes after."""
 
     prompt_ids: list[int]
     params: Params
     emit: Callable[[Event], None]
-    max_new: int  # completion tokens allowed, already clipped to the context
+    max_new: int  # completion tokens allowed (forced ones included), clipped to the context
+    forced: list[int] = field(default_factory=list)
+    admitted: bool = False  # holds a slot (set by the engine's thread)
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:

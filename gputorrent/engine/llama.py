@@ -1,11 +1,18 @@
 """The llama.cpp engine: one model, N slots, continuous batching on llama-cpp-python's
 low-level API.
 
-One thread owns the llama context. Each step it puts into one batch the next token of every
-running sequence and a chunk of each new prompt, calls ``llama_decode`` once, and samples each
+One thread owns the llama context. Each step it decodes the next token of every running
+sequence in one batch, then each waiting prompt's next chunk on its own, and samples each
 sequence with its own sampler chain. A request that arrives mid-answer joins at the next step;
 a cancelled one leaves at the next step and its KV cells are freed. Each slot has its own
 context window (``n_ctx`` tokens), so one long answer never squeezes another.
+
+Failover resumes are token-identical by construction: the shapes of the computation never
+depend on what else is running (a prompt is cut into the same ``N_BATCH`` chunks whatever
+else waits; every answer token is its own row of a decode step), and a resumed request
+replays the tokens it was handed as forced samples, one decode step each, exactly as the
+first peer computed them. Its sampler still draws at every step, so a seeded sampler's state
+matches too.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ class _Seq:
     t_submit: float
     pos: int = 0
     generated: int = 0
+    n_out: int = 0  # answer tokens so far (forced ones included, end of generation not)
+    forced: list[int] = field(default_factory=list)  # replayed instead of sampled, not emitted
     t_first: float = 0.0
     held_ids: list[int] = field(default_factory=list)
     held_text: str = ""
@@ -103,6 +112,7 @@ class LlamaEngine:
         self._batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=verbose)
         self._new_sampler = _internals.LlamaSampler
         self._vocab = self._model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._pieces: dict[int, bytes] = {}
         self._chat = self._chat_formatter()
 
@@ -147,15 +157,35 @@ class LlamaEngine:
 
     # --- requests ------------------------------------------------------------------------
 
-    def make_job(self, prompt_ids: list[int], params, emit: Callable) -> Job:
-        """Check a request against the context window and build its job (no compute)."""
+    def make_job(self, prompt_ids: list[int], params, emit: Callable, forced: Sequence[int] = ()) -> Job:
+        """Check a request against the vocabulary and the context window and build its job (no
+        compute). Anything llama.cpp would fail on is refused here, before it takes a slot:
+        one bad request must never fail the others sharing its decode steps."""
+        if not prompt_ids:
+            raise EngineError("the prompt is empty after tokenizing; send some text")
+        bad = next((t for t in (*prompt_ids, *forced) if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad} is outside this model's vocabulary (0..{self.n_vocab - 1})")
         room = self.n_ctx - len(prompt_ids)
         if room < 1:
             raise EngineError(
                 f"prompt is {len(prompt_ids)} tokens but this peer's context is {self.n_ctx}; "
                 "shorten the prompt or ask a peer with a longer context"
             )
-        return Job(prompt_ids=prompt_ids, params=params, emit=emit, max_new=min(params.max_tokens, room))
+        max_new = min(params.max_tokens, room)
+        if len(forced) >= max_new:
+            raise EngineError(f"{len(forced)} tokens were already received of at most {max_new}: nothing to add")
+        return Job(prompt_ids=list(prompt_ids), params=params, emit=emit, max_new=max_new, forced=list(forced))
+
+    def queue_position(self, job: Job) -> int:
+        """1 for the next job to get a slot, 2 for the one after...; 0 once it runs."""
+        if job.admitted:
+            return 0
+        with self._cond:
+            for i, j in enumerate(self._pending):
+                if j is job:
+                    return i + 1
+        return 0
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -198,9 +228,10 @@ class LlamaEngine:
                 job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
                 continue
             seq_id = self._free.pop()
+            job.admitted = True
             self._active[seq_id] = _Seq(
                 job=job, seq_id=seq_id, sampler=self._sampler(job.params), feed=list(job.prompt_ids),
-                stops=tuple(job.params.stop), t_submit=time.perf_counter(),
+                stops=tuple(job.params.stop), t_submit=time.perf_counter(), forced=list(job.forced),
             )
 
     def _run(self) -> None:
@@ -214,12 +245,7 @@ class LlamaEngine:
             for seq in [s for s in self._active.values() if s.job.cancelled]:
                 self._finish(seq, "cancelled")
             if self._active:
-                try:
-                    self._step()
-                except Exception as exc:  # a failed decode must not take the peer down
-                    for seq in list(self._active.values()):
-                        self._release(seq)
-                        seq.job.emit(Failed(f"decode failed: {exc}"))
+                self._step()
 
     def _step(self) -> None:
         """One decode of every running sequence's next token, then the waiting prompts, one
@@ -230,13 +256,31 @@ class LlamaEngine:
         them made every arrival wait for all of them. Measured, 8 requests at once on the demo
         model: first tokens at 90 to 600 ms instead of all at ~660 ms, the same throughput.
         """
-        running = [s for s in self._active.values() if len(s.feed) == 1]
+        running = [s for s in self._active.values() if s.pos >= len(s.job.prompt_ids)]
         if running:
-            self._decode(running, 1)
+            self._decode_safely(running, 1)
+        # Each prompt's next chunk is always N_BATCH tokens (or what is left): chunk borders
+        # never depend on what else waits, so a resumed prompt is computed as the first was.
         budget = N_BATCH
         for seq in sorted(self._active.values(), key=lambda s: s.seq_id):
-            if len(seq.feed) > 1 and budget > 0 and seq.seq_id in self._active:
-                budget -= self._decode([seq], budget)
+            if seq.pos < len(seq.job.prompt_ids) and budget > 0 and seq.seq_id in self._active:
+                budget -= self._decode_safely([seq], N_BATCH)
+
+    def _decode_safely(self, seqs: list[_Seq], limit: int) -> int:
+        """``_decode``, and when llama.cpp fails, fail only the sequence that caused it: the
+        others are put back as they were and decoded again without it."""
+        saved = [(s, s.pos, list(s.feed)) for s in seqs]
+        try:
+            return self._decode(seqs, limit)
+        except Exception as exc:
+            for s, pos, feed in saved:
+                s.pos, s.feed = pos, feed
+                self._ctx.kv_cache_seq_rm(s.seq_id, pos, -1)
+            if len(seqs) == 1:
+                self._release(seqs[0])
+                seqs[0].job.emit(Failed(f"decode failed: {exc}"))
+                return 0
+            return sum(self._decode_safely([s], limit) for s in seqs)
 
     def _decode(self, seqs: list[_Seq], limit: int) -> int:
         """Feed up to ``limit`` tokens of each of ``seqs`` in slot order (see _release) and
@@ -264,7 +308,8 @@ class LlamaEngine:
         self._ctx.decode(self._batch)
         sample = self._ll.llama_sampler_sample
         for idx, seq in rows:
-            self._accept(seq, sample(seq.sampler.sampler, self._ctx.ctx, idx))
+            tok = sample(seq.sampler.sampler, self._ctx.ctx, idx)  # drawn even when forced: same RNG state
+            self._accept(seq, seq.forced.pop(0) if seq.forced else tok)
         return n
 
     def _accept(self, seq: _Seq, tok: int) -> None:
@@ -276,6 +321,7 @@ class LlamaEngine:
             self._finish(seq, "stop")
             return
         seq.held_ids.append(tok)
+        seq.n_out += 1
         seq.held_text += seq.utf8.decode(self._piece(tok))
         if seq.stops:
             hit = min((i for i in (seq.held_text.find(s) for s in seq.stops) if i >= 0), default=-1)
@@ -304,9 +350,19 @@ class LlamaEngine:
         return piece
 
     def _flush(self, seq: _Seq) -> None:
-        if seq.held_ids:
-            seq.job.emit(Tokens(seq.held_ids, seq.held_text))
-            seq.held_ids, seq.held_text = [], ""
+        if not seq.held_ids:
+            return
+        ids, text = seq.held_ids, seq.held_text
+        seq.held_ids, seq.held_text = [], ""
+        # Tokens replayed from a failover were sent by the first peer already: not again. The
+        # first peer flushed exactly where the requester's copy ends, and so do we.
+        skip = len(seq.job.forced) - (seq.n_out - len(ids))
+        if skip > 0:
+            if skip >= len(ids):
+                return
+            ids = ids[skip:]
+            text = self.detokenize(ids)
+        seq.job.emit(Tokens(ids, text))
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         self._release(seq)
