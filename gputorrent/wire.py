@@ -60,8 +60,10 @@ class InferRequest(msgspec.Struct, tag="req", array_like=True, kw_only=True):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     params: Params = Params()
-    # Token ids already received from a failed peer: the server continues after them.
-    resume_ids: list[Annotated[int, Meta(ge=0)]] = []
+    # Token ids already received from a failed peer: the server replays them as its own
+    # first samples (one decode step each, as the first peer computed them) and sends only
+    # what follows. ``params.max_tokens`` still counts the whole answer, these included.
+    resume_ids: list[Annotated[int, Meta(ge=0, lt=1 << 31)]] = []
     deadline_ms: Annotated[int, Meta(ge=1, le=3_600_000)] = 600_000
 
 
@@ -87,6 +89,14 @@ class Accepted(msgspec.Struct, tag="ok", array_like=True):
 class Busy(msgspec.Struct, tag="busy", array_like=True):
     retry_after_ms: int
     reason: str
+
+
+class Queued(msgspec.Struct, tag="queued", array_like=True):
+    """Sent about every second while nothing else is: the request waits for a slot
+    (``position`` 1 is next) or, at 0, its prompt is being computed. It tells the requester the
+    peer is alive, so a wait in a queue is never mistaken for a stall."""
+
+    position: int
 
 
 class Token(msgspec.Struct, tag="tok", array_like=True):
@@ -123,7 +133,7 @@ class Pong(msgspec.Struct, tag="pong", array_like=True):
     tokens_per_s: float
 
 
-Reply = Union[Accepted, Busy, Token, Done, Error, Pong]
+Reply = Union[Accepted, Busy, Queued, Token, Done, Error, Pong]
 
 
 class _Envelope(msgspec.Struct, array_like=True):

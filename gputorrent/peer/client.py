@@ -1,4 +1,4 @@
-"""The asking side of ``/gputorrent/infer/1``: one attempt against one peer.
+"""The asking side of ``/gputorrent/infer/2``: one attempt against one peer.
 
 Every frame is verified (signature, sequence, transcript) before its text is used, so what
 reaches the caller is exactly what the peer signed.
@@ -60,6 +60,7 @@ class AttemptResult:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: wire.Done | None = None
+    transcript: bytes = b""  # the transcript hash of the last verified frame (signed by the peer)
     t_start: float = 0.0
     t_first: float | None = None
     t_last: float | None = None
@@ -75,12 +76,16 @@ async def run_attempt(
     on_token: OnToken,
     *,
     stall_timeout: float = 10.0,
+    accept_timeout: float = 5.0,
     result: AttemptResult | None = None,
 ) -> AttemptResult:
     """Stream one request from ``peer_id``; tokens go to ``on_token`` as they are verified.
 
     Returns with ``result.done`` set, or raises an ``AttemptFailed`` with the tokens received
-    so far left in ``result`` (pass one in to keep them).
+    so far left in ``result`` (pass one in to keep them). Until the peer's first frame (it
+    answers at once: accepted, busy or refused) the wait is ``accept_timeout``; after it, any
+    gap between frames over ``stall_timeout`` is a stall (a queued request gets a frame
+    every second, so waiting for a slot is not one).
     """
     from libp2p.peer.id import ID
 
@@ -89,26 +94,28 @@ async def run_attempt(
     payload = wire.encode(request)
     verifier = wire.ReplyVerifier(peer_id, protocol.INFER, request.request_id, wire.request_digest(payload))
     try:
-        with trio.fail_after(stall_timeout):
+        with trio.fail_after(accept_timeout):
             stream = await host.new_stream(ID.from_base58(peer_id), [protocol.INFER])
             await stream.write(wire.frame(payload))
     except trio.TooSlowError as exc:
-        raise Stalled(f"no stream to {peer_id} within {stall_timeout:g}s") from exc
+        raise Stalled(f"no stream to {peer_id} within {accept_timeout:g}s") from exc
     except Exception as exc:
         raise StreamBroken(f"cannot open a stream to {peer_id}: {exc or type(exc).__name__}") from exc
     reader = wire.FrameReader(stream)
     finished = False
+    wait = accept_timeout
     try:
         while True:
             try:
-                with trio.fail_after(stall_timeout):
+                with trio.fail_after(wait):
                     raw = await reader.read_frame()
             except trio.TooSlowError as exc:
-                raise Stalled(f"no token from {peer_id} for {stall_timeout:g}s") from exc
+                raise Stalled(f"nothing from {peer_id} for {wait:g}s") from exc
             except wire.ProtocolError as exc:
                 raise IntegrityFailure(f"{peer_id} broke the framing: {exc}") from exc
             except Exception as exc:
                 raise StreamBroken(f"stream from {peer_id} broke: {exc or type(exc).__name__}") from exc
+            wait = stall_timeout
             if raw is None:
                 raise StreamBroken(f"{peer_id} closed the stream before finishing")
             try:
@@ -121,7 +128,10 @@ async def run_attempt(
                 res.t_last = now
                 res.ids.extend(msg.ids)
                 res.text += msg.text
+                res.transcript = msg.transcript
                 on_token(msg.ids, msg.text)
+            elif isinstance(msg, wire.Queued):
+                continue  # alive, waiting for a slot or computing the prompt
             elif isinstance(msg, wire.Accepted):
                 res.model_id = msg.model_id
             elif isinstance(msg, wire.Done):

@@ -1,6 +1,6 @@
 """Protocol ids and the error codes both sides agree on."""
 
-INFER = "/gputorrent/infer/1"
+INFER = "/gputorrent/infer/2"  # 2: resume_ids replayed within max_tokens; Queued frames
 PING = "/gputorrent/ping/1"
 
 # Error codes in a signed ``Error`` frame. A requester may try another peer after the

@@ -1,4 +1,4 @@
-"""The serving side of ``/gputorrent/infer/1``: one handler per libp2p stream.
+"""The serving side of ``/gputorrent/infer/2``: one handler per libp2p stream.
 
 Every reply is signed (``wire.ReplySigner``). Nothing a requester sends can take the process
 down: a malformed, oversized or invalid frame gets a signed ``Error`` and the stream closes,
@@ -43,12 +43,16 @@ COALESCE_MAX_S = 0.250
 SPEED_ALPHA = 0.3
 MIN_MEASURED = 8
 RATE_WINDOW_S = 10.0
+# While a request waits for a slot or its prompt computes, a signed Queued frame goes out
+# this often: the requester's stall timer counts from the last frame of any kind.
+HEARTBEAT_S = 1.0
 
 
 @dataclass(slots=True)
 class ServerStats:
     served: int = 0
     failed: int = 0
+    cancelled: int = 0  # the requester went away (Ctrl-C, failover elsewhere): not our failure
     refused: int = 0
     tokens: int = 0
     _sent: deque[tuple[float, int]] = field(default_factory=deque)
@@ -121,8 +125,12 @@ class InferServer:
         try:
             await self._serve(stream)
         except Exception as exc:  # the other side vanished mid-write, or a bug: keep serving others
-            self.stats.failed += 1
-            log.log(logging.DEBUG if _went_away(exc) else logging.WARNING, "infer stream ended with %r", exc)
+            gone = _went_away(exc)
+            if gone:
+                self.stats.cancelled += 1
+            else:
+                self.stats.failed += 1
+            log.log(logging.DEBUG if gone else logging.WARNING, "infer stream ended with %r", exc)
             await _reset(stream)
             return
         await _close(stream)
@@ -175,10 +183,10 @@ class InferServer:
         await stream.write(signer.seal(wire.Error(code, message)))
 
     def _prompt_ids(self, req: wire.InferRequest) -> list[int]:
+        """Templating and tokenizing: run in a worker thread (a big prompt takes seconds)."""
         if (req.messages is None) == (req.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
-        ids = self.engine.encode_chat(req.messages) if req.messages is not None else self.engine.encode_prompt(req.prompt)
-        return ids + list(req.resume_ids)
+        return self.engine.encode_chat(req.messages) if req.messages is not None else self.engine.encode_prompt(req.prompt)
 
     async def _generate(self, stream: Any, reader: wire.FrameReader, req: wire.InferRequest, payload: bytes) -> None:
         signer = wire.ReplySigner(self.identity, protocol.INFER, req.request_id, wire.request_digest(payload))
@@ -204,15 +212,16 @@ class InferServer:
             await self._busy(stream, signer, requester, 1000, f"{load.active} active, {load.queued} queued")
             return
         try:
-            prompt_ids = self._prompt_ids(req)
+            prompt_ids = await trio.to_thread.run_sync(self._prompt_ids, req)
         except ValueError as exc:
             await self._refuse_signed(stream, signer, requester, protocol.BAD_REQUEST, str(exc))
             return
         events = EventChannel()
         try:
-            job = self.engine.make_job(prompt_ids, req.params, events.emit)
+            job = self.engine.make_job(prompt_ids, req.params, events.emit, forced=req.resume_ids)
         except EngineError as exc:
-            await self._refuse_signed(stream, signer, requester, protocol.CONTEXT_EXCEEDED, str(exc))
+            code = protocol.CONTEXT_EXCEEDED if len(prompt_ids) >= self.engine.n_ctx else protocol.BAD_REQUEST
+            await self._refuse_signed(stream, signer, requester, code, str(exc))
             return
         self.engine.submit(job)
         self._note("accepted", requester=requester, request_id=rid, prompt_tokens=len(prompt_ids),
@@ -222,7 +231,7 @@ class InferServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_requester, reader, job, nursery.cancel_scope)
                 with trio.move_on_after(req.deadline_ms / 1000) as deadline:
-                    await self._pump(stream, signer, events, requester, rid)
+                    await self._pump(stream, signer, events, requester, rid, job)
                 if deadline.cancelled_caught:
                     job.cancel()
                     usage = wire.Usage(len(prompt_ids), 0)
@@ -245,12 +254,12 @@ class InferServer:
         await stream.write(signer.seal(wire.Busy(retry_after_ms=retry_after_ms, reason=reason)))
 
     async def _pump(self, stream: Any, signer: wire.ReplySigner, events: EventChannel, requester: str,
-                    rid: str) -> None:
+                    rid: str, job: Any) -> None:
         fault = self.fault
         ids: list[int] = []
         text: list[str] = []
         sent = 0
-        last_write = -1.0
+        last_write = trio.current_time()
 
         async def flush() -> None:
             nonlocal sent, last_write
@@ -278,8 +287,14 @@ class InferServer:
             ev = None
             # Only the wait sits under the coalescing deadline: a write cut short would leave
             # a sequence number signed but never sent.
-            with trio.move_on_at(last_write + window if ids else math.inf):
+            with trio.move_on_at(last_write + (window if ids else HEARTBEAT_S)):
                 ev = await events.receive()
+            if ev is None and not ids:
+                # Nothing to send for a while: still queued, or still computing the prompt.
+                # Writing also finds out at once when the requester has gone (a reset).
+                await stream.write(signer.seal(wire.Queued(self.engine.queue_position(job))))
+                last_write = trio.current_time()
+                continue
             if isinstance(ev, Tokens):
                 ids.extend(ev.ids)
                 text.append(ev.text)
@@ -328,9 +343,12 @@ def _requester(stream: Any) -> str:
 
 
 def _went_away(exc: BaseException) -> bool:
-    """The other side reset or closed the stream: routine, not worth an operator's attention."""
+    """The other side reset or closed the stream: routine, not worth an operator's attention
+    (also when it comes wrapped in a nursery's exception group)."""
     from libp2p.exceptions import BaseLibp2pError
 
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_went_away(e) for e in exc.exceptions)
     return isinstance(exc, (BaseLibp2pError, EOFError, ConnectionError, trio.BrokenResourceError))
 
 
