@@ -152,6 +152,7 @@ def test_integrity_failure_costs_more_and_opens_the_persisted_breaker(tmp_path):
     store.record("honest", "failed", now=0)
     store.record("liar", "integrity", now=0)
     assert store.get("liar", now=1).reputation < store.get("honest", now=1).reputation
+    store.flush()
     assert ReputationStore(tmp_path / "rep.sqlite").get("liar", now=1).breaker.current(1) == "open"
 
 
@@ -173,6 +174,7 @@ def _hammer(db, _i):
     store = ReputationStore(db)
     for _ in range(25):
         store.record("shared", "ok")
+    store.close()
 
 
 def test_ban_and_reset(tmp_path):
