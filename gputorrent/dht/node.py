@@ -1,5 +1,11 @@
 """Swarm membership over py-libp2p's Kademlia DHT: join, announce, look up.
 
+Every network wait here has its own short deadline and keeps what it already has: one DHT
+request waits ``QUERY_TIMEOUT_S``, one lookup ``LOOKUP_TIMEOUT_S``, one store ``STORE_TIMEOUT_S``.
+py-libp2p's own lookups wait up to 10 s for each peer and throw away what they had received
+when cut short, so one hung peer (a laptop gone to sleep) hid the whole swarm: every lookup,
+put and provide here is our own walk (``_walk``) over py-libp2p's single-peer requests.
+
 Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht_workarounds.py:
 - ``find_providers`` answers from the local store alone whenever it holds any record for the
   key (a serving peer would find only itself; a watcher only what it saw first), and otherwise
@@ -14,6 +20,7 @@ Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht_workarounds.py:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -30,13 +37,19 @@ from .records import Advert, RecordError
 
 log = logging.getLogger("gputorrent.dht")
 
-LOOKUP_TIMEOUT_S = 5.0
+QUERY_TIMEOUT_S = 1.0  # one peer's answer to one request (loopback: ~5 ms; a continent: ~300 ms)
+LOOKUP_TIMEOUT_S = 4.0  # one whole walk; what it found by then is kept
+STORE_TIMEOUT_S = 2.0  # one PUT_VALUE or ADD_PROVIDER to one peer
+FETCH_TIMEOUT_S = 6.0  # fetching all the adverts of one lookup
 FETCH_CONCURRENCY = 16
 K = 20  # Kademlia's k: records live on the k peers closest to their key
 ALPHA = 5  # requests in flight per lookup (py-libp2p uses 3)
+MAX_PROVIDERS = 64  # provider ids kept per lookup: one node answering thousands costs nothing
+ENOUGH_ADVERTS = 3  # an advert lookup ends once this many peers returned a valid copy
 PROVIDE_INTERVAL_S = 600.0
 
 
+@functools.cache
 def _validator():
     from libp2p.records.validator import Validator
 
@@ -83,8 +96,8 @@ class SwarmNode:
                 n.start_soon(one, addr)
         if joined and self.dht.get_routing_table_size() < 20:
             # Learn our neighbourhood: a lookup of our own id fills the routing table.
-            with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                await self.dht.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
+            for peer in await self.closest_peers(self.host.get_id().to_bytes()):
+                await self.dht.add_peer(peer, skip_server_mode_check=True)
         return joined
 
     async def _add(self, peer_id_b58: str) -> None:
@@ -114,21 +127,54 @@ class SwarmNode:
         if advert.leaving:
             await self._say_goodbye(key, value)
             return
-        await self.dht.put_value(key, value)
-        # py-libp2p's maintenance loop (every 600 s) republishes every value and provider key
-        # it has no republish time for, and put/provide never set one: all of them, all at
-        # once. Our announce loop renews on its own schedule, so mark them as just done.
-        now = time.time()
-        self.dht.value_store._last_republish[key.encode()] = now
-        if advert.leaving or not provide:
-            return
         keys = [records.provider_key("swarm", "all")]
-        for m in advert.models:
+        for m in advert.models if provide else ():
             keys += records.model_keys(m)
         async with trio.open_nursery() as n:
-            for pkey in keys:
-                n.start_soon(self.dht.provide, pkey)
-                self.dht.provider_store._last_republish[bytes.fromhex(pkey)] = now
+            n.start_soon(self.put_value, key, value)
+            for pkey in keys if provide else ():
+                n.start_soon(self.provide, pkey)
+
+    async def put_value(self, key: str, value: bytes) -> int:
+        """Store a signed value here and at the closest peers that answer; returns how many did.
+        (py-libp2p's ``put_value`` waits 10 s on each hung peer of its lookup.)"""
+        key_bytes = key.encode()
+        _validator().validate(key, value)
+        self.dht.value_store.put(key_bytes, value)
+        # py-libp2p's maintenance loop (every 600 s) republishes every value and provider key
+        # it has no republish time for: all of them, all at once. Our announce loop renews on
+        # its own schedule, so mark them as just done.
+        self.dht.value_store._last_republish[key_bytes] = time.time()
+        return await self._store_at(await self.closest_peers(key_bytes),
+                                    lambda peer: self.dht.value_store._store_at_peer(peer, key_bytes, value))
+
+    async def provide(self, key: str) -> int:
+        """Provide ``key`` (a hex multihash) here and at the closest peers that answer."""
+        from libp2p.peer.peerinfo import PeerInfo
+
+        store = self.dht.provider_store
+        key_bytes = bytes.fromhex(key)
+        store.providing_keys.add(key_bytes)
+        store.add_provider(key_bytes, PeerInfo(self.host.get_id(), list(self.host.get_addrs())))
+        store._last_republish[key_bytes] = time.time()
+        return await self._store_at(await self.closest_peers(key_bytes),
+                                    lambda peer: store._send_add_provider(peer, key_bytes))
+
+    async def _store_at(self, peers: Sequence[Any], store_one: Callable[[Any], Any]) -> int:
+        stored = 0
+
+        async def one(peer: Any) -> None:
+            nonlocal stored
+            with trio.move_on_after(STORE_TIMEOUT_S):
+                try:
+                    stored += bool(await store_one(peer))
+                except Exception as exc:
+                    log.debug("store at %s failed: %s", peer, exc)
+
+        async with trio.open_nursery() as n:
+            for peer in peers:
+                n.start_soon(one, peer)
+        return stored
 
     async def _say_goodbye(self, key: str, value: bytes) -> None:
         """A leaving advert must land while the process is stopping: store it at once at the
@@ -137,13 +183,14 @@ class SwarmNode:
         known = self.dht.routing_table.find_local_closest_peers(key_bytes, K)
 
         async def store_at(peer: Any) -> None:
-            try:
-                await self.dht.value_store._store_at_peer(peer, key_bytes, value)
-            except Exception as exc:
-                log.debug("goodbye to %s failed: %s", peer, exc)
+            with trio.move_on_after(STORE_TIMEOUT_S):
+                try:
+                    await self.dht.value_store._store_at_peer(peer, key_bytes, value)
+                except Exception as exc:
+                    log.debug("goodbye to %s failed: %s", peer, exc)
 
         async with trio.open_nursery() as n:
-            n.start_soon(self.dht.put_value, key, value)
+            n.start_soon(self.put_value, key, value)
             for peer in known:
                 n.start_soon(store_at, peer)
 
@@ -174,45 +221,43 @@ class SwarmNode:
 
     # --- looking up ------------------------------------------------------------------------
 
-    async def find_providers(self, key: str) -> list[str]:
-        """Peer ids (base58) providing ``key``, deduplicated, ours and local records included.
+    async def _walk(self, key_bytes: bytes, query: Callable[[Any], Any],
+                    enough: Callable[[], bool] = lambda: False) -> list[Any]:
+        """A Kademlia lookup: keep ``ALPHA`` requests in flight to the closest peers not yet
+        asked, learn closer peers from each answer, and stop when the ``K`` closest known have
+        all answered or failed (or ``enough()``). ``query(peer)`` returns the closer peers a
+        peer names and keeps whatever else it learns on the side.
 
-        A Kademlia lookup on GET_PROVIDERS itself: keep ``ALPHA`` requests in flight to the
-        closest peers not yet asked, learn closer peers from the answers, and stop when the
-        ``K`` closest peers known have all answered (that is where ``provide`` stores records). py-libp2p's own
-        ``find_providers`` answers from the local store alone whenever it holds anything, and
-        otherwise walks until it has ``count`` providers, i.e. the whole swarm for a model with
-        fewer providers than that.
+        A sliding window, not rounds: one slow peer never holds up the others. Each request
+        has ``QUERY_TIMEOUT_S`` and the walk ``LOOKUP_TIMEOUT_S``, and whatever answered by
+        then is kept: a hung peer costs one short timeout. Returns the closest peers that
+        answered, closest first.
         """
         from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 
-        store = self.dht.provider_store
-        key_bytes = bytes.fromhex(key)
         me = self.host.get_id()
-        found: list[str] = []
         known = [p for p in self.dht.routing_table.find_local_closest_peers(key_bytes, K) if p != me]
         if not known:
             known = [p for p in self.host.get_connected_peers() if p != me]
         asked: set[Any] = set()
+        responded: list[Any] = []
         answered, answers = trio.open_memory_channel[None](math.inf)
 
         async def ask(peer: Any) -> None:
             try:
-                with trio.move_on_after(LOOKUP_TIMEOUT_S / 2):
-                    providers, closer = await store._get_providers_from_peer_with_closers(peer, key_bytes)
-                    found.extend(p.peer_id.to_base58() for p in providers)
-                    known.extend(c for c in closer if c != me and c not in known)
+                with trio.move_on_after(QUERY_TIMEOUT_S):
+                    closer = await query(peer)
+                    responded.append(peer)
+                    known.extend(c for c in list(closer or ())[:K] if c != me and c not in known)
             except Exception as exc:
-                log.debug("GET_PROVIDERS to %s failed: %s", peer, exc)
+                log.debug("DHT request to %s failed: %s", peer, exc)
             finally:
                 answered.send_nowait(None)
 
-        # A sliding window, not rounds: the moment one answer arrives, the closest peer not
-        # yet asked gets the next request, so one slow peer never holds up the others.
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
                 in_flight = 0
-                while True:
+                while not enough():
                     known = sort_peer_ids_by_distance(key_bytes, known)
                     for peer in [p for p in known[:K] if p not in asked][: ALPHA - in_flight]:
                         asked.add(peer)
@@ -222,58 +267,92 @@ class SwarmNode:
                         break
                     await answers.receive()
                     in_flight -= 1
+                nursery.cancel_scope.cancel()
+        return sort_peer_ids_by_distance(key_bytes, responded)[:K]
+
+    async def closest_peers(self, key_bytes: bytes) -> list[Any]:
+        """The ``K`` peers closest to a key that answered (FIND_NODE walk)."""
+        return await self._walk(key_bytes, lambda peer: self.dht.peer_routing._query_peer_for_closest(peer, key_bytes))
+
+    async def find_providers(self, key: str) -> list[str]:
+        """Peer ids (base58) providing ``key``, deduplicated, ours and local records included,
+        at most ``MAX_PROVIDERS``.
+
+        A walk on GET_PROVIDERS, done when the ``K`` closest peers known have answered (that
+        is where ``provide`` stores records). py-libp2p's own ``find_providers`` answers from
+        the local store alone whenever it holds anything, and otherwise walks until it has
+        ``count`` providers, i.e. the whole swarm for a model with fewer providers than that.
+        """
+        store = self.dht.provider_store
+        key_bytes = bytes.fromhex(key)
+        found: list[str] = []
+
+        async def query(peer: Any) -> list[Any]:
+            providers, closer = await store._get_providers_from_peer_with_closers(peer, key_bytes)
+            found.extend(p.peer_id.to_base58() for p in providers[:K])
+            return closer
+
+        await self._walk(key_bytes, query)
         found += [p.peer_id.to_base58() for p in store.get_providers(key_bytes)]
         if key_bytes in store.providing_keys:
             found.append(self.identity.peer_id)
-        return list(dict.fromkeys(found))
+        return list(dict.fromkeys(found))[:MAX_PROVIDERS]
 
     async def get_advert_value(self, peer_id: str) -> bytes | None:
-        """The newest valid signed advert of ``peer_id`` as stored: asked of the network
-        (a local copy is kept only if the network has nothing newer)."""
+        """The newest valid signed advert of ``peer_id``: asked of the peers closest to its key
+        (a walk on GET_VALUE that ends once ``ENOUGH_ADVERTS`` of them returned a valid copy),
+        and the local copy; the highest sequence number wins."""
         key = records.advert_key(peer_id)
         key_bytes = key.encode()
-        vs = self.dht.value_store
-        local = vs.store.pop(key_bytes, None)
-        value = None
-        try:
-            with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                value = await self.dht.get_value(key)
-        except Exception as exc:
-            log.debug("advert lookup for %s failed: %s", peer_id, exc)
-        finally:
-            if local is not None and key_bytes not in vs.store:
-                vs.store[key_bytes] = local
         now = time.time()
-        best: tuple[int, bytes] | None = None
-        for v in (value, local[0].value if local else None):
-            if not v:
-                continue
+        best: list[tuple[int, bytes]] = []
+        copies = 0
+
+        def consider(value: bytes | None) -> bool:
+            if not value:
+                return False
             try:
-                seq = records.open_advert(key, v, now).seq
+                seq = records.open_advert(key, value, now).seq
             except RecordError:
-                continue
-            if best is None or seq > best[0]:
-                best = (seq, v)
-        return best[1] if best else None
+                return False
+            if not best or seq > best[0][0]:
+                best[:] = [(seq, value)]
+            return True
+
+        async def query(peer: Any) -> list[Any]:
+            nonlocal copies
+            value, closer = await self.dht.value_store._get_from_peer(peer, key_bytes, return_closer_peers=True)
+            copies += consider(value)
+            return closer
+
+        local = self.dht.value_store.store.get(key_bytes)
+        consider(local[0].value if local else None)
+        await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)
+        return best[0][1] if best else None
 
     async def get_advert(self, peer_id: str) -> Advert | None:
         value = await self.get_advert_value(peer_id)
         return records.open_advert(records.advert_key(peer_id), value) if value else None
 
     async def get_adverts(self, peer_ids: Sequence[str]) -> list[Advert]:
+        """The adverts of ``peer_ids`` found within ``FETCH_TIMEOUT_S`` (the rest are left out)."""
         out: list[Advert] = []
         limit = trio.Semaphore(FETCH_CONCURRENCY)
 
         async def one(pid: str) -> None:
             async with limit:
-                ad = await self.get_advert(pid)
+                try:
+                    ad = await self.get_advert(pid)
+                except RecordError:
+                    ad = None
             if ad is not None:
                 out.append(ad)
 
-        async with trio.open_nursery() as n:
-            for pid in dict.fromkeys(peer_ids):
-                n.start_soon(one, pid)
-        return out
+        with trio.move_on_after(FETCH_TIMEOUT_S):
+            async with trio.open_nursery() as n:
+                for pid in dict.fromkeys(peer_ids):
+                    n.start_soon(one, pid)
+        return list(out)
 
     async def find_model(self, spec: str) -> list[Advert]:
         """Live adverts of peers serving ``spec`` (alias or model id)."""
@@ -285,19 +364,31 @@ class SwarmNode:
     async def crawl(self, rounds: int = 3) -> list[str]:
         """Peer ids reachable through the DHT: the routing table, then lookups of random keys."""
         seen = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
-        for _ in range(rounds):
-            with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                for p in await self.dht.peer_routing.find_closest_peers_network(os.urandom(32)):
-                    seen.add(p.to_base58())
+        found = await _gather([lambda: self.closest_peers(os.urandom(32)) for _ in range(rounds)])
+        seen.update(p.to_base58() for peers in found for p in peers)
         seen.discard(self.identity.peer_id)
         return sorted(seen)
 
     async def overview(self) -> list[Advert]:
         """Every live advert this node can find: providers of the swarm key plus a crawl."""
-        ids = await self.find_providers(records.provider_key("swarm", "all"))
-        ids += await self.crawl()
+        providers, crawled = await _gather([lambda: self.find_providers(records.provider_key("swarm", "all")),
+                                            self.crawl])
+        ids = providers + crawled
         now = time.time()
         return sorted((a for a in await self.get_adverts(ids) if a.live(now)), key=lambda a: a.peer_id)
+
+
+async def _gather(fns: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run the coroutine functions at once; their results in order."""
+    out: list[Any] = [None] * len(fns)
+
+    async def one(i: int) -> None:
+        out[i] = await fns[i]()
+
+    async with trio.open_nursery() as n:
+        for i in range(len(fns)):
+            n.start_soon(one, i)
+    return out
 
 
 def _looks_like_id(spec: str) -> bool:
