@@ -34,10 +34,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings().with_overrides(identity=getattr(args, "identity", None))
 
 
-def _identity(args: argparse.Namespace):
+def _identity(args: argparse.Namespace, *, requester: bool = False):
     from .identity import Identity
 
-    return Identity.load_or_create(_settings(args).identity_path)
+    settings = _settings(args)
+    return Identity.load_or_create(settings.requester_identity_path if requester else settings.identity_path)
 
 
 # --- id -------------------------------------------------------------------------------------
@@ -258,7 +259,8 @@ def _swarm(args: argparse.Namespace, **kw: Any):
     if not kw.get("peers") and not settings.bootstrap and not settings.mdns:
         raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
                          "or leave mDNS on to find peers on this network")
-    return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=_identity(args), swarm_key=settings.swarm_key,
+    return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=_identity(args, requester=True),
+                 swarm_key=settings.swarm_key,
                  **kw)
 
 
@@ -507,11 +509,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     if args.choose_top < 1:
         raise UsageError("--choose-top must be 1 or more")
+    if args.attempts is not None and args.attempts < 1:
+        raise UsageError("--attempts must be 1 or more")
+    if not (args.deadline > 0 and args.stall_timeout > 0):
+        raise UsageError("--deadline and --stall-timeout must be positive numbers of seconds")
     if not 0.0 <= args.spot_check <= 1.0:
         raise UsageError("--spot-check is a probability, between 0 and 1")
     streamed = not args.json
     swarm = _swarm(args, peers=args.peer or (), weights=weights, choose_top=args.choose_top,
-                   attempts=args.attempts, stall_timeout=args.stall_timeout)
+                   attempts=args.attempts, stall_timeout=args.stall_timeout, deadline=args.deadline)
 
     async def run():
         async with swarm:
@@ -584,7 +590,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--identity", type=Path, metavar="PATH",
-                        help="Ed25519 key file (created 0600 on first use; default: user data dir)")
+                        help="Ed25519 key file (created 0600 on first use). Default, in the user data dir: "
+                             "identity.key for serve and bootstrap, requester.key for the rest, so "
+                             "serving and asking on one machine are two peers")
 
     swarm = argparse.ArgumentParser(add_help=False, parents=[common])
     swarm.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
@@ -746,8 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest; 0 disables")
     s.add_argument("--seed", type=int, default=-1, help="sampling seed; -1 picks one")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
-    s.add_argument("--attempts", type=int, default=3, help="peers to try before giving up")
-    s.add_argument("--stall-timeout", type=float, default=10.0, help="seconds without a token before failing over")
+    s.add_argument("--attempts", type=int, default=None,
+                   help="most peers to try [default: every peer serving the model, until --deadline]")
+    s.add_argument("--deadline", type=float, default=600.0, metavar="S",
+                   help="seconds the whole answer may take, failovers included")
+    s.add_argument("--stall-timeout", type=float, default=10.0,
+                   help="seconds without a frame from the peer before failing over (a queued request gets one every second)")
     s.add_argument("--explain", action="store_true",
                    help="print each candidate's criteria, score, reputation and breaker, and why one was chosen")
     s.add_argument("--weights", metavar="W", help="scoring weights, e.g. vram=0.4,slots=0.3,rtt=0.2,speed=0.1 "

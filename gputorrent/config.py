@@ -39,7 +39,16 @@ class Settings:
 
     @property
     def identity_path(self) -> Path:
+        """The key a serving (or bootstrap) node is known by."""
         return self.identity or self.data_dir / "identity.key"
+
+    @property
+    def requester_identity_path(self) -> Path:
+        """The key ``ask``, ``peers``, the TUI, the gateway and ``Swarm`` use: a separate one,
+        so asking and serving on one machine are two peers (the same peer id cannot dial
+        itself, and a requester leaves its own id out of every lookup). ``--identity``
+        names one key for both."""
+        return self.identity or self.data_dir / "requester.key"
 
     @property
     def models_dir(self) -> Path:

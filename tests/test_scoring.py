@@ -66,6 +66,15 @@ def test_choice_follows_the_weights():
     assert rank(score([a, b], Weights(vram=0.7, slots=0.1, rtt=0.1, speed=0.1)))[0].candidate.peer_id == "a"
 
 
+def test_one_peer_claiming_absurd_figures_cannot_rescale_the_honest_ones():
+    honest = [Candidate(p, free_vram_mb=8000, free_slots=4, rtt_ms=5, tokens_per_s=50) for p in "abc"]
+    liar = Candidate("liar", free_vram_mb=10**9, free_slots=10**6, rtt_ms=5, tokens_per_s=10**6)
+    alone = {s.candidate.peer_id: s.score for s in score(honest)}
+    crowded = {s.candidate.peer_id: s.score for s in score([*honest, liar])}
+    for p in "abc":  # a ratio to the best would have put vram, slots and speed near 0: 0.2 in all
+        assert alone[p] == pytest.approx(1.0) and crowded[p] >= 0.25 * 0.8 + 0.2 - 1e-9
+
+
 def test_choice_is_seeded_and_spreads_over_the_top_candidates():
     cands = [Candidate(p, 1000, 4, 10, 50) for p in "abcde"]
     order = choose(score(cands), random.Random(7))

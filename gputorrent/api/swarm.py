@@ -149,14 +149,15 @@ def params_from(**kw: Any) -> wire.Params:
 
 
 _OUTCOME = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped": "failed",
-            "unreachable": "failed"}
+            "unreachable": "failed", "busy": "busy", "error": "gone"}
 
 
 class _Core:
     """The trio side. One per ``Swarm``; every method runs in trio."""
 
     def __init__(self, settings: Settings, identity: Identity, direct: list[str], weights: Weights,
-                 choose_top: int, attempts: int, stall_timeout: float, watch_interval: float) -> None:
+                 choose_top: int, attempts: int | None, stall_timeout: float, watch_interval: float,
+                 deadline: float) -> None:
         self.settings = settings
         self.identity = identity
         self.direct = direct
@@ -165,9 +166,11 @@ class _Core:
         self.attempts = attempts
         self.stall_timeout = stall_timeout
         self.watch_interval = watch_interval
+        self.deadline = deadline
         self.rng = random.Random()
         self.host: Any = None
         self.node: Any = None
+        self.view: Any = None  # peer.view.SwarmView, once joined
         self.store: ReputationStore | None = None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -178,6 +181,7 @@ class _Core:
     async def open(self) -> None:
         from ..dht.node import swarm_node
         from ..peer.host import running_host
+        from ..peer.view import SwarmView
         from ..swarmkey import load
 
         s = self.settings
@@ -188,7 +192,7 @@ class _Core:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            self.store = ReputationStore(s.data_dir / "reputation.sqlite")
+            self.store = await trio.to_thread.run_sync(ReputationStore, s.data_dir / "reputation.sqlite")
             stack.callback(self.store.close)
             self.host = await stack.enter_async_context(running_host(self.identity, mdns=s.mdns and not self.direct,
                                                                      psk=psk))
@@ -200,6 +204,10 @@ class _Core:
                 if not s.bootstrap:
                     await self.node.adopt_known_peers()
             self._nursery = await stack.enter_async_context(trio.open_nursery())
+            if self.node is not None:
+                self.view = SwarmView(self.host, self.node, self.store, weights=self.weights, rng=self.rng,
+                                      top=self.choose_top)
+                self._nursery.start_soon(self.view.refresh_forever)
         except BaseException:
             await stack.aclose()
             raise
@@ -225,7 +233,7 @@ class _Core:
     async def peers(self, model: str | None = None, ping: bool = False) -> list[PeerStatus]:
         if self.node is None:
             raise SwarmError("this Swarm asks fixed peers (peers=[...]); it has no DHT to list")
-        adverts = await (self.node.find_model(model) if model else self.node.overview())
+        adverts = await (self.view.find(model) if model else self.view.overview(max_age=0))
         rtts: dict[str, float] = {}
         if ping:
             from ..peer.client import AttemptFailed
@@ -234,7 +242,7 @@ class _Core:
 
             async def one(ad: Advert) -> None:
                 try:
-                    with trio.move_on_after(3):
+                    with trio.move_on_after(2):
                         await connect(self.host, ad.addrs)
                         rtts[ad.peer_id] = round((await ping_peer(self.host, ad.peer_id, 2.0))[0], 1)
                 except (DialError, AttemptFailed):
@@ -252,27 +260,34 @@ class _Core:
             return Plan(model or "", [])
         if not model:
             counts: dict[str, int] = {}
-            for a in await self.node.overview():
+            for a in await self.view.overview():
                 for m in a.models:
                     counts[m.alias] = counts.get(m.alias, 0) + 1
             if not counts:
-                raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [],
-                                kind="no_peers")
+                raise AskFailed(await self._nothing_found("no peer in the swarm serves any model yet; "
+                                                          "start one with: gputorrent serve"), [], kind="no_peers")
             model = max(counts, key=counts.__getitem__)
-        adverts = [a for a in await self.node.find_model(model) if a.addrs]
-        if not adverts:
-            if not await self.node.overview():
-                raise AskFailed("no peer in the swarm serves any model yet; start one with: gputorrent serve", [],
-                                kind="no_peers")
+        order, considered = await self.view.rank(model)
+        if not considered:
+            if not await self.view.overview():
+                raise AskFailed(await self._nothing_found("no peer in the swarm serves any model yet; "
+                                                          "start one with: gputorrent serve"), [], kind="no_peers")
             raise AskFailed(f"no live peer serves {model!r}; see what the swarm has with: "
                             "gputorrent models list --swarm", [], kind="unknown_model")
-        order, considered = await rank_peers(self.host, adverts, self.store, weights=self.weights, rng=self.rng,
-                                             top=self.choose_top)
         if not order:
             raise AskFailed(f"every peer serving {model!r} is unreachable or has its breaker open; see: "
                             "gputorrent peers (and peers --reset PEER to give one another chance)", [],
                             kind="unavailable")
         return Plan(model, order, considered)
+
+    async def _nothing_found(self, message: str) -> str:
+        """``message``, unless this requester's own peer id is serving: then say that instead
+        (a node never finds itself: both processes have one key)."""
+        if await self.node.get_advert(self.identity.peer_id) is not None:
+            return (f"this requester has the same peer id ({self.identity.peer_id}) as a serving peer, so it "
+                    "cannot reach it: give the requester or the server another --identity (by default they "
+                    "use different keys)")
+        return message
 
     async def set_banned(self, peer_id: str, banned: bool) -> str:
         rec = self.store.ban(peer_id) if banned else self.store.reset(peer_id)  # type: ignore[union-attr]
@@ -354,28 +369,40 @@ class _Core:
         wire.validate_request(wire.InferRequest(request_id=new_request_id(), messages=messages,
                                                 prompt=prompt if raw else None, params=p))  # before any lookup
         if self.direct:
+            candidates: Any = list(self.direct)
             addrs, model = list(self.direct), model or ""
         else:
             plan = plan or await self.rank(model)
             addrs, model = [list(a.addrs) for a in plan.order], plan.model
+            candidates = self.view.candidates(model, first=plan.order)
         send, recv = trio.open_memory_channel[Any](math.inf)
-        current = {"peer": ""}
+        current = {"peer": "", "open": False}  # the peer being asked; whether its outcome is still unknown
+
+        def before(pid: str) -> None:
+            current.update(peer=pid, open=True)
+            self.store.start_trial(pid)  # type: ignore[union-attr]
+
+        def after(a: Attempt, r: AttemptResult) -> None:
+            current["open"] = False
+            self._after_attempt(a, r, send)
 
         async def produce() -> None:
             async with send:
                 try:
                     answer = await ask(
-                        self.host, addrs, messages=messages, prompt=prompt if raw else None, model=model, params=p,
-                        on_text=lambda t: send.send_nowait(Text(t, current["peer"])),
-                        max_attempts=self.attempts, stall_timeout=self.stall_timeout,
-                        before_attempt=lambda pid: (current.__setitem__("peer", pid), self.store.start_trial(pid)),
-                        after_attempt=lambda a, r: self._after_attempt(a, r, send),
+                        self.host, candidates, messages=messages, prompt=prompt if raw else None, model=model,
+                        params=p, on_text=lambda t: send.send_nowait(Text(t, current["peer"])),
+                        max_attempts=self.attempts, deadline_s=self.deadline, stall_timeout=self.stall_timeout,
+                        before_attempt=before, after_attempt=after,
                     )
                     if verify or (spot_check and self.rng.random() < spot_check):
                         answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)
                     send.send_nowait(Finished(answer))
                 except Exception as exc:  # handed to the consumer: never into the swarm's nursery
                     send.send_nowait(exc)
+                finally:
+                    if current["open"]:  # the consumer left mid-attempt: that says nothing of the peer
+                        self.store.record(current["peer"], "gone")  # type: ignore[union-attr]
 
         # The producer runs in the swarm's nursery, under a scope this generator only holds:
         # a generator must not yield inside a cancel scope it entered.
@@ -430,17 +457,19 @@ class Swarm(Hosted):
     def __init__(self, bootstrap: Sequence[str] | None = None, *, mdns: bool | None = None,
                  identity: Identity | str | Path | None = None, swarm_key: str | Path | None = None,
                  data_dir: str | Path | None = None, peers: Sequence[str] = (), weights: Weights | None = None,
-                 choose_top: int = 3, attempts: int = 3, stall_timeout: float = 10.0,
-                 watch_interval: float = 2.0) -> None:
-        if choose_top < 1 or attempts < 1 or stall_timeout <= 0 or watch_interval <= 0:
-            raise ValueError("choose_top and attempts must be 1 or more; stall_timeout and watch_interval positive")
+                 choose_top: int = 3, attempts: int | None = None, stall_timeout: float = 10.0,
+                 watch_interval: float = 2.0, deadline: float = 600.0) -> None:
+        if choose_top < 1 or (attempts is not None and attempts < 1) or stall_timeout <= 0 or watch_interval <= 0 \
+                or deadline <= 0:
+            raise ValueError("choose_top and attempts must be 1 or more; stall_timeout, watch_interval and "
+                             "deadline positive")
         settings = load_settings().with_overrides(
             bootstrap=list(bootstrap) if bootstrap else None, mdns=mdns,
             identity=None if isinstance(identity, Identity) else identity, swarm_key=swarm_key,
             data_dir=data_dir)
-        ident = identity if isinstance(identity, Identity) else Identity.load_or_create(settings.identity_path)
+        ident = identity if isinstance(identity, Identity) else Identity.load_or_create(settings.requester_identity_path)
         self._core = _Core(settings, ident, list(peers), weights or Weights(), choose_top, attempts,
-                           stall_timeout, watch_interval)
+                           stall_timeout, watch_interval, deadline)
 
     @property
     def peer_id(self) -> str:

@@ -1,9 +1,10 @@
 """Ask for an answer from a list of candidate peers, failing over mid-answer.
 
 The requester keeps the token ids it has received. When a peer drops, stalls, is busy or fails
-verification, the next candidate gets the same prompt plus those ids and continues; once a
-model id is known, only a peer serving that same id may continue, so greedy output is token
-for token what one healthy peer would have produced.
+verification, the next candidate (re-ranked from the live view, never one that failed in this
+request) gets the same prompt plus those ids; it replays them as its own first samples, one
+decode step each, and continues. Once a model id is known only a peer serving that same id may
+continue, so greedy output is token for token what one healthy peer would have produced.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import msgspec
+import trio
 
 from .. import wire
-from .client import AttemptFailed, AttemptResult, run_attempt
+from .client import AttemptFailed, AttemptResult, PeerBusy, Stalled, run_attempt
 from .host import DialError, connect
 
 
@@ -66,25 +67,54 @@ def new_request_id() -> bytes:
     return os.urandom(16)
 
 
+class Candidates(Protocol):
+    """Where the next peer to try comes from: re-ranked from a live view for every attempt."""
+
+    async def next(self, tried: set[str], model_id: str) -> list[str] | None:
+        """The addresses of the best peer not in ``tried`` (serving ``model_id`` once it is
+        known), or ``None`` when there is none left."""
+        ...
+
+
+class FixedCandidates:
+    """Peers given up front (``--peer``), tried in order."""
+
+    def __init__(self, candidates: Sequence[str | Sequence[str]]) -> None:
+        self._order = [[c] if isinstance(c, str) else list(c) for c in candidates]
+
+    async def next(self, tried: set[str], model_id: str) -> list[str] | None:
+        return next((c for c in self._order if peer_id_of(c) not in tried), None)
+
+
+BUSY_WAIT_MAX_S = 2.0
+
+
 async def ask(
     host: Any,
-    candidates: Sequence[str | Sequence[str]],
+    candidates: Candidates | Sequence[str | Sequence[str]],
     *,
     messages: list[wire.ChatMessage] | None = None,
     prompt: str | None = None,
     model: str = "",
     params: wire.Params = wire.Params(),
     on_text: Callable[[str], None] = lambda _t: None,
-    max_attempts: int = 3,
+    max_attempts: int | None = None,
+    deadline_s: float = 600.0,
     stall_timeout: float = 10.0,
+    accept_timeout: float = 5.0,
+    dial_timeout: float = 3.0,
     before_attempt: Callable[[str], None] = lambda _peer_id: None,
     after_attempt: Callable[[Attempt, AttemptResult], None] = lambda _a, _r: None,
 ) -> Answer:
-    """Stream an answer from the first candidate that completes it.
+    """Stream an answer, failing over until a peer completes it.
 
-    ``candidates`` are peers, best first: each a full multiaddr, or the list of a peer's
-    multiaddrs. Raises ``AskFailed`` when none finishes within ``max_attempts``.
+    ``candidates`` re-ranks for every attempt (or is a fixed list of peers, each a full
+    multiaddr or the list of a peer's multiaddrs). A peer that failed in this request is not
+    asked again in it, except one that was only busy, once every other peer has been tried.
+    Attempts go on until the answer is done, no peer is left, ``deadline_s`` passes, or
+    ``max_attempts`` (no cap by default). Raises ``AskFailed`` with every attempt.
     """
+    source: Candidates = candidates if hasattr(candidates, "next") else FixedCandidates(candidates)  # type: ignore[arg-type]
     base = wire.validate_request(wire.InferRequest(
         request_id=new_request_id(), model=model, messages=messages, prompt=prompt, params=params,
     ))
@@ -93,8 +123,12 @@ async def ask(
     text_parts: list[str] = []
     model_id = ""
     t0 = time.perf_counter()
+    deadline = trio.current_time() + deadline_s
     t_first: float | None = None
     t_last: float | None = None
+    tried: set[str] = set()
+    busy_until: dict[str, float] = {}
+    last: AttemptResult | None = None
 
     def on_token(new_ids: list[int], text: str) -> None:
         nonlocal t_first, t_last
@@ -104,51 +138,81 @@ async def ask(
         text_parts.append(text)
         on_text(text)
 
-    for addr in list(candidates)[: max(1, max_attempts)]:
-        remaining = params.max_tokens - len(ids)
+    def answer(res: AttemptResult, finish_reason: str, usage: dict[str, int], receipt: bytes) -> Answer:
+        decode_s = (t_last - t_first) if (t_first and t_last and t_last > t_first) else 0.0
+        return Answer(
+            text="".join(text_parts), peer_id=res.peer_id, model_id=res.model_id or model_id,
+            finish_reason=finish_reason, usage=usage,
+            ttft_ms=round(((t_first or time.perf_counter()) - t0) * 1000, 2),
+            tokens_per_s=round((len(ids) - 1) / decode_s, 2) if decode_s else 0.0,
+            receipt_verified=True,  # every frame, and Done's receipt, verified before use
+            receipt=receipt.hex(), attempts=attempts,
+        )
+
+    while True:
+        if last is not None and len(ids) >= params.max_tokens:
+            # The last peer sent every token asked for and died before its Done: the answer is
+            # complete. Its last token frame signed the transcript, which stands as the receipt.
+            return answer(last, "length", {"prompt_tokens": 0, "completion_tokens": len(ids)}, last.transcript)
+        left = deadline - trio.current_time()
+        if left <= 0 or (max_attempts is not None and len(attempts) >= max_attempts):
+            break
+        addr = None
+        with trio.move_on_after(left):
+            addr = await source.next(tried, model_id)
+        if addr is None:
+            waiting = {p: t for p, t in busy_until.items() if p in tried}
+            if not waiting or left <= 0:
+                break
+            # Everyone left was busy: wait for the first to have room (briefly), then ask again.
+            await trio.sleep(max(0.0, min(min(waiting.values()) - trio.current_time(), BUSY_WAIT_MAX_S, left)))
+            tried -= set(waiting)
+            busy_until.clear()
+            continue
         request = wire.InferRequest(
             request_id=new_request_id(), model=model_id or model, messages=base.messages,
-            prompt=base.prompt, params=msgspec.structs.replace(params, max_tokens=max(1, remaining)),
-            resume_ids=list(ids),
+            prompt=base.prompt, params=params, resume_ids=list(ids),
+            deadline_ms=max(1, min(int(left * 1000), 3_600_000)),
         )
         res = AttemptResult(peer_id_of(addr))
+        tried.add(res.peer_id)
         before_attempt(res.peer_id)
-        try:
-            peer_id = await connect(host, addr)
-        except DialError as exc:
-            attempts.append(Attempt(peer_id=res.peer_id, outcome="unreachable", error=str(exc)))
+        peer_id, error = "", f"no connection within {min(dial_timeout, left):g}s"
+        with trio.move_on_after(min(dial_timeout, left)):
+            try:
+                peer_id = await connect(host, addr)
+            except DialError as exc:
+                error = str(exc)
+        if not peer_id:
+            attempts.append(Attempt(res.peer_id, "unreachable", error=error))
             after_attempt(attempts[-1], res)
             continue
         try:
-            await run_attempt(host, peer_id, request, on_token, stall_timeout=stall_timeout, result=res)
-        except AttemptFailed as exc:
+            with trio.fail_after(max(left, 0.001)):
+                await run_attempt(host, peer_id, request, on_token, stall_timeout=stall_timeout,
+                                  accept_timeout=accept_timeout, result=res)
+        except (AttemptFailed, trio.TooSlowError) as exc:
+            failure = exc if isinstance(exc, AttemptFailed) else Stalled(f"the request's deadline passed ({deadline_s:g}s)")
             model_id = model_id or res.model_id
-            attempts.append(Attempt(peer_id, exc.outcome, len(res.ids), str(exc)))
+            attempts.append(Attempt(peer_id, failure.outcome, len(res.ids), str(failure)))
             after_attempt(attempts[-1], res)
-            if not exc.retry:
+            if res.ids:
+                last = res
+            if isinstance(failure, PeerBusy):
+                busy_until[peer_id] = trio.current_time() + failure.retry_after_ms / 1000
+            if not failure.retry:
                 break
             continue
         done = res.done
         assert done is not None
         attempts.append(Attempt(peer_id, "ok", len(res.ids)))
         after_attempt(attempts[-1], res)
-        completion = len(ids) - len(res.ids) + done.usage.completion_tokens
-        decode_s = (t_last - t_first) if (t_first and t_last and t_last > t_first) else 0.0
-        return Answer(
-            text="".join(text_parts),
-            peer_id=peer_id,
-            model_id=res.model_id or model_id,
-            finish_reason=done.finish_reason,
-            usage={"prompt_tokens": done.usage.prompt_tokens - len(request.resume_ids),
-                   "completion_tokens": completion},
-            ttft_ms=round(((t_first or time.perf_counter()) - t0) * 1000, 2),
-            tokens_per_s=round((len(ids) - 1) / decode_s, 2) if decode_s else 0.0,
-            receipt_verified=True,  # run_attempt returns only after Done's receipt verified
-            receipt=done.transcript.hex(),
-            attempts=attempts,
-        )
-    tried = "; ".join(f"{a.peer_id[:16]}…: {a.outcome} ({a.error})" for a in attempts) or "no candidates"
-    raise AskFailed(f"no peer finished the answer after {len(attempts)} attempt(s): {tried}",
+        usage = {"prompt_tokens": done.usage.prompt_tokens, "completion_tokens": done.usage.completion_tokens}
+        return answer(res, done.finish_reason, usage, done.transcript)
+    tried_text = "; ".join(f"{a.peer_id[:16]}…: {a.outcome} ({a.error})" for a in attempts) or "no peer to ask"
+    why = "the deadline passed" if deadline - trio.current_time() <= 0 else (
+        "no attempt left" if max_attempts is not None and len(attempts) >= max_attempts else "no peer left to ask")
+    raise AskFailed(f"no peer finished the answer ({why}) after {len(attempts)} attempt(s): {tried_text}",
                     attempts, "".join(text_parts))
 
 

@@ -1,4 +1,4 @@
-"""Choose peers for a request: breakers first, then a fresh ping, then the MCDA score.
+"""Choose peers for a request: breakers first, then a ping, then the MCDA score.
 
 Only the requester decides; nothing here is shared with or trusted from other requesters,
 except what peers sign about themselves (adverts, pongs).
@@ -33,6 +33,15 @@ class Considered:
     skipped: str = ""  # why it was not scored
 
 
+MAX_SLOTS = 256  # more parallel answers than any one peer plausibly runs
+
+
+def _plausible_memory_mb(ad: Advert) -> int:
+    """The most free memory this advert's device can have: its VRAM, else its RAM."""
+    d = ad.device
+    return max(0, d.vram_total_mb if d.kind == "gpu" else d.ram_mb)
+
+
 async def rank_peers(
     host: Any,
     adverts: list[Advert],
@@ -41,49 +50,79 @@ async def rank_peers(
     weights: Weights = Weights(),
     rng: random.Random | None = None,
     top: int = 3,
-    ping_timeout: float = 2.0,
+    pongs: dict[str, tuple[float, float, Any]] | None = None,
+    pong_fresh_s: float = 0.0,
+    ping_wait_s: float = 2.0,
 ) -> tuple[list[Advert], list[Considered]]:
-    """The adverts in the order to try them, and how each one was considered."""
+    """The adverts in the order to try them, and how each one was considered.
+
+    Peers whose breaker is open are left out. The others are pinged (unless ``pongs`` holds
+    one younger than ``pong_fresh_s``), all at once, for at most ``ping_wait_s``; those that
+    answered are scored, and those that did not follow them, by reputation: still there for
+    failover, never chosen ahead of a peer that answered.
+
+    What a pong claims is bounded by what can be checked: free memory by the advert's device,
+    slots by ``MAX_SLOTS``; speed counts only as this requester measured it (a peer never
+    measured gets the median of those that were), and a recent Busy lowers the score.
+    """
     rng = rng or random.Random()
+    pongs = {} if pongs is None else pongs
     now = time.time()
     considered: dict[str, Considered] = {}
-    pongs: dict[str, tuple[float, Any]] = {}
+    fresh: dict[str, tuple[float, Any]] = {}
+    unanswered: dict[str, str] = {}
 
     async def probe(ad: Advert) -> None:
         try:
             await connect(host, ad.addrs)
-            pongs[ad.peer_id] = await ping(host, ad.peer_id, ping_timeout)
+            rtt, pong = await ping(host, ad.peer_id, ping_wait_s)
+            fresh[ad.peer_id] = (rtt, pong)
+            pongs[ad.peer_id] = (trio.current_time(), rtt, pong)
         except (DialError, AttemptFailed) as exc:
-            rec = store.get(ad.peer_id, now)
-            considered[ad.peer_id] = Considered(ad, rec.breaker.current(now), rec.reputation, skipped=f"no ping: {exc}")
+            unanswered[ad.peer_id] = f"no ping: {exc}"
 
-    async with trio.open_nursery() as n:
-        for ad in adverts:
-            rec = store.get(ad.peer_id, now)
-            if not rec.breaker.allows(now):
-                considered[ad.peer_id] = Considered(ad, rec.breaker.current(now), rec.reputation,
-                                                    skipped="breaker open")
-                continue
-            n.start_soon(probe, ad)
+    allowed = []
+    with trio.move_on_after(ping_wait_s):
+        async with trio.open_nursery() as n:
+            for ad in adverts:
+                rec = store.get(ad.peer_id, now)
+                if not rec.breaker.allows(now):
+                    considered[ad.peer_id] = Considered(ad, rec.breaker.current(now), rec.reputation,
+                                                        skipped="breaker open")
+                    continue
+                allowed.append(ad)
+                kept = pongs.get(ad.peer_id)
+                if kept is not None and trio.current_time() - kept[0] < pong_fresh_s:
+                    fresh[ad.peer_id] = (kept[1], kept[2])
+                else:
+                    n.start_soon(probe, ad)
 
+    measured = sorted(r for r in (store.get(ad.peer_id, now).tokens_per_s for ad in allowed) if r)
+    typical_speed = measured[len(measured) // 2] if measured else 1.0
     candidates = []
-    for ad in adverts:
-        if ad.peer_id not in pongs:
+    for ad in allowed:
+        if ad.peer_id not in fresh:
             continue
-        rtt, pong = pongs[ad.peer_id]
+        rtt, pong = fresh[ad.peer_id]
         rec = store.get(ad.peer_id, now)
-        # Advertised speed, capped by what we saw ourselves: a peer cannot talk itself up.
-        speed = pong.tokens_per_s if rec.tokens_per_s is None else min(pong.tokens_per_s, rec.tokens_per_s)
-        candidates.append(Candidate(ad.peer_id, free_vram_mb=pong.free_memory_mb,
-                                    free_slots=pong.slots - pong.active - pong.queued, rtt_ms=rtt,
-                                    tokens_per_s=speed, reputation=rec.reputation))
+        candidates.append(Candidate(
+            ad.peer_id, free_vram_mb=min(max(0, pong.free_memory_mb), _plausible_memory_mb(ad)),
+            free_slots=min(pong.slots, MAX_SLOTS) - pong.active - pong.queued, rtt_ms=rtt,
+            tokens_per_s=rec.tokens_per_s or typical_speed,
+            reputation=rec.reputation * rec.busy_factor(now)))
     scored = score(candidates, weights)
     by_id = {ad.peer_id: ad for ad in adverts}
     for s in scored:
         rec = store.get(s.candidate.peer_id, now)
         considered[s.candidate.peer_id] = Considered(by_id[s.candidate.peer_id], rec.breaker.current(now),
-                                                     rec.reputation, s.candidate.rtt_ms, s)
-    order = [by_id[s.candidate.peer_id] for s in choose(scored, rng, top)]
+                                                     s.candidate.reputation, s.candidate.rtt_ms, s)
+    silent = [ad for ad in allowed if ad.peer_id not in fresh]
+    for ad in silent:
+        rec = store.get(ad.peer_id, now)
+        considered[ad.peer_id] = Considered(ad, rec.breaker.current(now), rec.reputation,
+                                            skipped=unanswered.get(ad.peer_id, f"no pong within {ping_wait_s:g}s"))
+    silent.sort(key=lambda ad: -store.get(ad.peer_id, now).reputation)
+    order = [by_id[s.candidate.peer_id] for s in choose(scored, rng, top)] + silent
     return order, [considered[ad.peer_id] for ad in adverts if ad.peer_id in considered]
 
 
@@ -91,7 +130,8 @@ def explain(considered: list[Considered], chosen: str | None, weights: Weights, 
     """A table of every candidate's criteria, score, reputation and breaker, and the choice."""
     w = weights
     lines = [f"weights: vram {w.vram:g}, slots {w.slots:g}, rtt {w.rtt:g}, speed {w.speed:g}; "
-             "criteria relative to the best candidate (1 = best); score = weighted sum x reputation",
+             "criteria relative to the best candidate, but at most 4x the median (1 = as good); "
+             "score = weighted sum x reputation (x a recent-Busy penalty)",
              f"{'peer':12} {'name':10} {'vram':>5} {'slots':>5} {'rtt':>5} {'speed':>5} {'base':>5} "
              f"{'rep':>5} {'score':>6} {'rtt ms':>7}  breaker"]
     for c in sorted(considered, key=lambda c: -(c.scored.score if c.scored else -1)):

@@ -1,7 +1,7 @@
 """Multi-criteria scoring of candidate peers: pure and deterministic given inputs and a seed.
 
-Each criterion is normalized across the candidates to [0, 1] as a ratio to the best candidate
-(RTT inverted), combined with weights that sum to 1, then multiplied by the peer's reputation.
+Each criterion is normalized across the candidates to [0, 1] as a ratio to a reference
+candidate (see ``normalize``; RTT inverted), combined with weights that sum to 1, then multiplied by the peer's reputation.
 The choice is random among the top few, weighted by score, so that many requesters with the
 same view of the swarm do not all herd onto the one best peer.
 """
@@ -56,18 +56,26 @@ class Scored:
     score: float = 0.0  # base x reputation
 
 
-def normalize(values: Sequence[float], *, higher_is_better: bool = True) -> list[float]:
-    """Each value relative to the best candidate's, in [0, 1] (the best gets 1).
+OUTLIER_RATIO = 4.0
 
-    Ratio to best, not min-max: min-max stretches any difference to the full range, so two
-    RTTs of 1.1 and 1.3 ms would score 1 and 0 and noise would decide. Negative values (more
-    queued than slots) count as 0; when no candidate has anything, all get 1.
+
+def normalize(values: Sequence[float], *, higher_is_better: bool = True) -> list[float]:
+    """Each value relative to a reference candidate's, in [0, 1].
+
+    Higher is better: the reference is the best value, but at most ``OUTLIER_RATIO`` times the
+    median, and anything at or above it gets 1. A plain ratio to the best would let one peer
+    that claims absurd figures push every honest peer's score towards 0; this way a claim can
+    rescale the others by at most that factor. Lower is better (RTT, which we measure): ratio
+    to the best, with a floor against zero. Ratios, not min-max: min-max stretches any
+    difference to the full range, so RTTs of 1.1 and 1.3 ms would score 1 and 0. Negative
+    values (more queued than slots) count as 0; when none has anything, all get 1.
     """
     vals = [max(0.0, v) for v in values]
     if higher_is_better:
-        best = max(vals)
-        return [1.0] * len(vals) if best <= 0 else [v / best for v in vals]
-    floor = 1e-3  # lower is better (RTT): best / value, with a floor against zero
+        ordered = sorted(vals)
+        ref = min(ordered[-1], OUTLIER_RATIO * ordered[(len(vals) - 1) // 2]) or ordered[-1]
+        return [1.0] * len(vals) if ref <= 0 else [min(1.0, v / ref) for v in vals]
+    floor = 1e-3
     best = max(min(vals), floor)
     return [min(1.0, best / max(v, floor)) for v in vals]
 

@@ -1,0 +1,157 @@
+"""A requester's kept view of the swarm: verified adverts, recent pongs, one lookup at a time.
+
+Every ``ask`` used to redo the DHT lookup and fetch every advert: concurrent asks multiplied
+the load on the DHT and starved each other (8 at once: 3 saw too few peers and failed). Here
+the adverts found for a model are kept until they expire and refreshed in the background while
+the model is in use; concurrent requests for the same lookup share one flight; pongs are kept
+for a few seconds. Ranking reads the view, pinging only peers without a fresh pong, and waits
+for pings at most ``PING_WAIT_S``: a peer that does not answer (asleep, hung) is ranked last
+rather than holding up the choice.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .. import wire
+from ..dht.records import Advert
+from ..scoring import Weights
+from ..scoring.reputation import ReputationStore
+from .choose import Considered, rank_peers
+
+FRESH_S = 15.0  # a lookup younger than this is answered from the view
+REFRESH_S = 10.0  # how often models in use are looked up again in the background
+IN_USE_S = 300.0  # a model asked for within this long counts as in use
+PONG_FRESH_S = 5.0  # a pong younger than this is not asked again
+PING_WAIT_S = 1.0  # ranking waits at most this long for pings
+RETRY_LOOKUP_S = 2.0  # when every known peer has been tried, look again if the view is older
+
+
+@dataclass(slots=True)
+class _Lookup:
+    adverts: list[Advert]
+    at: float  # trio time
+
+
+class _Flight:
+    """One lookup under way; later callers wait for its result instead of starting another."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class SwarmView:
+    """What this requester knows of the swarm (one per ``Swarm``; trio only)."""
+
+    def __init__(self, host: Any, node: Any, store: ReputationStore, *, weights: Weights = Weights(),
+                 rng: random.Random | None = None, top: int = 3) -> None:
+        self.host = host
+        self.node = node
+        self.store = store
+        self.weights = weights
+        self.rng = rng or random.Random()
+        self.top = top
+        self._lookups: dict[str, _Lookup] = {}
+        self._used: dict[str, float] = {}
+        self._flights: dict[str, _Flight] = {}
+        self.pongs: dict[str, tuple[float, float, wire.Pong]] = {}  # peer id -> (at, rtt ms, pong)
+        self.lookups_run = 0  # how many DHT lookups this view made (tests, benchmarks)
+
+    # --- lookups ----------------------------------------------------------------------------
+
+    async def _single_flight(self, key: str, run: Callable[[], Awaitable[Any]]) -> Any:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight()
+            try:
+                self.lookups_run += 1
+                flight.result = await run()
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            finally:
+                del self._flights[key]
+                flight.done.set()
+            return flight.result
+        await flight.done.wait()
+        if flight.error is not None:
+            if isinstance(flight.error, Exception):
+                raise flight.error
+            raise RuntimeError("the shared lookup was cancelled")
+        return flight.result
+
+    async def _lookup(self, key: str, run: Callable[[], Awaitable[list[Advert]]], max_age: float) -> list[Advert]:
+        now = trio.current_time()
+        kept = self._lookups.get(key)
+        if kept is None or now - kept.at > max_age:
+
+            async def fresh() -> list[Advert]:
+                adverts = await run()
+                self._lookups[key] = _Lookup(adverts, trio.current_time())
+                return adverts
+
+            await self._single_flight(key, fresh)
+            kept = self._lookups[key]
+        wall = time.time()
+        return [a for a in kept.adverts if a.live(wall) and not a.leaving]
+
+    async def find(self, spec: str, max_age: float = FRESH_S) -> list[Advert]:
+        """Live adverts of peers serving ``spec`` (alias or model id), from the view when it
+        is fresh enough, else from one shared lookup."""
+        self._used[spec] = trio.current_time()
+        return await self._lookup(f"model:{spec}", lambda: self.node.find_model(spec), max_age)
+
+    async def overview(self, max_age: float = FRESH_S) -> list[Advert]:
+        return await self._lookup("overview", self.node.overview, max_age)
+
+    async def refresh_forever(self) -> None:
+        """Keep the models in use fresh, so requests rarely wait for a lookup."""
+        while True:
+            await trio.sleep(REFRESH_S)
+            now = trio.current_time()
+            for spec in [s for s, t in self._used.items() if now - t < IN_USE_S]:
+                try:
+                    await self.find(spec, max_age=REFRESH_S / 2)
+                except Exception:  # the next round tries again; requests look up themselves
+                    pass
+
+    # --- choosing ---------------------------------------------------------------------------
+
+    async def rank(self, spec: str, *, exclude: set[str] = frozenset(), model_id: str = "",
+                   max_age: float = FRESH_S) -> tuple[list[Advert], list[Considered]]:
+        """The peers serving ``spec`` (and ``model_id``, once known) not in ``exclude``, best
+        first, and how each was judged."""
+        adverts = [a for a in await self.find(spec, max_age) if a.addrs and a.peer_id not in exclude
+                   and (not model_id or any(m.model_id == model_id for m in a.models))]
+        return await rank_peers(self.host, adverts, self.store, weights=self.weights, rng=self.rng, top=self.top,
+                                pongs=self.pongs, pong_fresh_s=PONG_FRESH_S, ping_wait_s=PING_WAIT_S)
+
+    def candidates(self, spec: str, first: list[Advert] | None = None) -> Candidates:
+        return Candidates(self, spec, first or [])
+
+
+class Candidates:
+    """The next peer to try for one request, re-ranked from the view at every attempt."""
+
+    def __init__(self, view: SwarmView, spec: str, first: list[Advert]) -> None:
+        self.view = view
+        self.spec = spec
+        self._first = first  # the plan's order, used for the first attempt only
+
+    async def next(self, tried: set[str], model_id: str) -> list[str] | None:
+        if self._first:
+            ad, self._first = self._first[0], []
+            if ad.peer_id not in tried:
+                return list(ad.addrs)
+        order, _ = await self.view.rank(self.spec, exclude=tried, model_id=model_id)
+        if not order:  # everyone known was tried: peers may have joined since the last lookup
+            order, _ = await self.view.rank(self.spec, exclude=tried, model_id=model_id, max_age=RETRY_LOOKUP_S)
+        return list(order[0].addrs) if order else None
