@@ -234,9 +234,35 @@ def _node_options(args: argparse.Namespace, settings: Settings):
     ttl = getattr(args, "advert_ttl", None) or max(120.0, 4 * interval)
     if ttl <= interval:
         raise UsageError("--advert-ttl must be longer than --announce-interval")
-    return NodeOptions(listen=args.listen or [settings.listen], bootstrap=list(settings.bootstrap),
+    listen = args.listen or [settings.listen]
+    _check_listen(listen)
+    return NodeOptions(listen=listen, bootstrap=list(settings.bootstrap),
                        mdns=settings.mdns, ready_file=args.ready_file, announce_interval=interval, advert_ttl=ttl,
                        psk=_psk(settings))
+
+
+def _check_listen(addrs: list[str]) -> None:
+    """Each ``--listen`` address parses, and its port is free. py-libp2p listens with
+    SO_REUSEPORT, so a second serve on a taken port would bind too and the two would steal
+    each other's connections; a plain bind here fails on a taken port instead."""
+    import socket
+
+    for addr in addrs:
+        parts = addr.strip("/").split("/")
+        if len(parts) != 4 or parts[0] not in ("ip4", "ip6") or parts[2] != "tcp" or not parts[3].isdigit() \
+                or int(parts[3]) > 65535:
+            raise UsageError(f"--listen {addr!r} is not a listen address; e.g. /ip4/127.0.0.1/tcp/4001 "
+                             "(tcp/0: any free port)")
+        host, port = parts[1], int(parts[3])
+        if port == 0:
+            continue
+        family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {host} port {port}: {exc.strerror or exc} (is another gputorrent "
+                                 f"serve running there?); pick another port, or tcp/0 for any free one") from None
 
 
 def _psk(settings: Settings) -> str | None:
@@ -356,6 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .peer.serve import ServeOptions, load_engine, serve
 
     settings = _swarm_settings(args)
+    node_opts = _node_options(args, settings)  # a bad or taken --listen fails here, before any work
     if args.slots < 1 or args.slots > 64:
         raise UsageError("--slots must be between 1 and 64")
     if args.queue < 0:
@@ -385,7 +412,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except IdentityError as exc:
             raise UsageError(f"--allow: {exc}; give peer ids as 'gputorrent id' prints them") from exc
         allow = frozenset(args.allow)
-    opts = ServeOptions(node=_node_options(args, settings), slots=args.slots, queue=args.queue, n_ctx=args.ctx,
+    opts = ServeOptions(node=node_opts, slots=args.slots, queue=args.queue, n_ctx=args.ctx,
                         n_threads=args.threads, name=args.name or "", allow=allow, rate_limit=args.rate_limit,
                         first_frame_timeout=args.first_frame_timeout, fault=fault, n_gpu_layers=args.n_gpu_layers,
                         max_vram_mb=args.max_vram_mb)

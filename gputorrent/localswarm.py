@@ -60,7 +60,8 @@ class PeerProcess:
                     raise SwarmError(f"{self.name} exited with {self.proc.wait()} before it was ready:\n{err[-2000:]}")
                 if line.startswith(("/", "http://")):  # a peer's multiaddr, or a gateway's URL
                     self.addr = line.strip()
-                    self.info = json.loads(self.ready_file.read_text())
+                    if self.ready_file.is_file():
+                        self.info = json.loads(self.ready_file.read_text())
                     return
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:

@@ -152,6 +152,10 @@ _OUTCOME = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped
             "unreachable": "failed", "busy": "busy", "error": "gone"}
 
 
+_SAME_ID = ("this requester has the same peer id ({}) as a peer it would ask, so it cannot reach it: give the "
+            "requester or that peer another --identity (by default they use different keys)")
+
+
 class _Core:
     """The trio side. One per ``Swarm``; every method runs in trio."""
 
@@ -188,6 +192,9 @@ class _Core:
         if not self.direct and not s.bootstrap and not s.mdns:
             raise SwarmError("no way to find the swarm: give bootstrap=[MULTIADDR] (or GPUTORRENT_BOOTSTRAP), "
                              "or leave mDNS on to find peers on this network")
+        mine = [a for a in [*s.bootstrap, *self.direct] if a.rstrip("/").endswith("/p2p/" + self.identity.peer_id)]
+        if mine:
+            raise SwarmError(_SAME_ID.format(self.identity.peer_id) + f" ({mine[0]})")
         psk = load(s.swarm_key) if s.swarm_key else None
         stack = AsyncExitStack()
         await stack.__aenter__()
@@ -284,9 +291,7 @@ class _Core:
         """``message``, unless this requester's own peer id is serving: then say that instead
         (a node never finds itself: both processes have one key)."""
         if await self.node.get_advert(self.identity.peer_id) is not None:
-            return (f"this requester has the same peer id ({self.identity.peer_id}) as a serving peer, so it "
-                    "cannot reach it: give the requester or the server another --identity (by default they "
-                    "use different keys)")
+            return _SAME_ID.format(self.identity.peer_id)
         return message
 
     async def set_banned(self, peer_id: str, banned: bool) -> str:
