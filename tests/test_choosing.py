@@ -101,9 +101,10 @@ def test_explain_shows_the_choice_following_the_weights(crowd, cli):
     common = ("--bootstrap", boot.addr, "--no-mdns", "--model", "smollm2", "--choose-top", "1", "--json")
     by_slots = cli("ask", QUESTION, *common, "--explain", "--weights", "vram=0,slots=1,rtt=0,speed=0")
     assert by_slots.returncode == 0, by_slots.stderr
-    assert _json(by_slots)["peer_id"] == peers["roomy"].peer_id  # the most free slots
+    assert _json(by_slots)["peer_id"] == peers["roomy"].peer_id, by_slots.stderr  # the most free slots
     table = by_slots.stderr
     assert "weights: vram 0, slots 1, rtt 0, speed 0" in table and "chose " + short_id(peers["roomy"].peer_id) in table
     shown = {short_id(p.peer_id): n for n, p in peers.items()}  # the same short ids as `peers` shows
     order = [shown[line.split()[0]] for line in table.splitlines() if line.split() and line.split()[0] in shown]
+    print(table)
     assert order.index("roomy") < order.index("middle") < order.index("narrow")  # ranked by the weights

@@ -24,7 +24,7 @@ from ..config import Settings, load_settings
 from ..dht.records import Advert
 from ..identity import Identity
 from ..peer.asker import AskFailed, Attempt, Answer, ask, new_request_id, peer_id_of
-from ..peer.choose import Considered, rank_peers
+from ..peer.choose import Considered
 from ..peer.client import AttemptResult
 from ..scoring import Weights
 from ..scoring.reputation import ReputationStore

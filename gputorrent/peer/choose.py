@@ -52,14 +52,17 @@ async def rank_peers(
     top: int = 3,
     pongs: dict[str, tuple[float, float, Any]] | None = None,
     pong_fresh_s: float = 0.0,
-    ping_wait_s: float = 2.0,
+    ping_wait_s: float = 1.0,
+    ping_timeout: float = 3.0,
 ) -> tuple[list[Advert], list[Considered]]:
     """The adverts in the order to try them, and how each one was considered.
 
     Peers whose breaker is open are left out. The others are pinged (unless ``pongs`` holds
-    one younger than ``pong_fresh_s``), all at once, for at most ``ping_wait_s``; those that
-    answered are scored, and those that did not follow them, by reputation: still there for
-    failover, never chosen ahead of a peer that answered.
+    one younger than ``pong_fresh_s``), all at once; once the first pong is in, the rest get
+    ``ping_wait_s`` more (``ping_timeout`` in all). Those that answered are scored, and those
+    that did not follow them, by reputation: still there for failover, never chosen ahead of a
+    peer that answered. A frozen peer so costs one ``ping_wait_s`` at most, while a slow,
+    loaded machine whose pongs all come late is still heard.
 
     What a pong claims is bounded by what can be checked: free memory by the advert's device,
     slots by ``MAX_SLOTS``; speed counts only as this requester measured it (a peer never
@@ -72,18 +75,33 @@ async def rank_peers(
     fresh: dict[str, tuple[float, Any]] = {}
     unanswered: dict[str, str] = {}
 
+    first_pong = trio.Event()
+    outstanding = 0
+
     async def probe(ad: Advert) -> None:
+        nonlocal outstanding
         try:
             await connect(host, ad.addrs)
-            rtt, pong = await ping(host, ad.peer_id, ping_wait_s)
+            rtt, pong = await ping(host, ad.peer_id, ping_timeout)
             fresh[ad.peer_id] = (rtt, pong)
             pongs[ad.peer_id] = (trio.current_time(), rtt, pong)
+            first_pong.set()
         except (DialError, AttemptFailed) as exc:
             unanswered[ad.peer_id] = f"no ping: {exc}"
+        finally:
+            outstanding -= 1
+            if outstanding == 0:
+                scope.cancel()  # everyone answered (or failed): no reason to wait
+
+    async def cut_off(scope: trio.CancelScope) -> None:
+        await first_pong.wait()
+        await trio.sleep(ping_wait_s)
+        scope.cancel()
 
     allowed = []
-    with trio.move_on_after(ping_wait_s):
+    with trio.move_on_after(ping_timeout) as scope:
         async with trio.open_nursery() as n:
+            n.start_soon(cut_off, scope)
             for ad in adverts:
                 rec = store.get(ad.peer_id, now)
                 if not rec.breaker.allows(now):
@@ -94,8 +112,12 @@ async def rank_peers(
                 kept = pongs.get(ad.peer_id)
                 if kept is not None and trio.current_time() - kept[0] < pong_fresh_s:
                     fresh[ad.peer_id] = (kept[1], kept[2])
+                    first_pong.set()
                 else:
+                    outstanding += 1
                     n.start_soon(probe, ad)
+            if outstanding == 0:
+                scope.cancel()  # nothing to ping
 
     measured = sorted(r for r in (store.get(ad.peer_id, now).tokens_per_s for ad in allowed) if r)
     typical_speed = measured[len(measured) // 2] if measured else 1.0

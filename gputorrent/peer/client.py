@@ -15,6 +15,7 @@ import trio
 
 from .. import wire
 from . import protocol
+from .host import new_stream
 
 
 class AttemptFailed(Exception):
@@ -87,7 +88,6 @@ async def run_attempt(
     gap between frames over ``stall_timeout`` is a stall (a queued request gets a frame
     every second, so waiting for a slot is not one).
     """
-    from libp2p.peer.id import ID
 
     res = result or AttemptResult(peer_id)
     res.t_start = time.perf_counter()
@@ -95,12 +95,12 @@ async def run_attempt(
     verifier = wire.ReplyVerifier(peer_id, protocol.INFER, request.request_id, wire.request_digest(payload))
     try:
         with trio.fail_after(accept_timeout):
-            stream = await host.new_stream(ID.from_base58(peer_id), [protocol.INFER])
+            stream = await new_stream(host, peer_id, [protocol.INFER])
             await stream.write(wire.frame(payload))
     except trio.TooSlowError as exc:
         raise Stalled(f"no stream to {peer_id} within {accept_timeout:g}s") from exc
     except Exception as exc:
-        raise StreamBroken(f"cannot open a stream to {peer_id}: {exc or type(exc).__name__}") from exc
+        raise StreamBroken(f"cannot open a stream to {peer_id}: {_describe(exc)}") from exc
     reader = wire.FrameReader(stream)
     finished = False
     wait = accept_timeout
@@ -157,20 +157,19 @@ async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wi
     """Round-trip time (ms) and the signed live load of ``peer_id``."""
     import os
 
-    from libp2p.peer.id import ID
 
     nonce = os.urandom(16)
     payload = wire.encode(wire.Ping(nonce))
     t0 = time.perf_counter()
     try:
         with trio.fail_after(timeout):
-            stream = await host.new_stream(ID.from_base58(peer_id), [protocol.PING])
+            stream = await new_stream(host, peer_id, [protocol.PING])
             await stream.write(wire.frame(payload))
             raw = await wire.FrameReader(stream).read_frame()
     except trio.TooSlowError as exc:
         raise Stalled(f"no pong from {peer_id} within {timeout:g}s") from exc
     except Exception as exc:
-        raise StreamBroken(f"cannot ping {peer_id}: {exc or type(exc).__name__}") from exc
+        raise StreamBroken(f"cannot ping {peer_id}: {_describe(exc)}") from exc
     rtt_ms = (time.perf_counter() - t0) * 1000
     with trio.move_on_after(1) as cleanup:
         cleanup.shield = True
@@ -187,3 +186,10 @@ async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wi
     if not isinstance(msg, wire.Pong):
         raise IntegrityFailure(f"{peer_id} answered a ping with {type(msg).__name__}")
     return rtt_ms, msg
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception and what caused it (py-libp2p wraps the useful part as the cause)."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    return f"{text} ({cause or type(cause).__name__})" if cause is not None else text

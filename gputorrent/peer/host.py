@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
+
 from ..identity import Identity
 
 
@@ -121,8 +123,12 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
         raise DialError(f"these addresses name different peers: {', '.join(addrs)}")
     network = host.get_network()
     if network.connections.get(peer):
-        await host.connect(infos[0])  # already connected: waits until it is ready
-        return peer.to_base58()
+        if network._filter_valid_connections(network.get_connections(peer)):
+            await host.connect(infos[0])  # already connected: waits until it is ready
+            return peer.to_base58()
+        # Only closed connections left (the other side went away): py-libp2p would keep
+        # answering "no valid connections" without dialing again.
+        network.connections.pop(peer, None)
     errors = []
     for a, info in zip(addrs, infos):
         host.get_peerstore().clear_addrs(peer)
@@ -133,3 +139,25 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
         except Exception as exc:
             errors.append(f"{a}: {exc or type(exc).__name__}")
     raise DialError(f"cannot reach peer {peer.to_base58()} ({'; '.join(errors)}); is it running?")
+
+
+async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:
+    """``host.new_stream``, once more on a fresh connection if the one held is dead.
+
+    py-libp2p keeps a connection the other side has already dropped (TCP reset) and answers
+    every stream on it with "Failed to send SYN ... Broken pipe" instead of dialing again;
+    measured when a requester's lookups and its ping raced to one peer."""
+    from libp2p.peer.id import ID
+
+    pid = ID.from_base58(peer_id)
+    try:
+        return await host.new_stream(pid, list(protocols))
+    except Exception:
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            try:
+                await host.disconnect(pid)
+            except Exception:
+                pass
+        host.get_network().connections.pop(pid, None)
+        return await host.new_stream(pid, list(protocols))

@@ -88,6 +88,22 @@ class InferServer:
     on_event: Callable[[dict[str, Any]], None] = _ignore  # structured events, for logs and views
     stats: ServerStats = field(default_factory=ServerStats)
     _recent: dict[str, deque[float]] = field(default_factory=dict)
+    _memory: tuple[float, int] = (-math.inf, 0)  # (trio time, MB) of the last free-memory reading
+    _memory_reading: bool = False
+
+    async def free_memory_now(self) -> int:
+        """Free memory for pongs, read at most once a second in a worker thread (NVML, or
+        ``nvidia-smi`` with its own 10 s timeout, must never block the event loop). A ping
+        waits 0.2 s at most for a reading; past that it gets the last one."""
+        now = trio.current_time()
+        if now - self._memory[0] >= 1.0 and not self._memory_reading:
+            self._memory_reading = True
+            try:
+                with trio.move_on_after(0.2):
+                    self._memory = (now, await trio.to_thread.run_sync(self.free_memory, abandon_on_cancel=True))
+            finally:
+                self._memory_reading = False
+        return self._memory[1]
 
     def _note(self, event: str, **fields: Any) -> None:
         try:
@@ -169,7 +185,7 @@ class InferServer:
                     load = self.engine.load()
                     signer = wire.ReplySigner(self.identity, protocol.PING, ping.nonce, wire.request_digest(payload))
                     await stream.write(signer.seal(wire.Pong(load.active, load.queued, load.slots,
-                                                             self.free_memory(), self.tokens_per_s)))
+                                                             await self.free_memory_now(), self.tokens_per_s)))
         except Exception as exc:
             log.debug("ping stream ended with %r", exc)
             await _reset(stream)

@@ -1,0 +1,88 @@
+"""Churn: real serve processes crash, freeze, queue and finish early while answers go on.
+
+The smaller sibling of benchmarks/chaos.py (which runs 6 peers and 90 requests).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+
+from gputorrent.api import Swarm
+from gputorrent.chaos import Fault, reference, run_round, time_to_give_up
+from gputorrent.identity import Identity
+
+from .conftest import QUESTION
+
+pytestmark = pytest.mark.slow
+
+PEER = ("--slots", "2", "--ctx", "512", "--threads", "1", "--announce-interval", "5")
+PROMPTS = ["Describe a cat.", "Why is the sky blue?", "Tell me about breakfast.", "List five fruits."]
+
+
+async def test_answers_survive_a_crash_and_a_frozen_peer_and_then_say_none_is_left(swarm, tmp_path):
+    boot = swarm.bootstrap("chaos-boot")
+    peers = [swarm.spawn(f"chaos{i}", "--bootstrap", boot.addr, *PEER) for i in range(3)]
+    for p in peers:
+        p.wait_ready(180)
+    try:
+        async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path) as s:
+            expected = await reference(s, PROMPTS, 24)
+            round_ = await run_round(s, PROMPTS, expected, requests=16, in_flight=4, max_tokens=24, deadline=90,
+                                     faults=[Fault(3, peers[0]), Fault(6, peers[1], signal.SIGSTOP)])
+            assert round_.failed == []
+            assert round_.completed == round_.identical == 16  # token-identical across every failover
+            assert round_.max_tokens_seen <= 24
+            for p in peers[1:]:
+                Fault(0, p).fire()
+                p.proc.wait(10)
+            seconds, said = await time_to_give_up(s, PROMPTS[0])
+            assert "no peer left" in said
+            assert seconds < 4  # 2 s in benchmarks/chaos.py on a quiet machine
+    finally:
+        for p in peers:
+            if p.proc.poll() is None:
+                os.kill(p.proc.pid, signal.SIGCONT)
+
+
+async def test_a_peer_dying_after_its_last_token_costs_no_extra_token(swarm, tmp_path):
+    healthy = swarm.start("whole", *PEER)
+    dying = swarm.start("dies-at-8", *PEER, "--fault", "die-after-tokens=8")
+    async with Swarm(peers=[healthy.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path) as s:
+        ref = await s.generate("Tell me a long story.", temperature=0.0, max_tokens=8)
+    async with Swarm(peers=[dying.addr, healthy.addr], mdns=False, identity=Identity.generate(),
+                     data_dir=tmp_path) as s:
+        answer = await s.generate("Tell me a long story.", temperature=0.0, max_tokens=8)
+    assert [a.outcome for a in answer.attempts] == ["dropped"]  # nobody was asked for a ninth token
+    assert answer.text == ref.text and answer.usage["completion_tokens"] == 8
+    assert answer.finish_reason == "length" and answer.receipt
+
+
+async def test_waiting_in_a_queue_is_not_a_stall(swarm, tmp_path):
+    """Three answers on a one-slot peer with a 2 s stall timeout: the queued ones hear from the
+    peer every second, so none fails over although each waits longer than that."""
+    narrow = swarm.start("one-slot", "--slots", "1", "--queue", "4", "--ctx", "512", "--threads", "1")
+    async with Swarm(peers=[narrow.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path,
+                     stall_timeout=2.0) as s:
+        answers = []
+
+        async def one() -> None:
+            answers.append(await s.generate("Write a long story about the sea.", temperature=0.0, max_tokens=160))
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(one)
+    assert [[a.outcome for a in ans.attempts] for ans in answers] == [["ok"]] * 3
+    assert len({a.text for a in answers}) == 1
+
+
+async def test_a_requester_that_leaves_is_not_counted_as_a_peer_failure(swarm, tmp_path):
+    peer = swarm.start("left-behind", *PEER, "--log-format", "json")
+    async with Swarm(peers=[peer.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path) as s:
+        async for ev in s.stream("Write a long story about the sea.", max_tokens=200):
+            break  # the consumer leaves: the stream is reset under the peer
+        assert "Paris" in (await s.generate(QUESTION, temperature=0.0, max_tokens=16)).text
+    assert "ExceptionGroup" not in peer.stderr() and "WARNING" not in peer.stderr()
