@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from gputorrent.scoring import Breaker, Candidate, Weights, choose, normalize, rank, score
 from gputorrent.scoring.breaker import FIRST_COOLDOWN_S, MAX_COOLDOWN_S
+from gputorrent.scoring.reputation import HALF_LIFE_S, ReputationStore
 
 finite = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
 candidates = st.lists(
@@ -137,9 +138,64 @@ def test_breaker_invariants_over_any_history(events):
         assert b.current(now) != "closed" or b.allows(now)
 
 
+OUTCOMES = ["ok", "fail", "timeout", "integrity", "busy", "gone", "lost"]
+
+
+@settings(max_examples=400)
+@given(st.lists(st.tuples(st.sampled_from(OUTCOMES), st.floats(0, 200)), min_size=1, max_size=30))
+def test_a_half_open_trial_always_resolves_whatever_happens_to_it(history):
+    """Every trial ends: success closes, failure and timeout reopen, busy and a requester that
+    gave up free the trial, and one whose requester died without a word ("lost") lapses. So a
+    peer is never refused for good: some time after any history, a request may go to it."""
+    from gputorrent.scoring.breaker import TRIAL_LAPSE_S
+
+    b, now = Breaker().failure(0.0, integrity=True), 0.0
+    for outcome, dt in history:
+        now += dt
+        if not b.allows(now):
+            continue
+        state = b.current(now)
+        b = b.start_trial(now)
+        if outcome == "ok":
+            b = b.success(now)
+            assert b.current(now) == "closed"
+        elif outcome in ("fail", "timeout", "integrity"):
+            b = b.failure(now, integrity=outcome == "integrity")
+            assert state == "closed" or b.current(now) == "open"
+        elif outcome in ("busy", "gone"):
+            b = b.release(now)
+            assert b.allows(now)  # the slot is free again at once
+        # "lost": nothing more is ever heard of this trial
+    assert b.allows(now + MAX_COOLDOWN_S + TRIAL_LAPSE_S)
+
+
+def test_a_lost_trial_lapses_and_old_stored_breakers_still_load():
+    from gputorrent.scoring.breaker import TRIAL_LAPSE_S
+
+    b = Breaker().failure(0.0, integrity=True).start_trial(FIRST_COOLDOWN_S)
+    assert not b.allows(FIRST_COOLDOWN_S + 1)
+    assert b.allows(FIRST_COOLDOWN_S + TRIAL_LAPSE_S)
+    old = Breaker.from_dict({"state": "open", "failures": [], "opened_at": 0.0, "cooldown_s": 15.0,
+                             "trial_out": True, "banned": False})  # as session 2 stored it
+    assert old.allows(FIRST_COOLDOWN_S)
+
+
+def test_busy_lowers_a_score_for_a_short_while_without_touching_reputation(tmp_path):
+    from gputorrent.scoring.reputation import BUSY_HALF_LIFE_S
+
+    store = ReputationStore(tmp_path / "rep.sqlite")
+    store.record("p", "busy", now=100.0)
+    store.record("p", "busy", now=100.0)
+    r = store.get("p", now=100.0)
+    assert r.reputation == 1.0 and r.busy_factor(100.0) == pytest.approx(1 / 3)
+    assert r.busy_factor(100.0 + 10 * BUSY_HALF_LIFE_S) > 0.99
+    store.close()
+    assert ReputationStore(tmp_path / "rep.sqlite").get("p", now=100.0).busy_factor(100.0) == pytest.approx(1 / 3)
+
+
 # --- the reputation store -------------------------------------------------------------------
 
-from gputorrent.scoring.reputation import HALF_LIFE_S, ReputationStore  # noqa: E402
+
 
 
 def test_reputation_counts_decay_and_persist(tmp_path):

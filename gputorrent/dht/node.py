@@ -47,6 +47,7 @@ ALPHA = 5  # requests in flight per lookup (py-libp2p uses 3)
 MAX_PROVIDERS = 64  # provider ids kept per lookup: one node answering thousands costs nothing
 ENOUGH_ADVERTS = 3  # an advert lookup ends once this many peers returned a valid copy
 PROVIDE_INTERVAL_S = 600.0
+SUSPECT_S = 30.0  # a peer that let a request time out is left out of walks this long
 
 
 @functools.cache
@@ -68,10 +69,21 @@ def _validator():
 class SwarmNode:
     """One node's view of the swarm: a DHT (server or client mode) on a running host."""
 
-    def __init__(self, host: Any, identity: Identity, dht: Any) -> None:
+    def __init__(self, host: Any, identity: Identity, dht: Any, *, server: bool = True) -> None:
         self.host = host
         self.identity = identity
         self.dht = dht
+        self.server = server
+        self._suspect: dict[Any, float] = {}  # peer -> trio time until which walks skip it
+
+    def _is_suspect(self, peer: Any) -> bool:
+        until = self._suspect.get(peer)
+        if until is None:
+            return False
+        if trio.current_time() >= until:
+            del self._suspect[peer]
+            return False
+        return True
 
     # --- joining ---------------------------------------------------------------------------
 
@@ -94,7 +106,7 @@ class SwarmNode:
         async with trio.open_nursery() as n:
             for addr in bootstrap:
                 n.start_soon(one, addr)
-        if joined and self.dht.get_routing_table_size() < 20:
+        if joined and self.server and self.dht.get_routing_table_size() < 20:
             # Learn our neighbourhood: a lookup of our own id fills the routing table.
             for peer in await self.closest_peers(self.host.get_id().to_bytes()):
                 await self.dht.add_peer(peer, skip_server_mode_check=True)
@@ -245,21 +257,27 @@ class SwarmNode:
 
         async def ask(peer: Any) -> None:
             try:
-                with trio.move_on_after(QUERY_TIMEOUT_S):
+                with trio.move_on_after(QUERY_TIMEOUT_S) as timer:
                     closer = await query(peer)
                     responded.append(peer)
                     known.extend(c for c in list(closer or ())[:K] if c != me and c not in known)
+                if timer.cancelled_caught:  # silent (asleep, hung): leave it out of walks a while
+                    self._suspect[peer] = trio.current_time() + SUSPECT_S
             except Exception as exc:
                 log.debug("DHT request to %s failed: %s", peer, exc)
             finally:
                 answered.send_nowait(None)
+
+        if any(not self._is_suspect(p) for p in known):
+            known = [p for p in known if not self._is_suspect(p)]
 
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
                 in_flight = 0
                 while not enough():
                     known = sort_peer_ids_by_distance(key_bytes, known)
-                    for peer in [p for p in known[:K] if p not in asked][: ALPHA - in_flight]:
+                    fresh = [p for p in known[:K] if p not in asked and not (p in self._suspect and self._is_suspect(p))]
+                    for peer in fresh[: ALPHA - in_flight]:
                         asked.add(peer)
                         in_flight += 1
                         nursery.start_soon(ask, peer)
@@ -325,9 +343,26 @@ class SwarmNode:
             copies += consider(value)
             return closer
 
+        async def from_owner() -> None:
+            # The owner holds its own newest advert; ask it too (when we know its address),
+            # alongside the walk: a copy that missed the closest peers is still found.
+            from libp2p.peer.id import ID
+
+            nonlocal copies
+            with trio.move_on_after(QUERY_TIMEOUT_S):
+                try:
+                    copies += consider(await self.dht.value_store._get_from_peer(ID.from_base58(peer_id), key_bytes))
+                except Exception as exc:
+                    log.debug("advert from its owner %s failed: %s", peer_id, exc)
+
         local = self.dht.value_store.store.get(key_bytes)
         consider(local[0].value if local else None)
-        await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)
+        async with trio.open_nursery() as n:
+            owner = _id(peer_id)
+            if peer_id != self.identity.peer_id and self.host.get_peerstore().addrs(owner) \
+                    and not self._is_suspect(owner):
+                n.start_soon(from_owner)
+            await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)
         return best[0][1] if best else None
 
     async def get_advert(self, peer_id: str) -> Advert | None:
@@ -378,6 +413,12 @@ class SwarmNode:
         return sorted((a for a in await self.get_adverts(ids) if a.live(now)), key=lambda a: a.peer_id)
 
 
+def _id(peer_id: str) -> Any:
+    from libp2p.peer.id import ID
+
+    return ID.from_base58(peer_id)
+
+
 async def _gather(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     """Run the coroutine functions at once; their results in order."""
     out: list[Any] = [None] * len(fns)
@@ -405,5 +446,5 @@ async def swarm_node(host: Any, identity: Identity, *, server: bool) -> AsyncIte
     dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False)
     dht.register_validator(records.NAMESPACE, _validator())
     async with background_trio_service(dht):
-        yield SwarmNode(host, identity, dht)
+        yield SwarmNode(host, identity, dht, server=server)
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import trio
 
 from .. import wire
+from ..identity import short_id
 from .client import AttemptFailed, AttemptResult, PeerBusy, Stalled, run_attempt
 from .host import DialError, connect
 
@@ -209,11 +210,24 @@ async def ask(
         after_attempt(attempts[-1], res)
         usage = {"prompt_tokens": done.usage.prompt_tokens, "completion_tokens": done.usage.completion_tokens}
         return answer(res, done.finish_reason, usage, done.transcript)
-    tried_text = "; ".join(f"{a.peer_id[:16]}…: {a.outcome} ({a.error})" for a in attempts) or "no peer to ask"
+    tried_text = _summary(attempts)
     why = "the deadline passed" if deadline - trio.current_time() <= 0 else (
         "no attempt left" if max_attempts is not None and len(attempts) >= max_attempts else "no peer left to ask")
     raise AskFailed(f"no peer finished the answer ({why}) after {len(attempts)} attempt(s): {tried_text}",
                     attempts, "".join(text_parts))
+
+
+def _summary(attempts: list[Attempt]) -> str:
+    """What the attempts came to, short: counts by outcome, and the last error of each."""
+    if not attempts:
+        return "no peer to ask"
+    last: dict[str, Attempt] = {}
+    counts: dict[str, int] = {}
+    for a in attempts:
+        counts[a.outcome] = counts.get(a.outcome, 0) + 1
+        last[a.outcome] = a
+    return "; ".join(f"{n} {outcome} (last: {short_id(last[outcome].peer_id)}: {last[outcome].error[:160]})"
+                     for outcome, n in counts.items())
 
 
 def peer_id_of(addr: str | Sequence[str]) -> str:

@@ -59,7 +59,8 @@ async def rank_peers(
 
     Peers whose breaker is open are left out. The others are pinged (unless ``pongs`` holds
     one younger than ``pong_fresh_s``), all at once; once the first pong is in, the rest get
-    ``ping_wait_s`` more (``ping_timeout`` in all). Those that answered are scored, and those
+    three times its round trip more, at least 0.3 s and at most ``ping_wait_s`` (and
+    ``ping_timeout`` in all). Those that answered are scored, and those
     that did not follow them, by reputation: still there for failover, never chosen ahead of a
     peer that answered. A frozen peer so costs one ``ping_wait_s`` at most, while a slow,
     loaded machine whose pongs all come late is still heard.
@@ -76,6 +77,7 @@ async def rank_peers(
     unanswered: dict[str, str] = {}
 
     first_pong = trio.Event()
+    first_rtt_ms = [ping_wait_s * 1000]
     outstanding = 0
 
     async def probe(ad: Advert) -> None:
@@ -85,7 +87,9 @@ async def rank_peers(
             rtt, pong = await ping(host, ad.peer_id, ping_timeout)
             fresh[ad.peer_id] = (rtt, pong)
             pongs[ad.peer_id] = (trio.current_time(), rtt, pong)
-            first_pong.set()
+            if not first_pong.is_set():
+                first_rtt_ms[0] = rtt
+                first_pong.set()
         except (DialError, AttemptFailed) as exc:
             unanswered[ad.peer_id] = f"no ping: {exc}"
         finally:
@@ -95,7 +99,7 @@ async def rank_peers(
 
     async def cut_off(scope: trio.CancelScope) -> None:
         await first_pong.wait()
-        await trio.sleep(ping_wait_s)
+        await trio.sleep(min(ping_wait_s, max(0.3, 3 * first_rtt_ms[0] / 1000)))
         scope.cancel()
 
     allowed = []
