@@ -140,7 +140,9 @@ async def test_forged_replayed_and_expired_adverts_are_refused_by_remote_peers(d
     key = records.advert_key(victim.peer_id)
     async with Requester(boot.addr) as node:
         store = node.dht.value_store
-        targets = [ID.from_base58(p.peer_id) for p in peers[:3] if p.proc.poll() is None]
+        from gputorrent.peer.host import connect
+
+        targets = [ID.from_base58(await connect(node.host, p.addr)) for p in peers[:3] if p.proc.poll() is None]
         first = await node.get_advert_value(victim.peer_id)
         first_seq = records.open_advert(key, first).seq
 

@@ -76,6 +76,12 @@ class SwarmNode:
         self.server = server
         self._suspect: dict[Any, float] = {}  # peer -> trio time until which walks skip it
 
+    def _known_addrs(self, peer: Any) -> list[Any]:
+        try:
+            return list(self.host.get_peerstore().addrs(peer))
+        except Exception:  # py-libp2p raises for a peer it never heard of
+            return []
+
     def _is_suspect(self, peer: Any) -> bool:
         until = self._suspect.get(peer)
         if until is None:
@@ -359,8 +365,7 @@ class SwarmNode:
         consider(local[0].value if local else None)
         async with trio.open_nursery() as n:
             owner = _id(peer_id)
-            if peer_id != self.identity.peer_id and self.host.get_peerstore().addrs(owner) \
-                    and not self._is_suspect(owner):
+            if peer_id != self.identity.peer_id and self._known_addrs(owner) and not self._is_suspect(owner):
                 n.start_soon(from_owner)
             await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)
         return best[0][1] if best else None

@@ -88,6 +88,7 @@ class FixedCandidates:
 
 
 BUSY_WAIT_MAX_S = 2.0
+BUSY_ROUNDS = 1  # when everyone was busy: wait once, ask once more, then say the swarm is busy
 
 
 async def ask(
@@ -111,7 +112,9 @@ async def ask(
 
     ``candidates`` re-ranks for every attempt (or is a fixed list of peers, each a full
     multiaddr or the list of a peer's multiaddrs). A peer that failed in this request is not
-    asked again in it, except one that was only busy, once every other peer has been tried.
+    asked again in it, except one that was only busy: once every other peer has been tried, the
+    busy ones are asked once more after their retry-after (at most 2 s), and then the request
+    fails as ``busy`` (a gateway answers 429) rather than waiting out its deadline.
     Attempts go on until the answer is done, no peer is left, ``deadline_s`` passes, or
     ``max_attempts`` (no cap by default). Raises ``AskFailed`` with every attempt.
     """
@@ -129,6 +132,7 @@ async def ask(
     t_last: float | None = None
     tried: set[str] = set()
     busy_until: dict[str, float] = {}
+    busy_rounds = 0
     last: AttemptResult | None = None
 
     def on_token(new_ids: list[int], text: str) -> None:
@@ -163,8 +167,9 @@ async def ask(
             addr = await source.next(tried, model_id)
         if addr is None:
             waiting = {p: t for p, t in busy_until.items() if p in tried}
-            if not waiting or left <= 0:
+            if not waiting or left <= 0 or busy_rounds >= BUSY_ROUNDS:
                 break
+            busy_rounds += 1
             # Everyone left was busy: wait for the first to have room (briefly), then ask again.
             await trio.sleep(max(0.0, min(min(waiting.values()) - trio.current_time(), BUSY_WAIT_MAX_S, left)))
             tried -= set(waiting)
