@@ -31,6 +31,8 @@ bench: model
 	$(PY) benchmarks/dht.py
 	$(PY) benchmarks/failover.py
 	$(PY) benchmarks/concurrency.py
+	$(PY) benchmarks/chaos.py
+	$(PY) benchmarks/fuzz.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -56,8 +56,8 @@ class Params(msgspec.Struct, frozen=True, kw_only=True):
 
 class InferRequest(msgspec.Struct, tag="req", array_like=True, kw_only=True):
     request_id: RequestId
-    model: str = ""  # model id, alias or "" for whatever the peer serves
-    messages: list[ChatMessage] | None = None
+    model: Annotated[str, Meta(max_length=256)] = ""  # model id, alias or "" for whatever the peer serves
+    messages: Annotated[list[ChatMessage], Meta(max_length=4096)] | None = None
     prompt: str | None = None
     params: Params = Params()
     # Token ids already received from a failed peer: the server replays them as its own

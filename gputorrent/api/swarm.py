@@ -356,6 +356,11 @@ class _Core:
                 if len(res.ids) > 1 and res.t_last > res.t_first:
                     tps = (len(res.ids) - 1) / (res.t_last - res.t_first)
             self.store.record(attempt.peer_id, outcome, tokens_per_s=tps, ttft_ms=ttft)  # type: ignore[union-attr]
+            if outcome == "busy" and self._claimed_room(attempt.peer_id):
+                # Its pong of a moment ago said it had a free slot: claims that do not match
+                # behaviour cost reputation, not just a moment's score (sybils that claim the
+                # world and answer Busy sink; an honest peer that filled up meanwhile pays little).
+                self.store.record(attempt.peer_id, "failed")  # type: ignore[union-attr]
         after = self.store.get(attempt.peer_id).breaker.current(time.time())  # type: ignore[union-attr]
         if after != before:
             self._publish(BreakerChanged(attempt.peer_id, after))
@@ -363,6 +368,15 @@ class _Core:
             ev = Failover(attempt.peer_id, attempt.outcome, attempt.error, len(res.ids))
             out.send_nowait(ev)
             self._publish(ev)
+
+    def _claimed_room(self, peer_id: str) -> bool:
+        from ..peer.view import PONG_FRESH_S
+
+        kept = self.view.pongs.get(peer_id) if self.view is not None else None
+        if kept is None or trio.current_time() - kept[0] > PONG_FRESH_S:
+            return False
+        pong = kept[2]
+        return pong.slots - pong.active - pong.queued > 0
 
     async def stream(self, prompt: str | Sequence[Any] | None = None, *, model: str | None = None,
                      system: str | None = None, raw: bool = False, plan: Plan | None = None,

@@ -14,6 +14,8 @@ Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht_workarounds.py:
   merged with local records and deduplicated by peer id.
 - ``get_value`` likewise returns a local copy without asking the network; advert lookups go to
   the network and keep the local copy only if nothing newer is found.
+- Inbound DHT streams: py-libp2p serves 12 at once for everyone and never times one out, so
+  12 idle streams silenced a node; ours budget per peer and bound each stream's life.
 - Adverts live under hashed keys (FIND_NODE rejects plain keys over 50 bytes) in a namespace
   whose validator checks signature, owner, expiry and sequence on local and remote puts.
 """
@@ -441,8 +443,63 @@ def _looks_like_id(spec: str) -> bool:
     return len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec.lower())
 
 
+INBOUND_PER_PEER = 8  # DHT streams one peer may hold open on us at once
+INBOUND_TOTAL = 64  # DHT streams open on us at once, all peers together
+INBOUND_STREAM_S = 10.0  # one inbound DHT stream's whole life: requests are one round trip
+
+
+def _guard_inbound(host: Any, dht: Any, *, silent: bool = False) -> None:
+    """Replace py-libp2p's inbound Kademlia handler with one that budgets per peer.
+
+    py-libp2p serves at most 12 inbound DHT streams at once, for everyone together, resets
+    the rest, and never times out a stream that sends nothing: 12 idle streams from one peer
+    made a node refuse every lookup for as long as they were held. Here one peer may hold at
+    most ``INBOUND_PER_PEER`` streams, all together ``INBOUND_TOTAL``, and each stream lives at
+    most ``INBOUND_STREAM_S`` (every request we send is one round trip on its own stream).
+    """
+    from libp2p.kad_dht.kad_dht import PROTOCOL_ID
+
+    per_peer: dict[Any, int] = {}
+    total = trio.CapacityLimiter(INBOUND_TOTAL)
+
+    async def never_answer(stream: Any) -> None:  # fault injection: a node that hangs every lookup
+        try:
+            await stream.read(65536)
+        except Exception:
+            return
+        await trio.sleep_forever()
+
+    async def handle(stream: Any) -> None:
+        peer = stream.muxed_conn.peer_id
+        if per_peer.get(peer, 0) >= INBOUND_PER_PEER or total.borrowed_tokens >= total.total_tokens:
+            await _reset_quietly(stream)
+            return
+        per_peer[peer] = per_peer.get(peer, 0) + 1
+        try:
+            async with total:
+                with trio.move_on_after(INBOUND_STREAM_S) as timer:
+                    await dht._do_handle_stream(stream)
+                if timer.cancelled_caught:
+                    await _reset_quietly(stream)
+        finally:
+            per_peer[peer] -= 1
+            if not per_peer[peer]:
+                del per_peer[peer]
+
+    host.set_stream_handler(PROTOCOL_ID, never_answer if silent else handle)
+
+
+async def _reset_quietly(stream: Any) -> None:
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
 @asynccontextmanager
-async def swarm_node(host: Any, identity: Identity, *, server: bool) -> AsyncIterator[SwarmNode]:
+async def swarm_node(host: Any, identity: Identity, *, server: bool, silent: bool = False) -> AsyncIterator[SwarmNode]:
     """Run a Kademlia DHT on ``host``: server mode stores records for others, client mode
     only asks (requesters, watchers)."""
     from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -450,6 +507,8 @@ async def swarm_node(host: Any, identity: Identity, *, server: bool) -> AsyncIte
 
     dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False)
     dht.register_validator(records.NAMESPACE, _validator())
+    if server:
+        _guard_inbound(host, dht, silent=silent)
     async with background_trio_service(dht):
         yield SwarmNode(host, identity, dht, server=server)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("corrupt-signature", "die-after-tokens", "stall-after-tokens", "wrong-tokens", "busy")
+KINDS = ("corrupt-signature", "die-after-tokens", "stall-after-tokens", "wrong-tokens", "busy", "sybil",
+         "dht-silent")
 
 
 @dataclass(frozen=True, slots=True)

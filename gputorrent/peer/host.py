@@ -19,6 +19,27 @@ import trio
 from ..identity import Identity
 
 
+MAX_DIAL_ADDRS = 8  # addresses tried per peer: an advert listing hundreds costs no more
+
+
+def dialable(addr: str) -> bool:
+    """Whether an advertised address may be dialed: never an unspecified (0.0.0.0, ::),
+    multicast, broadcast, link-local or reserved IP, which an advert could use to point
+    requesters at something that is not a peer. Loopback and private ranges stay: a swarm on
+    one machine or a LAN uses them."""
+    import ipaddress
+
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return True  # dns and other forms: resolved and checked by the transport
+    try:
+        ip = ipaddress.ip_address(parts[2])
+    except ValueError:
+        return False
+    return not (ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved
+                or (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255")))
+
+
 class DialError(Exception):
     """A peer address that cannot be parsed or reached; the message says which."""
 
@@ -114,9 +135,11 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
     before a restart), and after a failure refuses every dial to that peer for 60 s (its
     negative cache), however fresh the address. Measured in test_dht_workarounds.py.
     """
-    addrs = [addr] if isinstance(addr, str) else list(addr)
+    given = [addr] if isinstance(addr, str) else list(addr)
+    addrs = [a for a in given if dialable(a)][:MAX_DIAL_ADDRS]
     if not addrs:
-        raise DialError("no address to dial")
+        raise DialError(f"no address to dial ({', '.join(given[:3]) or 'none given'}: unspecified, multicast, "
+                        "link-local or reserved addresses are never dialed)" if given else "no address to dial")
     infos = [parse_peer_addr(a) for a in addrs]
     peer = infos[0].peer_id
     if any(i.peer_id != peer for i in infos):

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,9 @@ RATE_WINDOW_S = 10.0
 # While a request waits for a slot or its prompt computes, a signed Queued frame goes out
 # this often: the requester's stall timer counts from the last frame of any kind.
 HEARTBEAT_S = 1.0
+# Requesters the rate limiter remembers (least recently heard from forgotten first): memory
+# stays bounded however many peer ids an attacker makes up, and each request costs O(1).
+MAX_REQUESTERS = 10_000
 
 
 @dataclass(slots=True)
@@ -87,7 +90,7 @@ class InferServer:
     free_memory: Callable[[], int] = free_memory_mb
     on_event: Callable[[dict[str, Any]], None] = _ignore  # structured events, for logs and views
     stats: ServerStats = field(default_factory=ServerStats)
-    _recent: dict[str, deque[float]] = field(default_factory=dict)
+    _recent: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)  # least recent first
     _memory: tuple[float, int] = (-math.inf, 0)  # (trio time, MB) of the last free-memory reading
     _memory_reading: bool = False
 
@@ -125,15 +128,18 @@ class InferServer:
         if self.rate_limit <= 0:
             return 0.0
         now = trio.current_time()
-        recent = self._recent.setdefault(requester, deque())
+        recent = self._recent.get(requester)
+        if recent is None:
+            recent = self._recent[requester] = deque()
+            if len(self._recent) > MAX_REQUESTERS:  # forget the one heard from longest ago: O(1)
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(requester)
         while recent and now - recent[0] >= 60.0:
             recent.popleft()
         if len(recent) >= self.rate_limit:
             return 60.0 - (now - recent[0])
         recent.append(now)
-        if len(self._recent) > 10_000:  # forget idle requesters; bounded memory
-            for pid in [p for p, q in self._recent.items() if not q]:
-                del self._recent[pid]
         return 0.0
 
     async def handle(self, stream: Any) -> None:
@@ -184,8 +190,10 @@ class InferServer:
                 else:
                     load = self.engine.load()
                     signer = wire.ReplySigner(self.identity, protocol.PING, ping.nonce, wire.request_digest(payload))
-                    await stream.write(signer.seal(wire.Pong(load.active, load.queued, load.slots,
-                                                             await self.free_memory_now(), self.tokens_per_s)))
+                    pong = wire.Pong(load.active, load.queued, load.slots, await self.free_memory_now(), self.tokens_per_s)
+                    if self.fault and self.fault.kind == "sybil":  # claims the world, then answers Busy
+                        pong = wire.Pong(0, 0, 1 << 20, 1 << 30, 1e6)
+                    await stream.write(signer.seal(pong))
         except Exception as exc:
             log.debug("ping stream ended with %r", exc)
             await _reset(stream)
@@ -224,7 +232,7 @@ class InferServer:
                                       f"{req.model!r}; ask for that model or use another peer")
             return
         load = self.engine.load()
-        if (fault and fault.kind == "busy") or load.active + load.queued >= load.slots + self.queue_limit:
+        if (fault and fault.kind in ("busy", "sybil")) or load.active + load.queued >= load.slots + self.queue_limit:
             await self._busy(stream, signer, requester, 1000, f"{load.active} active, {load.queued} queued")
             return
         try:

@@ -1,0 +1,184 @@
+"""Hostile requesters and peers, as real processes and raw protocol clients: none of them may
+deny service to honest requesters."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from gputorrent import wire
+from gputorrent.api import Swarm
+from gputorrent.identity import Identity
+from gputorrent.peer import protocol
+from gputorrent.peer.asker import new_request_id
+from gputorrent.peer.client import ping, run_attempt
+from gputorrent.peer.host import connect, new_stream, running_host
+
+from .conftest import QUESTION
+
+
+
+PEER = ("--slots", "4", "--ctx", "512", "--threads", "1")
+
+
+async def _first_reply(host, peer_id: str, req: wire.InferRequest) -> wire.Reply:
+    payload = wire.encode(req)
+    stream = await new_stream(host, peer_id, [protocol.INFER])
+    await stream.write(wire.frame(payload))
+    verifier = wire.ReplyVerifier(peer_id, protocol.INFER, req.request_id, wire.request_digest(payload))
+    with trio.fail_after(10):
+        reply = verifier.open(await wire.FrameReader(stream).read_frame())
+    await stream.reset()
+    return reply
+
+
+async def _load(host, peer_id: str) -> wire.Pong:
+    return (await ping(host, peer_id, 5.0))[1]
+
+
+async def test_ghost_slots_and_poisoned_tokens_take_nothing_from_honest_requesters(swarm):
+    peer = swarm.start("target", *PEER)
+    async with running_host(Identity.generate()) as host:
+        pid = await connect(host, peer.addr)
+        # An empty prompt tokenizes to nothing on this model (no BOS): refused before it takes a slot.
+        empty = await _first_reply(host, pid, wire.InferRequest(request_id=new_request_id(), prompt=""))
+        assert isinstance(empty, wire.Error) and "empty" in empty.message
+        # A token id outside the vocabulary would fail llama_decode for every sequence in the batch.
+        poison = await _first_reply(host, pid, wire.InferRequest(
+            request_id=new_request_id(), prompt="Hi", resume_ids=[49152], params=wire.Params(max_tokens=8)))
+        assert isinstance(poison, wire.Error) and "vocabulary" in poison.message
+        # Four long answers, half-closed, then abandoned with a reset: the peer notices within
+        # a heartbeat and frees every slot.
+        streams = []
+        for _ in range(4):
+            req = wire.InferRequest(request_id=new_request_id(), messages=[wire.ChatMessage(
+                "user", "Write a long story about the sea.")], params=wire.Params(max_tokens=400, temperature=0.0))
+            s = await new_stream(host, pid, [protocol.INFER])
+            await s.write(wire.frame(wire.encode(req)))
+            await s.close()  # half-closed: we could still read
+            streams.append(s)
+        with trio.fail_after(20):
+            while (await _load(host, pid)).active < 3:  # (one may be done already on a fast machine)
+                await trio.sleep(0.05)
+        for s in streams:
+            await s.reset()
+        t0 = time.monotonic()
+        with trio.fail_after(15):
+            while (await _load(host, pid)).active:
+                await trio.sleep(0.1)
+        freed_s = time.monotonic() - t0
+        res = await run_attempt(host, pid, wire.InferRequest(
+            request_id=new_request_id(), messages=[wire.ChatMessage("user", QUESTION)],
+            params=wire.Params(temperature=0.0, max_tokens=16)), lambda ids, text: None)
+        assert "Paris" in res.text
+    assert freed_s < 5
+    assert peer.proc.poll() is None
+
+
+async def test_an_unbounded_model_name_is_not_echoed(swarm):
+    import msgspec
+
+    peer = swarm.peers.get("target") or swarm.start("target", *PEER)
+    async with running_host(Identity.generate()) as host:
+        pid = await connect(host, peer.addr)
+        huge = msgspec.msgpack.encode(["req", b"x" * 16, "m" * (1 << 19), None, "hi", {}, [], 1000])
+        stream = await new_stream(host, pid, [protocol.INFER])
+        await stream.write(wire.frame(huge))
+        with trio.fail_after(10):
+            raw = await wire.FrameReader(stream).read_frame()
+        reply = wire.ReplyVerifier(pid, protocol.INFER, b"", b"").open(raw)
+        assert isinstance(reply, wire.Error) and reply.code == protocol.BAD_REQUEST  # signed, and short
+        assert len(raw) < 4096
+
+
+async def _timed_ask(s: Swarm) -> tuple[float, object]:
+    t0 = time.monotonic()
+    answer = await s.generate(QUESTION, temperature=0.0, max_tokens=8)
+    return time.monotonic() - t0, answer
+
+
+async def test_sybils_that_claim_the_world_and_answer_busy_cannot_stop_an_ask(swarm, tmp_path):
+    """Three peers whose signed pongs claim a million slots and a petabyte free, and which
+    answer every request Busy: an ask still ends on the honest peer, and once they have
+    said Busy their claims no longer put them first."""
+    boot = swarm.bootstrap("sybil-boot")
+    liars = [swarm.spawn(f"sybil{i}", "--bootstrap", boot.addr, *PEER, "--fault", "sybil") for i in range(3)]
+    honest = swarm.spawn("honest", "--bootstrap", boot.addr, *PEER)
+    for p in [*liars, honest]:
+        p.wait_ready(180)
+    async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path, choose_top=1) as s:
+        times, outcomes = [], []
+        for _ in range(4):
+            seconds, answer = await _timed_ask(s)
+            times.append(seconds)
+            outcomes.append([a.outcome for a in answer.attempts])
+            assert answer.peer_id == honest.peer_id
+    # Each liar is believed once: its Busy contradicts its claim of free slots, which costs it
+    # reputation; from then on the honest peer goes first.
+    assert outcomes == [["busy", "busy", "busy", "ok"], ["ok"], ["ok"], ["ok"]]
+    assert max(times) < 5
+
+
+async def test_idle_dht_streams_and_a_silent_dht_node_hide_nobody(swarm, tmp_path):
+    """One attacker holds 16 idle Kademlia streams open on the bootstrap node, and one peer
+    takes every DHT request and never answers: the swarm stays visible and answers come
+    within 5 s of their normal time."""
+    from libp2p.peer.id import ID
+
+    boot = swarm.bootstrap("kad-boot")
+    good = [swarm.spawn(f"kad{i}", "--bootstrap", boot.addr, *PEER) for i in range(2)]
+    mute = swarm.spawn("kad-mute", "--bootstrap", boot.addr, *PEER, "--fault", "dht-silent")
+    for p in [*good, mute]:
+        p.wait_ready(180)
+    async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path / "before") as s:
+        normal, _ = await _timed_ask(s)
+    async with running_host(Identity.generate()) as attacker:
+        target = ID.from_base58(await connect(attacker, boot.addr))
+        held = []
+        for _ in range(16):
+            try:
+                held.append(await attacker.new_stream(target, ["/ipfs/kad/1.0.0"]))
+            except Exception:
+                pass  # refused past its budget: what the guard is for
+        async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path / "during") as s:
+            seen = {p.peer_id for p in await s.peers("smollm2")}
+            attacked, answer = await _timed_ask(s)
+        assert {p.peer_id for p in good} <= seen
+        assert held  # the attacker did get streams: they just cost the others nothing
+    assert attacked < normal + 5
+    assert answer.text
+
+
+async def test_a_short_fuzz_run_crashes_nothing_hangs_nothing_and_frees_every_slot(swarm):
+    """benchmarks/fuzz.py runs 100,000 frames; this is 2,000 of the same."""
+    from gputorrent.fuzz import fuzz, rss_mb
+
+    peer = swarm.start("fuzzed", *PEER, "--rate-limit", "0")
+    async with running_host(Identity.generate()) as host:
+        pid = await connect(host, peer.addr)
+        before = rss_mb(peer.proc.pid)
+        result = await fuzz(host, pid, frames=2000, workers=8)
+        with trio.fail_after(15):
+            while (pong := await _load(host, pid)).active or pong.queued:
+                await trio.sleep(0.2)
+        res = await run_attempt(host, pid, wire.InferRequest(
+            request_id=new_request_id(), messages=[wire.ChatMessage("user", QUESTION)],
+            params=wire.Params(temperature=0.0, max_tokens=16)), lambda ids, text: None)
+    assert peer.proc.poll() is None and result.hung == 0 and result.frames >= 2000
+    assert "Paris" in res.text
+    assert rss_mb(peer.proc.pid) - before < 100
+
+
+async def test_the_rate_limiter_forgets_the_least_recent_requester_first():
+    from gputorrent.peer.server import MAX_REQUESTERS, InferServer
+
+    server = InferServer(Identity.generate(), engine=None, model=None, rate_limit=3)
+    for i in range(MAX_REQUESTERS + 500):  # made-up peer ids, one request each
+        assert server._rate_limited(f"id{i}") == 0
+    assert len(server._recent) == MAX_REQUESTERS  # bounded, however many ids come
+    assert "id0" not in server._recent and f"id{MAX_REQUESTERS + 499}" in server._recent
+    for _ in range(3):
+        assert server._rate_limited("regular") == 0
+    assert 0 < server._rate_limited("regular") <= 60  # the 4th in a minute waits
