@@ -19,6 +19,7 @@ from gputorrent.peer.host import connect, new_stream, running_host
 from .conftest import QUESTION
 
 
+pytestmark = pytest.mark.slow
 
 PEER = ("--slots", "4", "--ctx", "512", "--threads", "1")
 
