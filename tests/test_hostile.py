@@ -183,3 +183,40 @@ async def test_the_rate_limiter_forgets_the_least_recent_requester_first():
     for _ in range(3):
         assert server._rate_limited("regular") == 0
     assert 0 < server._rate_limited("regular") <= 60  # the 4th in a minute waits
+
+
+async def test_sybil_provider_records_sent_first_do_not_keep_an_honest_provider_out(swarm, tmp_path):
+    """20 made-up peers provide the model's key at every DHT node before the honest peer
+    starts (py-libp2p kept the first 20 per key and refused the rest): the honest peer is
+    still stored, and requesters find it."""
+    from libp2p.peer.id import ID
+
+    from gputorrent.dht import records
+    from gputorrent.dht.node import swarm_node
+
+    boot = swarm.bootstrap("prov-boot")
+    others = [swarm.start(f"prov-dht{i}", "--bootstrap", boot.addr, command="bootstrap") for i in range(2)]
+    key = bytes.fromhex(records.provider_key("alias", "smollm2"))
+    stored = 0
+    for _ in range(20):
+        sybil = Identity.generate()
+        async with running_host(sybil, ["/ip4/127.0.0.1/tcp/0"]) as host, \
+                swarm_node(host, sybil, server=False) as node:  # listening: a provider needs an address
+            for dht in (boot, *others):
+                stored += bool(await node.dht.provider_store._send_add_provider(
+                    ID.from_base58(await connect(host, dht.addr)), key))
+    assert stored == 60  # every node answered every sybil
+    honest = swarm.start("prov-honest", "--bootstrap", boot.addr, *PEER)
+    me = Identity.generate()
+    async with running_host(me) as host, swarm_node(host, me, server=False) as node:
+        listed: set[str] = set()  # what the other nodes say, not the honest peer about itself
+        for dht in (boot, *others):
+            providers, _ = await node.dht.provider_store._get_providers_from_peer_with_closers(
+                ID.from_base58(await connect(host, dht.addr)), key)
+            assert len(providers) <= 20
+            listed |= {p.peer_id.to_base58() for p in providers}
+    assert honest.peer_id in listed
+    async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path) as s:
+        seen = {p.peer_id for p in await s.peers("smollm2")}
+        answer = await s.generate(QUESTION, model="smollm2", temperature=0.0, max_tokens=8)
+    assert honest.peer_id in seen and answer.peer_id == honest.peer_id

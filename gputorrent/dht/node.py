@@ -16,6 +16,9 @@ Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht_workarounds.py:
   the network and keep the local copy only if nothing newer is found.
 - Inbound DHT streams: py-libp2p serves 12 at once for everyone and never times one out, so
   12 idle streams silenced a node; ours budget per peer and bound each stream's life.
+- Provider records: py-libp2p keeps the first 20 per key for 48 h (sybils sent first keep an
+  honest provider out; the dead linger two days); ours keep 200, expire after 30 min without
+  renewal, and answer with a random sample of 20.
 - Adverts live under hashed keys (FIND_NODE rejects plain keys over 50 bytes) in a namespace
   whose validator checks signature, owner, expiry and sequence on local and remote puts.
 """
@@ -50,6 +53,8 @@ MAX_PROVIDERS = 64  # provider ids kept per lookup: one node answering thousands
 ENOUGH_ADVERTS = 3  # an advert lookup ends once this many peers returned a valid copy
 PROVIDE_INTERVAL_S = 600.0
 SUSPECT_S = 30.0  # a peer that let a request time out is left out of walks this long
+PROVIDERS_PER_KEY = 200  # provider records a DHT server keeps per key
+PROVIDER_TTL_S = 3 * PROVIDE_INTERVAL_S  # a provider that missed three renewals is gone
 
 
 @functools.cache
@@ -377,7 +382,17 @@ class SwarmNode:
         return records.open_advert(records.advert_key(peer_id), value) if value else None
 
     async def get_adverts(self, peer_ids: Sequence[str]) -> list[Advert]:
-        """The adverts of ``peer_ids`` found within ``FETCH_TIMEOUT_S`` (the rest are left out)."""
+        """The adverts of ``peer_ids`` found within ``FETCH_TIMEOUT_S`` (the rest are left out).
+        Those a provider lookup named but the first pass missed (their holders slow, on a
+        loaded machine) are asked for once more: a second chance costs nothing when all came."""
+        found = await self._fetch_adverts(peer_ids)
+        have = {a.peer_id for a in found}
+        missing = [p for p in dict.fromkeys(peer_ids) if p not in have]
+        if missing and len(missing) <= ENOUGH_ADVERTS * 4:
+            found += await self._fetch_adverts(missing)
+        return found
+
+    async def _fetch_adverts(self, peer_ids: Sequence[str]) -> list[Advert]:
         out: list[Advert] = []
         limit = trio.Semaphore(FETCH_CONCURRENCY)
 
@@ -489,6 +504,51 @@ def _guard_inbound(host: Any, dht: Any, *, silent: bool = False) -> None:
     host.set_stream_handler(PROTOCOL_ID, never_answer if silent else handle)
 
 
+def _guard_providers(dht: Any) -> None:
+    """Replace py-libp2p's provider bookkeeping on a DHT server.
+
+    py-libp2p keeps the first 20 providers of a key and refuses the rest, for 48 h: 20 sybil
+    ADD_PROVIDERs for a model's key, sent first, left a new honest provider stored nowhere, and
+    a dead peer stayed listed for two days. Here a key keeps up to ``PROVIDERS_PER_KEY``
+    records (a random one makes room when full), each for ``PROVIDER_TTL_S`` after its last
+    renewal, and GET_PROVIDERS answers with a random sample of ``K``: to crowd out an honest
+    provider an attacker must now outnumber it ten to one at every node, and keep doing so.
+    """
+    import random as _random
+
+    from libp2p.kad_dht.provider_store import ProviderRecord
+    from libp2p.peer.peerinfo import PeerInfo
+
+    store = dht.provider_store
+    rng = _random.Random()
+
+    def add_provider(key: bytes, provider: Any) -> None:
+        if not provider or not provider.peer_id:
+            return
+        records_ = store.providers.setdefault(key, {})
+        pid = str(provider.peer_id)
+        if pid not in records_ and len(records_) >= PROVIDERS_PER_KEY:
+            del records_[rng.choice(list(records_))]
+        records_[pid] = ProviderRecord(provider_info=provider, timestamp=time.time())
+
+    def get_providers(key: bytes) -> list[Any]:
+        records_ = store.providers.get(key)
+        if not records_:
+            return []
+        now = time.time()
+        for pid in [p for p, r in records_.items() if now - r.timestamp > PROVIDER_TTL_S]:
+            del records_[pid]
+        if not records_:
+            del store.providers[key]
+            return []
+        live = list(records_.values())
+        chosen = live if len(live) <= K else rng.sample(live, K)
+        return [PeerInfo(r.peer_id, r.addresses) for r in chosen]
+
+    store.add_provider = add_provider
+    store.get_providers = get_providers
+
+
 async def _reset_quietly(stream: Any) -> None:
     with trio.move_on_after(1) as scope:
         scope.shield = True
@@ -507,6 +567,7 @@ async def swarm_node(host: Any, identity: Identity, *, server: bool, silent: boo
 
     dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False)
     dht.register_validator(records.NAMESPACE, _validator())
+    _guard_providers(dht)
     if server:
         _guard_inbound(host, dht, silent=silent)
     async with background_trio_service(dht):
