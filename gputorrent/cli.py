@@ -412,8 +412,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except IdentityError as exc:
             raise UsageError(f"--allow: {exc}; give peer ids as 'gputorrent id' prints them") from exc
         allow = frozenset(args.allow)
-    if fault and fault.kind == "dht-silent":
-        node_opts.dht_silent = True
+    if fault and fault.kind.startswith("dht-"):
+        node_opts.dht_fault = fault.kind.removeprefix("dht-")
     opts = ServeOptions(node=node_opts, slots=args.slots, queue=args.queue, n_ctx=args.ctx,
                         n_threads=args.threads, name=args.name or "", allow=allow, rate_limit=args.rate_limit,
                         first_frame_timeout=args.first_frame_timeout, fault=fault, n_gpu_layers=args.n_gpu_layers,

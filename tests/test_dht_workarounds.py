@@ -104,3 +104,45 @@ async def test_every_advertised_address_is_tried_despite_the_negative_cache():
             with pytest.raises(DialError, match="cannot reach peer"):
                 await connect(ours, [dead])
             assert await connect(ours, [dead, live]) == target.get_id().to_base58()
+
+
+async def test_twelve_idle_streams_silence_a_raw_node_and_not_ours():
+    """Raw: py-libp2p serves 12 inbound DHT streams at once for everyone and never times one
+    out, so one peer holding 12 idle streams makes the node reset every other lookup. Ours
+    budgets per peer (8), so the same attacker costs the others nothing."""
+    import trio
+    from libp2p.kad_dht.kad_dht import PROTOCOL_ID
+
+    from gputorrent.peer.host import connect
+
+    async def lookup_after_attack(guarded: bool) -> bool:
+        async with AsyncExitStack() as stack:
+            nodes, asker = await _swarm(stack, 2)
+            target = nodes[0]
+            if not guarded:  # put py-libp2p's own handler back
+                target.host.set_stream_handler(PROTOCOL_ID, target.dht.handle_stream)
+            key = records.advert_key(nodes[1].identity.peer_id)
+            value = records.sign_advert(nodes[1].identity, advert(nodes[1].identity, seq=5))
+            target.dht.value_store.put(key.encode(), value)
+            attacker = await stack.enter_async_context(running_host(Identity.generate()))
+            pid = await connect(attacker, full_addrs(target.host)[0])
+            from libp2p.peer.id import ID
+
+            for _ in range(12):
+                try:
+                    await attacker.new_stream(ID.from_base58(pid), [PROTOCOL_ID])  # opened, never written
+                except Exception:
+                    break
+            with trio.fail_after(5):  # until the target's handlers hold them (another task's state: polled)
+                while (target.dht._inbound_limiter.borrowed_tokens < 12 if not guarded
+                       else sum(target.dht.gt_inbound.values()) < 8):
+                    await trio.sleep(0.01)
+            await connect(asker.host, full_addrs(target.host)[0])
+            with trio.move_on_after(5):
+                got, _ = await asker.dht.value_store._get_from_peer(target.host.get_id(), key.encode(),
+                                                                   return_closer_peers=True)
+                return got == value
+            return False
+
+    assert not await lookup_after_attack(guarded=False)
+    assert await lookup_after_attack(guarded=True)

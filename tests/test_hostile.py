@@ -220,3 +220,37 @@ async def test_sybil_provider_records_sent_first_do_not_keep_an_honest_provider_
         seen = {p.peer_id for p in await s.peers("smollm2")}
         answer = await s.generate(QUESTION, model="smollm2", temperature=0.0, max_tokens=8)
     assert honest.peer_id in seen and answer.peer_id == honest.peer_id
+
+
+async def test_a_node_naming_two_thousand_fake_providers_costs_an_ask_little(swarm, tmp_path):
+    boot = swarm.bootstrap("fake-boot")
+    good = [swarm.spawn(f"fake-good{i}", "--bootstrap", boot.addr, *PEER) for i in range(2)]
+    liar = swarm.spawn("fake-liar", "--bootstrap", boot.addr, *PEER, "--fault", "dht-fake-providers")
+    for p in [*good, liar]:
+        p.wait_ready(180)
+    async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path / "a") as s:
+        seen = {p.peer_id for p in await s.peers("smollm2")}
+        seconds, answer = await _timed_ask(s)
+    assert {p.peer_id for p in good} <= seen and len(seen) <= 3  # none of the 2,000 made-up ones
+    assert seconds < 10 and answer.text
+
+
+def test_advertised_addresses_are_dialed_only_where_they_can_be_a_peer():
+    from gputorrent.api.swarm import _join_scope
+    from gputorrent.peer.host import reachable_from
+
+    never = ["/ip4/0.0.0.0/tcp/1", "/ip6/::/tcp/1", "/ip4/224.0.0.251/tcp/1", "/ip4/169.254.9.9/tcp/1",
+             "/ip6/fe80::1/tcp/1", "/ip4/255.255.255.255/tcp/1", "/ip4/240.1.2.3/tcp/1"]
+    for scope in ("public", "private", "loopback"):
+        assert not any(reachable_from(a, scope) for a in never)
+    # Joined over the internet: an advert cannot aim us at our own LAN or machine.
+    assert _join_scope(["/ip4/9.9.9.9/tcp/4001/p2p/x"]) == "public"
+    assert not reachable_from("/ip4/192.168.1.10/tcp/22", "public")
+    assert not reachable_from("/ip4/127.0.0.1/tcp/22", "public")
+    assert reachable_from("/ip4/1.1.1.1/tcp/4001", "public")
+    # Joined on a LAN: LAN and internet addresses, not loopback; on this machine: all of them.
+    assert _join_scope(["/ip4/192.168.1.2/tcp/4001/p2p/x"]) == "private"
+    assert _join_scope([]) == "loopback"  # mDNS only: a serve on this machine advertises 127.0.0.1
+    assert reachable_from("/ip4/10.0.0.5/tcp/4001", "private") and not reachable_from("/ip4/127.0.0.1/tcp/1", "private")
+    assert _join_scope(["/ip4/127.0.0.1/tcp/4001/p2p/x"]) == "loopback"
+    assert reachable_from("/ip4/127.0.0.1/tcp/4001", "loopback")

@@ -213,7 +213,7 @@ class _Core:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             if self.node is not None:
                 self.view = SwarmView(self.host, self.node, self.store, weights=self.weights, rng=self.rng,
-                                      top=self.choose_top)
+                                      top=self.choose_top, scope=_join_scope(s.bootstrap))
                 self._nursery.start_soon(self.view.refresh_forever)
         except BaseException:
             await stack.aclose()
@@ -453,6 +453,15 @@ class _Core:
                 if isinstance(ev, Finished):
                     return ev.answer
         raise AskFailed("the answer ended without a receipt", [])
+
+
+def _join_scope(bootstrap: Sequence[str]) -> str:
+    """How far this requester's network reaches, judged by the addresses it joined through:
+    the most local of them."""
+    from ..peer.host import scope_of
+
+    scopes = {scope_of(a) for a in bootstrap} or {"loopback"}  # mDNS: peers on this LAN, or this machine
+    return next(s for s in ("loopback", "private", "public") if s in scopes)
 
 
 async def _scoped(scope: trio.CancelScope, fn: Any) -> None:

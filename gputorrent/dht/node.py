@@ -476,6 +476,7 @@ def _guard_inbound(host: Any, dht: Any, *, silent: bool = False) -> None:
 
     per_peer: dict[Any, int] = {}
     total = trio.CapacityLimiter(INBOUND_TOTAL)
+    dht.gt_inbound = per_peer  # streams held per peer, for tests and status
 
     async def never_answer(stream: Any) -> None:  # fault injection: a node that hangs every lookup
         try:
@@ -549,6 +550,18 @@ def _guard_providers(dht: Any) -> None:
     store.get_providers = get_providers
 
 
+def _fake_providers(dht: Any, n: int = 2000) -> None:
+    """Fault injection: every GET_PROVIDERS answer from this node also names ``n`` made-up
+    providers (ids of keys nobody holds, at a closed port)."""
+    import multiaddr
+    from libp2p.peer.peerinfo import PeerInfo
+
+    fakes = [PeerInfo(_id(Identity.generate().peer_id), [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/9")])
+             for _ in range(n)]
+    real = dht.provider_store.get_providers
+    dht.provider_store.get_providers = lambda key: fakes + real(key)
+
+
 async def _reset_quietly(stream: Any) -> None:
     with trio.move_on_after(1) as scope:
         scope.shield = True
@@ -559,7 +572,7 @@ async def _reset_quietly(stream: Any) -> None:
 
 
 @asynccontextmanager
-async def swarm_node(host: Any, identity: Identity, *, server: bool, silent: bool = False) -> AsyncIterator[SwarmNode]:
+async def swarm_node(host: Any, identity: Identity, *, server: bool, fault: str = "") -> AsyncIterator[SwarmNode]:
     """Run a Kademlia DHT on ``host``: server mode stores records for others, client mode
     only asks (requesters, watchers)."""
     from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -568,8 +581,10 @@ async def swarm_node(host: Any, identity: Identity, *, server: bool, silent: boo
     dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False)
     dht.register_validator(records.NAMESPACE, _validator())
     _guard_providers(dht)
+    if fault == "fake-providers":
+        _fake_providers(dht)
     if server:
-        _guard_inbound(host, dht, silent=silent)
+        _guard_inbound(host, dht, silent=fault == "silent")
     async with background_trio_service(dht):
         yield SwarmNode(host, identity, dht, server=server)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("corrupt-signature", "die-after-tokens", "stall-after-tokens", "wrong-tokens", "busy", "sybil",
-         "dht-silent")
+         "dht-silent", "dht-fake-providers")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,33 @@ def dialable(addr: str) -> bool:
                 or (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255")))
 
 
+def scope_of(addr: str) -> str:
+    """Where an address lives: "loopback", "private" (RFC 1918, CGNAT, IPv6 ULA) or "public"
+    (names and anything else)."""
+    import ipaddress
+
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return "public"
+    try:
+        ip = ipaddress.ip_address(parts[2])
+    except ValueError:
+        return "public"
+    if ip.is_loopback:
+        return "loopback"
+    shared = ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10")
+    return "private" if ip.is_private or shared else "public"
+
+
+def reachable_from(addr: str, scope: str) -> bool:
+    """Whether a requester that joined the swarm through an address of ``scope`` should dial
+    ``addr``: a requester on the internet never dials an advert's private or loopback address
+    (an advert could aim it at its own LAN or its own machine); one on a LAN dials public and
+    private ones; one on loopback, everything."""
+    order = {"public": 0, "private": 1, "loopback": 2}
+    return dialable(addr) and order[scope_of(addr)] <= order.get(scope, 2)
+
+
 class DialError(Exception):
     """A peer address that cannot be parsed or reached; the message says which."""
 

@@ -33,7 +33,7 @@ class NodeOptions:
     announce_interval: float = records.ANNOUNCE_INTERVAL_S
     advert_ttl: float = records.ADVERT_TTL_S
     psk: str | None = None
-    dht_silent: bool = False  # fault injection: take DHT requests and never answer them
+    dht_fault: str = ""  # fault injection: "silent" (never answer DHT requests), "fake-providers"
 
 
 def write_ready_file(path: Path, info: dict[str, Any]) -> None:
@@ -65,7 +65,7 @@ async def run_node(
         async with running_host(identity, opts.listen, mdns=opts.mdns, psk=opts.psk) as host:
             for proto, handler in (handlers or {}).items():
                 host.set_stream_handler(proto, handler)
-            async with swarm_node(host, identity, server=True, silent=opts.dht_silent) as node:
+            async with swarm_node(host, identity, server=True, fault=opts.dht_fault) as node:
                 if opts.bootstrap:
                     joined = await node.join(opts.bootstrap)
                     if not joined:

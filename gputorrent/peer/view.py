@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import trio
 
 from .. import wire
@@ -24,6 +25,7 @@ from ..dht.records import Advert
 from ..scoring import Weights
 from ..scoring.reputation import ReputationStore
 from .choose import Considered, rank_peers
+from .host import reachable_from
 
 FRESH_S = 15.0  # a lookup younger than this is answered from the view
 REFRESH_S = 10.0  # how often models in use are looked up again in the background
@@ -52,13 +54,14 @@ class SwarmView:
     """What this requester knows of the swarm (one per ``Swarm``; trio only)."""
 
     def __init__(self, host: Any, node: Any, store: ReputationStore, *, weights: Weights = Weights(),
-                 rng: random.Random | None = None, top: int = 3) -> None:
+                 rng: random.Random | None = None, top: int = 3, scope: str = "loopback") -> None:
         self.host = host
         self.node = node
         self.store = store
         self.weights = weights
         self.rng = rng or random.Random()
         self.top = top
+        self.scope = scope  # where we joined from: which advertised addresses we dial (host.reachable_from)
         self._lookups: dict[str, _Lookup] = {}
         self._used: dict[str, float] = {}
         self._flights: dict[str, _Flight] = {}
@@ -101,7 +104,11 @@ class SwarmView:
             await self._single_flight(key, fresh)
             kept = self._lookups[key]
         wall = time.time()
-        return [a for a in kept.adverts if a.live(wall) and not a.leaving]
+        return [self._reachable(a) for a in kept.adverts if a.live(wall) and not a.leaving]
+
+    def _reachable(self, ad: Advert) -> Advert:
+        addrs = [a for a in ad.addrs if reachable_from(a, self.scope)]
+        return ad if len(addrs) == len(ad.addrs) else msgspec.structs.replace(ad, addrs=addrs)
 
     async def find(self, spec: str, max_age: float = FRESH_S) -> list[Advert]:
         """Live adverts of peers serving ``spec`` (alias or model id), from the view when it
