@@ -22,7 +22,7 @@ import trio
 from . import wire
 from .peer import protocol
 from .peer.client import ping
-from .peer.host import new_stream
+from .peer.host import finish_stream, new_stream
 
 STREAM_DEADLINE_S = 15.0
 # What each fuzzing stream does, and how often. A truncated frame left open makes the peer wait
@@ -114,12 +114,7 @@ async def _one_stream(host: Any, peer_id: str, rng: random.Random, result: FuzzR
     finally:
         result.frames += sent
         frames_left[0] -= sent
-        with trio.move_on_after(1) as cleanup:
-            cleanup.shield = True
-            try:
-                await stream.reset()
-            except Exception:
-                pass
+        await finish_stream(stream, reset=True)
 
 
 async def _drain(stream: Any) -> None:

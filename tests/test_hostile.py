@@ -122,17 +122,23 @@ async def test_sybils_that_claim_the_world_and_answer_busy_cannot_stop_an_ask(sw
     assert max(times) < 5
 
 
+def _two_good_and_one(swarm, name: str, fault: str) -> tuple:
+    """A bootstrap node, two honest serving peers and one told to misbehave, all ready."""
+    boot = swarm.bootstrap(f"{name}-boot")
+    good = [swarm.spawn(f"{name}-good{i}", "--bootstrap", boot.addr, *PEER) for i in range(2)]
+    bad = swarm.spawn(f"{name}-bad", "--bootstrap", boot.addr, *PEER, "--fault", fault)
+    for p in [*good, bad]:
+        p.wait_ready(180)
+    return boot, good, bad
+
+
 async def test_idle_dht_streams_and_a_silent_dht_node_hide_nobody(swarm, tmp_path):
     """One attacker holds 16 idle Kademlia streams open on the bootstrap node, and one peer
     takes every DHT request and never answers: the swarm stays visible and answers come
     within 5 s of their normal time."""
     from libp2p.peer.id import ID
 
-    boot = swarm.bootstrap("kad-boot")
-    good = [swarm.spawn(f"kad{i}", "--bootstrap", boot.addr, *PEER) for i in range(2)]
-    mute = swarm.spawn("kad-mute", "--bootstrap", boot.addr, *PEER, "--fault", "dht-silent")
-    for p in [*good, mute]:
-        p.wait_ready(180)
+    boot, good, _ = _two_good_and_one(swarm, "kad", "dht-silent")
     async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path / "before") as s:
         normal, _ = await _timed_ask(s)
     async with running_host(Identity.generate()) as attacker:
@@ -223,11 +229,7 @@ async def test_sybil_provider_records_sent_first_do_not_keep_an_honest_provider_
 
 
 async def test_a_node_naming_two_thousand_fake_providers_costs_an_ask_little(swarm, tmp_path):
-    boot = swarm.bootstrap("fake-boot")
-    good = [swarm.spawn(f"fake-good{i}", "--bootstrap", boot.addr, *PEER) for i in range(2)]
-    liar = swarm.spawn("fake-liar", "--bootstrap", boot.addr, *PEER, "--fault", "dht-fake-providers")
-    for p in [*good, liar]:
-        p.wait_ready(180)
+    boot, good, _ = _two_good_and_one(swarm, "fake", "dht-fake-providers")
     async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path / "a") as s:
         seen = {p.peer_id for p in await s.peers("smollm2")}
         seconds, answer = await _timed_ask(s)

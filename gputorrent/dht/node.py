@@ -563,12 +563,9 @@ def _fake_providers(dht: Any, n: int = 2000) -> None:
 
 
 async def _reset_quietly(stream: Any) -> None:
-    with trio.move_on_after(1) as scope:
-        scope.shield = True
-        try:
-            await stream.reset()
-        except Exception:
-            pass
+    from ..peer.host import finish_stream
+
+    await finish_stream(stream, reset=True)
 
 
 @asynccontextmanager

@@ -15,7 +15,7 @@ import trio
 
 from .. import wire
 from . import protocol
-from .host import new_stream
+from .host import finish_stream, new_stream
 
 
 class AttemptFailed(Exception):
@@ -145,12 +145,7 @@ async def run_attempt(
                 finished = True
                 raise RemoteError(msg.code, msg.message)
     finally:
-        with trio.move_on_after(1) as cleanup:
-            cleanup.shield = True
-            try:
-                await (stream.close() if finished else stream.reset())
-            except Exception:
-                pass
+        await finish_stream(stream, reset=not finished)
 
 
 async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wire.Pong]:
@@ -171,12 +166,7 @@ async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wi
     except Exception as exc:
         raise StreamBroken(f"cannot ping {peer_id}: {_describe(exc)}") from exc
     rtt_ms = (time.perf_counter() - t0) * 1000
-    with trio.move_on_after(1) as cleanup:
-        cleanup.shield = True
-        try:
-            await stream.close()
-        except Exception:
-            pass
+    await finish_stream(stream)
     if raw is None:
         raise StreamBroken(f"{peer_id} closed the ping stream")
     try:

@@ -207,7 +207,18 @@ async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:
             cleanup.shield = True
             try:
                 await host.disconnect(pid)
-            except Exception:
+            except Exception:  # already gone: all the better
                 pass
         host.get_network().connections.pop(pid, None)
         return await host.new_stream(pid, list(protocols))
+
+
+async def finish_stream(stream: Any, *, reset: bool = False, timeout: float = 1.0) -> None:
+    """Close (or reset) a stream even while the caller is being cancelled, for at most
+    ``timeout``; a stream the other side already dropped is no error here."""
+    with trio.move_on_after(timeout) as scope:
+        scope.shield = True
+        try:
+            await (stream.reset() if reset else stream.close())
+        except Exception:
+            pass
