@@ -43,6 +43,7 @@ from .records import Advert, RecordError
 log = logging.getLogger("gputorrent.dht")
 
 QUERY_TIMEOUT_S = 1.0  # one peer's answer to one request (loopback: ~5 ms; a continent: ~300 ms)
+SLOW_QUERY_TIMEOUT_S = 3.0  # the same, once more, when no peer at all answered within the first
 LOOKUP_TIMEOUT_S = 4.0  # one whole walk; what it found by then is kept
 STORE_TIMEOUT_S = 2.0  # one PUT_VALUE or ADD_PROVIDER to one peer
 FETCH_TIMEOUT_S = 6.0  # fetching all the adverts of one lookup
@@ -248,6 +249,18 @@ class SwarmNode:
 
     async def _walk(self, key_bytes: bytes, query: Callable[[Any], Any],
                     enough: Callable[[], bool] = lambda: False) -> list[Any]:
+        """``_walk_once``; when nobody at all answered in time (a loaded machine, not a hung
+        peer: one of those still leaves the others), once more, with a longer deadline."""
+        timed_out: list[Any] = []
+        responded = await self._walk_once(key_bytes, query, enough, QUERY_TIMEOUT_S, timed_out)
+        if responded or not timed_out:
+            return responded
+        for peer in timed_out:
+            self._suspect.pop(peer, None)
+        return await self._walk_once(key_bytes, query, enough, SLOW_QUERY_TIMEOUT_S, [])
+
+    async def _walk_once(self, key_bytes: bytes, query: Callable[[Any], Any], enough: Callable[[], bool],
+                         query_timeout: float, timed_out: list[Any]) -> list[Any]:
         """A Kademlia lookup: keep ``ALPHA`` requests in flight to the closest peers not yet
         asked, learn closer peers from each answer, and stop when the ``K`` closest known have
         all answered or failed (or ``enough()``). ``query(peer)`` returns the closer peers a
@@ -270,12 +283,13 @@ class SwarmNode:
 
         async def ask(peer: Any) -> None:
             try:
-                with trio.move_on_after(QUERY_TIMEOUT_S) as timer:
+                with trio.move_on_after(query_timeout) as timer:
                     closer = await query(peer)
                     responded.append(peer)
                     known.extend(c for c in list(closer or ())[:K] if c != me and c not in known)
                 if timer.cancelled_caught:  # silent (asleep, hung): leave it out of walks a while
                     self._suspect[peer] = trio.current_time() + SUSPECT_S
+                    timed_out.append(peer)
             except Exception as exc:
                 log.debug("DHT request to %s failed: %s", peer, exc)
             finally:
