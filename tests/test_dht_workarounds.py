@@ -146,3 +146,19 @@ async def test_twelve_idle_streams_silence_a_raw_node_and_not_ours():
 
     assert not await lookup_after_attack(guarded=False)
     assert await lookup_after_attack(guarded=True)
+
+
+async def test_a_requester_whose_only_contact_timed_out_still_asks_it():
+    """Walks leave out peers that recently timed out, but never all of them: a requester
+    that knows only its bootstrap node must keep asking it (a loaded moment must not blind it
+    for the 30 s a suspect is left out)."""
+    import trio
+
+    key = records.provider_key("alias", "suspect-test")
+    async with AsyncExitStack() as stack:
+        nodes, asker = await _swarm(stack, 3)
+        await nodes[1].provide(key)
+        contacts = list(asker.dht.routing_table.get_peer_ids())
+        for peer in contacts:
+            asker._suspect[peer] = trio.current_time() + 30
+        assert contacts and nodes[1].identity.peer_id in await asker.find_providers(key)

@@ -246,3 +246,12 @@ def test_ban_and_reset(tmp_path):
     store = ReputationStore(tmp_path / "rep.sqlite")
     assert not store.ban("p").breaker.allows(0)
     assert store.reset("p").breaker.allows(0)
+
+
+def test_a_pong_cannot_add_slots_with_negative_counts():
+    from gputorrent.peer.choose import MAX_SLOTS, free_slots
+    from gputorrent.wire import Pong
+
+    assert free_slots(Pong(active=-10**6, queued=-5, slots=4, free_memory_mb=0, tokens_per_s=0)) == 4
+    assert free_slots(Pong(active=0, queued=0, slots=10**9, free_memory_mb=0, tokens_per_s=0)) == MAX_SLOTS
+    assert free_slots(Pong(active=3, queued=2, slots=4, free_memory_mb=0, tokens_per_s=0)) == -1

@@ -370,13 +370,11 @@ class _Core:
             self._publish(ev)
 
     def _claimed_room(self, peer_id: str) -> bool:
+        from ..peer.choose import free_slots
         from ..peer.view import PONG_FRESH_S
 
         kept = self.view.pongs.get(peer_id) if self.view is not None else None
-        if kept is None or trio.current_time() - kept[0] > PONG_FRESH_S:
-            return False
-        pong = kept[2]
-        return pong.slots - pong.active - pong.queued > 0
+        return kept is not None and trio.current_time() - kept[0] <= PONG_FRESH_S and free_slots(kept[2]) > 0
 
     async def stream(self, prompt: str | Sequence[Any] | None = None, *, model: str | None = None,
                      system: str | None = None, raw: bool = False, plan: Plan | None = None,

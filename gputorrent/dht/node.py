@@ -295,15 +295,16 @@ class SwarmNode:
             finally:
                 answered.send_nowait(None)
 
-        if any(not self._is_suspect(p) for p in known):
-            known = [p for p in known if not self._is_suspect(p)]
+        # Peers that recently let a request time out are asked only when nobody else is known
+        # (a requester whose one contact is the bootstrap must still ask it).
+        avoid = any(not self._is_suspect(p) for p in known)
 
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
                 in_flight = 0
                 while not enough():
                     known = sort_peer_ids_by_distance(key_bytes, known)
-                    fresh = [p for p in known[:K] if p not in asked and not (p in self._suspect and self._is_suspect(p))]
+                    fresh = [p for p in known[:K] if p not in asked and not (avoid and self._is_suspect(p))]
                     for peer in fresh[: ALPHA - in_flight]:
                         asked.add(peer)
                         in_flight += 1
@@ -370,22 +371,21 @@ class SwarmNode:
             copies += consider(value)
             return closer
 
+        owner = _id(peer_id)
+
         async def from_owner() -> None:
             # The owner holds its own newest advert; ask it too (when we know its address),
             # alongside the walk: a copy that missed the closest peers is still found.
-            from libp2p.peer.id import ID
-
             nonlocal copies
             with trio.move_on_after(QUERY_TIMEOUT_S):
                 try:
-                    copies += consider(await self.dht.value_store._get_from_peer(ID.from_base58(peer_id), key_bytes))
+                    copies += consider(await self.dht.value_store._get_from_peer(owner, key_bytes))
                 except Exception as exc:
                     log.debug("advert from its owner %s failed: %s", peer_id, exc)
 
         local = self.dht.value_store.store.get(key_bytes)
         consider(local[0].value if local else None)
         async with trio.open_nursery() as n:
-            owner = _id(peer_id)
             if peer_id != self.identity.peer_id and self._known_addrs(owner) and not self._is_suspect(owner):
                 n.start_soon(from_owner)
             await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)

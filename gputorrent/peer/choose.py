@@ -36,6 +36,12 @@ class Considered:
 MAX_SLOTS = 256  # more parallel answers than any one peer plausibly runs
 
 
+def free_slots(pong: Any) -> int:
+    """Free slots a pong claims, bounded: at most ``MAX_SLOTS``, and negative counts of active
+    or queued answers (which would add slots) count as 0."""
+    return min(pong.slots, MAX_SLOTS) - max(0, pong.active) - max(0, pong.queued)
+
+
 def _plausible_memory_mb(ad: Advert) -> int:
     """The most free memory this advert's device can have: its VRAM, else its RAM."""
     d = ad.device
@@ -133,7 +139,7 @@ async def rank_peers(
         rec = store.get(ad.peer_id, now)
         candidates.append(Candidate(
             ad.peer_id, free_vram_mb=min(max(0, pong.free_memory_mb), _plausible_memory_mb(ad)),
-            free_slots=min(pong.slots, MAX_SLOTS) - pong.active - pong.queued, rtt_ms=rtt,
+            free_slots=free_slots(pong), rtt_ms=rtt,
             tokens_per_s=rec.tokens_per_s or typical_speed,
             reputation=rec.reputation * rec.busy_factor(now)))
     scored = score(candidates, weights)

@@ -152,7 +152,6 @@ async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wi
     """Round-trip time (ms) and the signed live load of ``peer_id``."""
     import os
 
-
     nonce = os.urandom(16)
     payload = wire.encode(wire.Ping(nonce))
     t0 = time.perf_counter()

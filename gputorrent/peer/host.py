@@ -22,6 +22,19 @@ from ..identity import Identity
 MAX_DIAL_ADDRS = 8  # addresses tried per peer: an advert listing hundreds costs no more
 
 
+def _ip(addr: str) -> Any:
+    """The IP of an /ip4 or /ip6 multiaddr; None for other forms (dns...); False if malformed."""
+    import ipaddress
+
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return None
+    try:
+        return ipaddress.ip_address(parts[2])
+    except ValueError:
+        return False
+
+
 def dialable(addr: str) -> bool:
     """Whether an advertised address may be dialed: never an unspecified (0.0.0.0, ::),
     multicast, broadcast, link-local or reserved IP, which an advert could use to point
@@ -29,12 +42,10 @@ def dialable(addr: str) -> bool:
     one machine or a LAN uses them."""
     import ipaddress
 
-    parts = addr.split("/")
-    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+    ip = _ip(addr)
+    if ip is None:
         return True  # dns and other forms: resolved and checked by the transport
-    try:
-        ip = ipaddress.ip_address(parts[2])
-    except ValueError:
+    if ip is False:
         return False
     return not (ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved
                 or (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255")))
@@ -45,12 +56,8 @@ def scope_of(addr: str) -> str:
     (names and anything else)."""
     import ipaddress
 
-    parts = addr.split("/")
-    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
-        return "public"
-    try:
-        ip = ipaddress.ip_address(parts[2])
-    except ValueError:
+    ip = _ip(addr)
+    if ip is None or ip is False:
         return "public"
     if ip.is_loopback:
         return "loopback"

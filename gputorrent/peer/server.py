@@ -283,10 +283,11 @@ class InferServer:
         ids: list[int] = []
         text: list[str] = []
         sent = 0
-        last_write = trio.current_time()
+        last_write = -1.0  # last token frame: the coalescing window counts from it
+        last_frame = trio.current_time()  # last frame of any kind: the heartbeat counts from it
 
         async def flush() -> None:
-            nonlocal sent, last_write
+            nonlocal sent, last_write, last_frame
             if not ids:
                 return
             out_ids, out_text = list(ids), "".join(text)
@@ -298,7 +299,7 @@ class InferServer:
             if fault and fault.kind == "corrupt-signature":
                 data = data[:-1] + bytes([data[-1] ^ 0x01])  # the signature is the last field
             await stream.write(data)
-            last_write = trio.current_time()
+            last_write = last_frame = trio.current_time()
             sent += len(out_ids)
             self.stats.count_tokens(len(out_ids), last_write)
             if fault and fault.kind == "die-after-tokens" and sent >= fault.n:
@@ -311,13 +312,13 @@ class InferServer:
             ev = None
             # Only the wait sits under the coalescing deadline: a write cut short would leave
             # a sequence number signed but never sent.
-            with trio.move_on_at(last_write + (window if ids else HEARTBEAT_S)):
+            with trio.move_on_at(last_write + window if ids else last_frame + HEARTBEAT_S):
                 ev = await events.receive()
             if ev is None and not ids:
                 # Nothing to send for a while: still queued, or still computing the prompt.
                 # Writing also finds out at once when the requester has gone (a reset).
                 await stream.write(signer.seal(wire.Queued(self.engine.queue_position(job))))
-                last_write = trio.current_time()
+                last_frame = trio.current_time()
                 continue
             if isinstance(ev, Tokens):
                 ids.extend(ev.ids)
