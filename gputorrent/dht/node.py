@@ -342,7 +342,8 @@ class SwarmNode:
         found += [p.peer_id.to_base58() for p in store.get_providers(key_bytes)]
         if key_bytes in store.providing_keys:
             found.append(self.identity.peer_id)
-        return list(dict.fromkeys(found))[:MAX_PROVIDERS]
+        named = {p: found.count(p) for p in dict.fromkeys(found)}  # real providers are named by many nodes
+        return sorted(named, key=lambda p: -named[p])[:MAX_PROVIDERS]
 
     async def get_advert_value(self, peer_id: str) -> bytes | None:
         """The newest valid signed advert of ``peer_id``: asked of the peers closest to its key
@@ -402,8 +403,8 @@ class SwarmNode:
         found = await self._fetch_adverts(peer_ids)
         have = {a.peer_id for a in found}
         missing = [p for p in dict.fromkeys(peer_ids) if p not in have]
-        if missing and len(missing) <= ENOUGH_ADVERTS * 4:
-            found += await self._fetch_adverts(missing)
+        if missing:
+            found += await self._fetch_adverts(missing[: ENOUGH_ADVERTS * 4])
         return found
 
     async def _fetch_adverts(self, peer_ids: Sequence[str]) -> list[Advert]:
