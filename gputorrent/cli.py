@@ -374,6 +374,46 @@ def _console_out():
 # --- serve ----------------------------------------------------------------------------------
 
 
+def _serve_blocks(args: argparse.Namespace, info, offered_mb: int) -> tuple[int, int] | None:
+    """``--blocks A:B``, or for ``auto`` as many blocks as fit in the memory offered, placed
+    where the swarm holds the fewest copies (None: the whole model fits, serve it whole)."""
+    from .models import ModelError
+    from .models.quant import estimate_memory
+    from .models.shards import coverage_of, parse_blocks, thinnest_range
+
+    if info.blocks < 2:
+        raise ModelError(f"{info.alias} has {info.blocks} block(s): nothing to shard")
+    if args.blocks != "auto":
+        return parse_blocks(args.blocks, info.blocks)
+    per_block = estimate_memory(info, args.ctx, args.slots).total_mb / info.blocks
+    width = int(offered_mb // max(per_block, 1e-9))
+    if width >= info.blocks:
+        _err(f"--blocks auto: the whole model fits in the {offered_mb} MB offered; serving it whole")
+        return None
+    if width < 1:
+        raise ModelError(f"not even one block of {info.alias} (~{per_block:.0f} MB with this context) fits in the "
+                         f"{offered_mb} MB offered; offer more (--max-vram-mb) or lower --ctx / --slots")
+    held: list[tuple[int, int]] = []
+    settings = _swarm_settings(args)
+    if settings.bootstrap or settings.mdns:
+        import trio
+
+        async def lookup() -> None:
+            async with _swarm(args) as swarm:
+                for st in await swarm.peers(info.model_id):
+                    held.extend((m.first_block, m.end_block) for m in st.advert.models
+                                if m.model_id == info.model_id)
+
+        try:
+            trio.run(lookup)
+        except Exception as exc:  # no swarm yet is fine: start from block 0
+            _err(f"--blocks auto: could not look at the swarm ({exc}); placing blocks from the start")
+    first, end = thinnest_range(coverage_of(held, info.blocks), width)
+    _err(f"--blocks auto: serving blocks {first}:{end} of {info.blocks} ({width} fit in {offered_mb} MB; "
+         f"the swarm's thinnest, from {len(held)} range(s) seen)")
+    return first, end
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
@@ -414,10 +454,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow = frozenset(args.allow)
     if fault and fault.kind.startswith("dht-"):
         node_opts.dht_fault = fault.kind.removeprefix("dht-")
+    blocks = _serve_blocks(args, info, offered) if args.blocks else None
     opts = ServeOptions(node=node_opts, slots=args.slots, queue=args.queue, n_ctx=args.ctx,
                         n_threads=args.threads, name=args.name or "", allow=allow, rate_limit=args.rate_limit,
                         first_frame_timeout=args.first_frame_timeout, fault=fault, n_gpu_layers=args.n_gpu_layers,
-                        max_vram_mb=args.max_vram_mb)
+                        max_vram_mb=args.max_vram_mb, blocks=blocks)
     ident = _identity(args)
 
     from rich.progress import BarColumn, Progress, TextColumn
@@ -426,7 +467,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   console=_console()) as bar:
         task = bar.add_task(f"loading {info.alias} ({info.size_bytes / 1e6:.0f} MB)", total=1.0)
         try:
-            engine = load_engine(info, opts, device, progress=lambda p: bar.update(task, completed=p))
+            engine = load_engine(info, opts, device, progress=lambda p: bar.update(task, completed=p),
+                                 cache_dir=settings.cache_dir)
         except Exception as exc:
             raise ModelError(str(exc)) from exc
     if device.kind == "gpu" and engine.n_gpu_layers != 0 and not engine.gpu_offload:
@@ -439,7 +481,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def on_ready(ready: dict) -> None:
         where = (f"{device.name}, {device.vram_free_mb} MB VRAM offered, {engine.n_gpu_layers} layers on the GPU"
                  if device.kind == "gpu" else f"{device.name}, {device.cores} cores")
-        view.ready(ready, f"serving {info.alias} ({info.short_id}) as {ready['peer_id']}\n"
+        what = f"blocks {blocks[0]}:{blocks[1]} of {info.alias}" if blocks else info.alias
+        view.ready(ready, f"serving {what} ({info.short_id}) as {ready['peer_id']}\n"
                           f"  on {where}; {opts.slots} slots, context {engine.n_ctx}, {ready['tokens_per_s']} "
                           f"tokens/s measured; announced every {opts.node.announce_interval:g}s\npress Ctrl-C to stop")
         for a in ready["addrs"]:
@@ -709,6 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantization a --model DIR serves [default: all that is free]")
     s.add_argument("--n-gpu-layers", type=int, metavar="N",
                    help="layers to offload to the GPU; -1 for all [default: all when a GPU is found, else 0]")
+    s.add_argument("--blocks", metavar="A:B|auto",
+                   help="serve only blocks A to B-1 of the model (a shard); requesters chain shards that "
+                        "together hold every block. 'auto' takes as many as fit in the memory offered, where "
+                        "the swarm holds the fewest copies [default: the whole model]")
     s.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="'json' writes one JSON object per event (request accepted, done, busy, refused, "
                         "and a status every 10 s) to stderr, for log collectors")

@@ -75,7 +75,45 @@ class Ping(msgspec.Struct, tag="ping", array_like=True):
     nonce: RequestId
 
 
-Inbound = Union[InferRequest, Cancel, Ping]
+# Shards (``/gputorrent/shard/1``): one stream per session and hop. Hidden states are f32 (f16
+# overflows: SmolLM2's residual reaches ~24,800; bf16 moved logits by up to 1.2), and a step's
+# states go in parts of at most HIDDEN_PART bytes so every frame stays under the 1 MiB cap.
+HIDDEN_PART = 512 * 1024
+MAX_STEP = 512  # positions in one step: the prompt chunk of both engines
+TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
+
+
+class ShardOpen(msgspec.Struct, tag="sopen", array_like=True, kw_only=True):
+    """Opens a session on a shard. The first shard gets the prompt (it has the tokenizer and
+    answers with the prompt's ids); the last gets the sampling parameters."""
+
+    request_id: RequestId
+    model: Annotated[str, Meta(max_length=256)]
+    first_block: Annotated[int, Meta(ge=0, le=1 << 16)]
+    end_block: Annotated[int, Meta(ge=1, le=1 << 16)]
+    params: Params = Params()
+    messages: Annotated[list[ChatMessage], Meta(max_length=4096)] | None = None
+    prompt: str | None = None
+
+
+class ShardStep(msgspec.Struct, tag="step", array_like=True, kw_only=True):
+    """Positions ``pos`` .. ``pos + n - 1`` of the session: token ids for the first shard,
+    hidden states (``n x n_embd`` f32, little-endian) for the others, sent in parts: every
+    part but the last has ``more`` set. ``sample``: the last shard samples the last position.
+    ``replay``: a replacement catching up; it answers without output, and the last shard
+    accepts ``forced`` (the token the chain used) in place of the one it draws."""
+
+    pos: Annotated[int, Meta(ge=0, lt=1 << 24)]
+    n: Annotated[int, Meta(ge=1, le=MAX_STEP)]
+    tokens: Annotated[list[TokenId], Meta(max_length=MAX_STEP)] = []
+    hidden: Annotated[bytes, Meta(max_length=HIDDEN_PART)] = b""
+    more: bool = False
+    sample: bool = False
+    forced: Annotated[int, Meta(ge=-1, lt=1 << 31)] = -1
+    replay: bool = False
+
+
+Inbound = Union[InferRequest, Cancel, Ping, ShardOpen, ShardStep]
 
 # --- replies (server -> requester), each signed ------------------------------------------
 
@@ -133,7 +171,26 @@ class Pong(msgspec.Struct, tag="pong", array_like=True):
     tokens_per_s: float
 
 
-Reply = Union[Accepted, Busy, Queued, Token, Done, Error, Pong]
+class ShardReady(msgspec.Struct, tag="sready", array_like=True):
+    model_id: str
+    n_ctx: int
+    prompt_ids: list[int]  # from the first shard: the prompt, tokenized with the model's template
+
+
+class StepOut(msgspec.Struct, tag="sout", array_like=True):
+    """A step's result, in parts like its input: hidden states from a shard that is not last,
+    the sampled token and its text from the last. ``transcript`` chains the digest of every
+    step's input and every part's output, so the final one is a signed receipt of the session."""
+
+    hidden: bytes
+    more: bool
+    token: int
+    text: str
+    finish: str
+    transcript: bytes
+
+
+Reply = Union[Accepted, Busy, Queued, Token, Done, Error, Pong, ShardReady, StepOut]
 
 
 class _Envelope(msgspec.Struct, array_like=True):
@@ -219,7 +276,7 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_inbound(payload: bytes) -> InferRequest | Cancel | Ping:
+def decode_inbound(payload: bytes) -> InferRequest | Cancel | Ping | ShardOpen | ShardStep:
     try:
         return _inbound_decoder.decode(payload)
     except msgspec.ValidationError as exc:
@@ -261,6 +318,23 @@ def _transcript_next(prev: bytes, ids: list[int], text: str) -> bytes:
     return h.digest()
 
 
+def step_digest(step: ShardStep, hidden: bytes) -> bytes:
+    """What a step's transcript entry covers of its input (``hidden``: every part joined)."""
+    h = hashlib.sha256(_SEQ.pack(step.pos) + _SEQ.pack(step.n) + bytes([step.sample, step.replay]))
+    h.update(struct.pack(f"<{len(step.tokens)}I", *step.tokens))
+    h.update(struct.pack("<q", step.forced))
+    h.update(hidden)
+    return h.digest()
+
+
+def _step_next(prev: bytes, input_digest: bytes, out: StepOut) -> bytes:
+    h = hashlib.sha256(prev + input_digest)
+    h.update(out.hidden)
+    h.update(struct.pack("<?q", out.more, out.token))
+    h.update(out.text.encode() + b"\0" + out.finish.encode())
+    return h.digest()
+
+
 def _signed_message(protocol: bytes, request_id: bytes, seq: int, body: bytes) -> bytes:
     return b"".join((_DOMAIN, protocol, b"\0", request_id, _SEQ.pack(seq), body))
 
@@ -282,6 +356,13 @@ class ReplySigner:
         self.transcript = _transcript_next(self.transcript, ids, text)
         return Token(ids, text, self.transcript)
 
+    def step(self, input_digest: bytes, hidden: bytes = b"", more: bool = False, token: int = -1, text: str = "",
+             finish: str = "") -> StepOut:
+        out = StepOut(hidden, more, token, text, finish, b"")
+        self.transcript = _step_next(self.transcript, input_digest, out)
+        out.transcript = self.transcript
+        return out
+
     def seal(self, msg: Reply) -> bytes:
         """The framed, signed bytes of ``msg``; advances the sequence number."""
         body = _encoder.encode(msg)
@@ -297,9 +378,10 @@ class ReplyVerifier:
     Any failure raises ``IntegrityError``; the caller drops the stream and blames the peer.
     """
 
-    __slots__ = ("_verifier", "_protocol", "_request_id", "_seq", "transcript")
+    __slots__ = ("_verifier", "_protocol", "_request_id", "_seq", "transcript", "step_input")
 
     def __init__(self, peer_id: str, protocol: str, request_id: bytes, digest: bytes) -> None:
+        self.step_input = b""  # the digest of the shard step whose output is awaited
         self._verifier = Verifier(peer_id)
         self._protocol = protocol.encode()
         self._request_id = request_id
@@ -326,6 +408,10 @@ class ReplyVerifier:
             self.transcript = _transcript_next(self.transcript, msg.ids, msg.text)
             if msg.transcript != self.transcript:
                 raise IntegrityError("transcript hash does not match the tokens received")
+        elif isinstance(msg, StepOut):
+            self.transcript = _step_next(self.transcript, self.step_input, msg)
+            if msg.transcript != self.transcript:
+                raise IntegrityError("transcript hash does not match the step sent and the output received")
         elif isinstance(msg, Done) and msg.transcript != self.transcript:
             raise IntegrityError("receipt does not match the tokens received")
         return msg

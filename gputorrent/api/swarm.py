@@ -116,6 +116,7 @@ class Plan:
     model: str
     order: list[Advert]
     considered: list[Considered] = field(default_factory=list)
+    chain: list[Any] = field(default_factory=list)  # peer.chain.Hop, when shards compute the model
 
 
 def to_messages(prompt: str | Sequence[Any] | None, system: str | None = None) -> list[wire.ChatMessage]:
@@ -275,6 +276,12 @@ class _Core:
                                                           "start one with: gputorrent serve"), [], kind="no_peers")
             model = max(counts, key=counts.__getitem__)
         order, considered = await self.view.rank(model)
+        if not order:  # nobody serves it whole: a chain of shards, if they cover every block
+            hops, held = await self.view.chain(model)
+            if hops:
+                return Plan(model, [], considered + held, chain=hops)
+            if held:
+                raise AskFailed(_uncovered(model, [c.advert for c in held]), [], kind="unavailable")
         if not considered:
             if not await self.view.overview():
                 raise AskFailed(await self._nothing_found("no peer in the swarm serves any model yet; "
@@ -406,12 +413,23 @@ class _Core:
         async def produce() -> None:
             async with send:
                 try:
-                    answer = await ask(
-                        self.host, candidates, messages=messages, prompt=prompt if raw else None, model=model,
-                        params=p, on_text=lambda t: send.send_nowait(Text(t, current["peer"])),
-                        max_attempts=self.attempts, deadline_s=self.deadline, stall_timeout=self.stall_timeout,
-                        before_attempt=before, after_attempt=after,
-                    )
+                    on_text = lambda t: send.send_nowait(Text(t, current["peer"]))  # noqa: E731
+                    if plan is not None and plan.chain:
+                        from ..peer.chain import ask_chain
+
+                        answer = await ask_chain(
+                            self.host, self.view.chain_source(model), model_id=plan.chain[0].model_id,
+                            total_blocks=plan.chain[0].total_blocks, messages=messages,
+                            prompt=prompt if raw else None, params=p, first_plan=plan.chain, on_text=on_text,
+                            max_attempts=self.attempts, deadline_s=self.deadline, stall_timeout=self.stall_timeout,
+                            before_attempt=before, after_attempt=after,
+                        )
+                    else:
+                        answer = await ask(
+                            self.host, candidates, messages=messages, prompt=prompt if raw else None, model=model,
+                            params=p, on_text=on_text, max_attempts=self.attempts, deadline_s=self.deadline,
+                            stall_timeout=self.stall_timeout, before_attempt=before, after_attempt=after,
+                        )
                     if verify or (spot_check and self.rng.random() < spot_check):
                         answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)
                     send.send_nowait(Finished(answer))
@@ -451,6 +469,30 @@ class _Core:
                 if isinstance(ev, Finished):
                     return ev.answer
         raise AskFailed("the answer ended without a receipt", [])
+
+
+def _uncovered(model: str, adverts: list[Advert]) -> str:
+    """Why the shards found make no chain: the blocks nobody reachable holds."""
+    from ..peer.chain import coverage
+
+    ms = [m for a in adverts for m in a.models if not m.whole]
+    if not ms:
+        return f"no reachable peer serves {model!r}"
+    total = ms[0].total_blocks
+    gaps = [b for b, n in enumerate(coverage(adverts, ms[0].model_id, total)) if n == 0]
+    what = f"blocks {_spans(gaps)} of {total}" if gaps else "no chain of reachable peers whose breakers are closed"
+    return (f"no peer serves {model!r} whole and the shards cannot be chained: {what}; start one with "
+            f"gputorrent serve --model {model} --blocks auto")
+
+
+def _spans(blocks: list[int]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if out and out[-1].endswith(f":{b}"):
+            out[-1] = out[-1].rsplit(":", 1)[0] + f":{b + 1}"
+        else:
+            out.append(f"{b}:{b + 1}")
+    return ", ".join(out)
 
 
 def _join_scope(bootstrap: Sequence[str]) -> str:

@@ -48,6 +48,15 @@ class ServedModel(msgspec.Struct, kw_only=True, frozen=True):
     end_block: int = 0  # exclusive; end_block == total_blocks for a whole model
     total_blocks: int = 0
 
+    @property
+    def whole(self) -> bool:
+        """The whole model, not a shard of it."""
+        return self.first_block == 0 and self.end_block >= self.total_blocks
+
+    @property
+    def blocks(self) -> str:
+        return "all" if self.whole else f"{self.first_block}:{self.end_block}"
+
 
 class Load(msgspec.Struct, kw_only=True, frozen=True):
     active: int = 0

@@ -42,6 +42,15 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def match_stops(text: str, stops: Sequence[str]) -> tuple[int, bool]:
+    """Where the first stop sequence starts in ``text`` (-1: none), and whether ``text`` ends
+    with the start of one, so it must be held back until the next token decides."""
+    if not stops:
+        return -1, False
+    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return hit, hit < 0 and any(text.endswith(s[:k]) for s in stops for k in range(1, len(s)))
+
+
 @dataclass(eq=False, slots=True)
 class _Seq:
     job: Job
@@ -60,8 +69,9 @@ class _Seq:
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
-class LlamaEngine:
-    """A loaded GGUF model serving up to ``slots`` generations at once."""
+class LlamaRuntime:
+    """A GGUF loaded into one llama.cpp context with ``slots`` sequences, and its vocabulary:
+    what the whole-model engine and the shard engine share."""
 
     def __init__(
         self,
@@ -98,6 +108,7 @@ class LlamaEngine:
             raise EngineError(f"llama.cpp could not load {path}: {exc}") from exc
         self.n_ctx_train = self._model.n_ctx_train()
         self.n_ctx = min(n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx
+        self.n_embd = int(self._model.n_embd())
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx * slots
@@ -115,14 +126,6 @@ class LlamaEngine:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._pieces: dict[int, bytes] = {}
         self._chat = self._chat_formatter()
-
-        self._cond = threading.Condition()
-        self._pending: deque[Job] = deque()
-        self._active: dict[int, _Seq] = {}
-        self._free = list(range(slots - 1, -1, -1))
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
-        self._thread.start()
 
     # --- prompts -------------------------------------------------------------------------
 
@@ -154,6 +157,44 @@ class LlamaEngine:
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._model.detokenize(list(ids)).decode("utf-8", "replace")
+
+    def _piece(self, tok: int) -> bytes:
+        """The bytes of one token (cached: this runs once per generated token)."""
+        piece = self._pieces.get(tok)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = self._ll.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
+            piece = self._pieces[tok] = buf.raw[: max(n, 0)]
+        return piece
+
+    def _is_eog(self, tok: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._vocab, tok))
+
+    def _sampler(self, params):
+        s = self._new_sampler()
+        if params.temperature <= 0.0:
+            s.add_greedy()
+        else:
+            if params.top_k > 0:
+                s.add_top_k(params.top_k)
+            s.add_top_p(params.top_p, 1)
+            s.add_temp(params.temperature)
+            s.add_dist(params.seed if params.seed >= 0 else random.getrandbits(32))
+        return s
+
+
+class LlamaEngine(LlamaRuntime):
+    """A loaded GGUF model serving up to ``slots`` generations at once."""
+
+    def __init__(self, path: Path, **kw) -> None:
+        super().__init__(path, **kw)
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._active: dict[int, _Seq] = {}
+        self._free = list(range(self.slots - 1, -1, -1))
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
+        self._thread.start()
 
     # --- requests ------------------------------------------------------------------------
 
@@ -208,18 +249,6 @@ class LlamaEngine:
             self._pending.popleft().emit(Failed("peer is shutting down"))
 
     # --- the decode thread ----------------------------------------------------------------
-
-    def _sampler(self, params):
-        s = self._new_sampler()
-        if params.temperature <= 0.0:
-            s.add_greedy()
-        else:
-            if params.top_k > 0:
-                s.add_top_k(params.top_k)
-            s.add_top_p(params.top_p, 1)
-            s.add_temp(params.temperature)
-            s.add_dist(params.seed if params.seed >= 0 else random.getrandbits(32))
-        return s
 
     def _admit(self) -> None:
         while self._pending and self._free:
@@ -316,38 +345,26 @@ class LlamaEngine:
         if seq.generated == 0:
             seq.t_first = time.perf_counter()
         seq.generated += 1
-        if self._ll.llama_vocab_is_eog(self._vocab, tok):
+        if self._is_eog(tok):
             self._flush(seq)
             self._finish(seq, "stop")
             return
         seq.held_ids.append(tok)
         seq.n_out += 1
         seq.held_text += seq.utf8.decode(self._piece(tok))
-        if seq.stops:
-            hit = min((i for i in (seq.held_text.find(s) for s in seq.stops) if i >= 0), default=-1)
-            if hit >= 0:
-                seq.held_text = seq.held_text[:hit]
-                self._flush(seq)
-                self._finish(seq, "stop")
-                return
-            if not any(seq.held_text.endswith(s[:k]) for s in seq.stops for k in range(1, len(s))):
-                self._flush(seq)
-        else:
+        hit, hold = match_stops(seq.held_text, seq.stops)
+        if hit >= 0:
+            seq.held_text = seq.held_text[:hit]
+            self._flush(seq)
+            self._finish(seq, "stop")
+            return
+        if not hold:
             self._flush(seq)
         if seq.generated >= seq.job.max_new:
             self._flush(seq)
             self._finish(seq, "length")
             return
         seq.feed.append(tok)
-
-    def _piece(self, tok: int) -> bytes:
-        """The bytes of one token (cached: this runs once per generated token)."""
-        piece = self._pieces.get(tok)
-        if piece is None:
-            buf = ctypes.create_string_buffer(256)
-            n = self._ll.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
-            piece = self._pieces[tok] = buf.raw[: max(n, 0)]
-        return piece
 
     def _flush(self, seq: _Seq) -> None:
         if not seq.held_ids:

@@ -44,6 +44,7 @@ class Answer:
     receipt: str = ""  # the transcript hash the serving peer signed in its Done frame (hex)
     attempts: list[Attempt] = field(default_factory=list)
     spot_check: Any = None  # a verify.SpotCheck when the answer was cross-checked
+    chain: list[dict[str, Any]] = field(default_factory=list)  # the hops, when shards computed it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("corrupt-signature", "die-after-tokens", "stall-after-tokens", "wrong-tokens", "busy", "sybil",
-         "dht-silent", "dht-fake-providers")
+         "dht-silent", "dht-fake-providers", "die-after-steps", "stall-after-steps")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,7 @@ class Fault:
         kind, _, arg = text.partition("=")
         if kind not in KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of: {', '.join(KINDS)}")
-        needs_n = kind.endswith("-after-tokens")
+        needs_n = kind.endswith(("-after-tokens", "-after-steps"))
         if needs_n and not arg.isdigit():
             raise ValueError(f"fault {kind} needs a count, e.g. {kind}=5")
         return cls(kind, int(arg) if needs_n else 0)

@@ -209,7 +209,9 @@ async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:
     pid = ID.from_base58(peer_id)
     try:
         return await host.new_stream(pid, list(protocols))
-    except Exception:
+    except Exception as exc:
+        if not _connection_dead(host, pid, exc):
+            raise  # e.g. a protocol negotiation that timed out: other streams on it are fine
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
             try:
@@ -218,6 +220,16 @@ async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:
                 pass
         host.get_network().connections.pop(pid, None)
         return await host.new_stream(pid, list(protocols))
+
+
+def _connection_dead(host: Any, pid: Any, exc: BaseException) -> bool:
+    """Whether a failed stream open means the connection is gone. Only then may it be dropped:
+    other streams share it (a chain's hop, an answer), and a ping whose negotiation timed out on
+    a loaded machine once tore down the answer streaming beside it."""
+    if "SYN" in str(exc):
+        return True
+    conns = host.get_network().get_connections(pid)
+    return all(c.is_closed or getattr(c.muxed_conn, "is_closed", False) for c in conns)
 
 
 async def finish_stream(stream: Any, *, reset: bool = False, timeout: float = 1.0) -> None:

@@ -2,6 +2,7 @@
 
 INFER = "/gputorrent/infer/2"  # 2: resume_ids replayed within max_tokens; Queued frames
 PING = "/gputorrent/ping/1"
+SHARD = "/gputorrent/shard/1"  # one session on blocks [first, end) of a model
 
 # Error codes in a signed ``Error`` frame. A requester may try another peer after the
 # "peer" kind; the "request" kind would fail anywhere, so it stops.
@@ -11,5 +12,6 @@ CONTEXT_EXCEEDED = "context_exceeded"  # the prompt does not fit this peer's con
 ENGINE = "engine"  # the model failed while generating
 SHUTTING_DOWN = "shutting_down"
 NOT_ALLOWED = "not_allowed"  # this peer serves only an allowlist of requesters
+WRONG_BLOCKS = "wrong_blocks"  # this peer holds other blocks of the model
 
-RETRY_ELSEWHERE = frozenset({UNKNOWN_MODEL, CONTEXT_EXCEEDED, ENGINE, SHUTTING_DOWN, NOT_ALLOWED})
+RETRY_ELSEWHERE = frozenset({UNKNOWN_MODEL, CONTEXT_EXCEEDED, ENGINE, SHUTTING_DOWN, NOT_ALLOWED, WRONG_BLOCKS})

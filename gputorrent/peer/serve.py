@@ -36,6 +36,7 @@ class ServeOptions:
     rate_limit: int = 0
     first_frame_timeout: float = 10.0
     fault: Fault | None = None
+    blocks: tuple[int, int] | None = None  # serve only blocks [A, B) of the model (a shard)
 
 
 def pick_model(spec: str, models_dir: Path, cache_dir: Path, offered_mb: int, n_ctx: int, slots: int,
@@ -60,14 +61,27 @@ def gpu_layers(device: records.Device, opts: ServeOptions) -> int:
     return -1 if device.kind == "gpu" else 0
 
 
+def is_shard(info: ModelInfo, opts: ServeOptions) -> bool:
+    return opts.blocks is not None and opts.blocks != (0, info.blocks)
+
+
 def load_engine(info: ModelInfo, opts: ServeOptions, device: records.Device,
-                progress: Callable[[float], None] | None = None):
+                progress: Callable[[float], None] | None = None, cache_dir: Path | None = None):
+    """The whole-model engine, or with ``opts.blocks`` a shard engine on a shard file cut from
+    the model (cached in ``cache_dir``)."""
+    kw: dict[str, Any] = dict(slots=opts.slots, n_ctx=opts.n_ctx, n_threads=opts.n_threads,
+                              n_gpu_layers=gpu_layers(device, opts), progress=progress)
+    if is_shard(info, opts):
+        from ..engine.shard import ShardEngine
+        from ..models.shards import make_shard
+
+        first, end = opts.blocks  # type: ignore[misc]
+        path = make_shard(Path(info.path), info.model_id, first, end, info.blocks,
+                          cache_dir or Path(info.path).parent)
+        return ShardEngine(path, first=first, end=end, total=info.blocks, **kw)
     from ..engine.llama import LlamaEngine
 
-    return LlamaEngine(
-        Path(info.path), slots=opts.slots, n_ctx=opts.n_ctx, n_threads=opts.n_threads,
-        n_gpu_layers=gpu_layers(device, opts), progress=progress,
-    )
+    return LlamaEngine(Path(info.path), **kw)
 
 
 def status(server: InferServer, engine) -> dict[str, Any]:
@@ -96,9 +110,10 @@ async def measure_tokens_per_s(engine, n: int = 16) -> float:
     return 0.0
 
 
-def served_model(info: ModelInfo, n_ctx: int) -> records.ServedModel:
+def served_model(info: ModelInfo, n_ctx: int, blocks: tuple[int, int] | None = None) -> records.ServedModel:
+    first, end = blocks or (0, info.blocks)
     return records.ServedModel(model_id=info.model_id, alias=info.alias, quantization=info.quantization,
-                               context_length=n_ctx, first_block=0, end_block=info.blocks,
+                               context_length=n_ctx, first_block=first, end_block=end,
                                total_blocks=info.blocks)
 
 
@@ -121,11 +136,21 @@ async def serve(
     """
     import trio
 
-    tps = await measure_tokens_per_s(engine)
-    server = InferServer(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps,
-                         allow=opts.allow, rate_limit=opts.rate_limit, first_frame_timeout=opts.first_frame_timeout,
-                         free_memory=lambda: free_memory_mb(device, opts.max_vram_mb), on_event=on_event)
-    model = served_model(info, engine.n_ctx)
+    shard = is_shard(info, opts)
+    if shard:
+        from .shard_server import ShardServer
+
+        tps = await trio.to_thread.run_sync(engine.measure)  # steps/s: the shard's share of a token
+        cls: type[InferServer] = ShardServer
+    else:
+        tps = await measure_tokens_per_s(engine)
+        cls = InferServer
+    server = cls(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps,
+                 allow=opts.allow, rate_limit=opts.rate_limit, first_frame_timeout=opts.first_frame_timeout,
+                 free_memory=lambda: free_memory_mb(device, opts.max_vram_mb), on_event=on_event)
+    handlers = {protocol.SHARD: server.handle_shard} if shard else {protocol.INFER: server.handle}  # type: ignore[attr-defined]
+    handlers[protocol.PING] = server.handle_ping
+    model = served_model(info, engine.n_ctx, opts.blocks if shard else None)
     name = opts.name or socket.gethostname()
 
     def make_advert(node, leaving: bool) -> records.Advert:
@@ -144,9 +169,10 @@ async def serve(
         if watch is not None:
             nursery.start_soon(watch, lambda: status(server, engine))
         await run_node(
-            identity, opts.node, handlers={protocol.INFER: server.handle, protocol.PING: server.handle_ping},
+            identity, opts.node, handlers=handlers,
             make_advert=make_advert,
-            ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps,
+            ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps, "blocks": [model.first_block,
+                                                                                               model.end_block],
                                      "device": msgspec.to_builtins(device)},
             on_ready=on_ready, stop=stop,
         )

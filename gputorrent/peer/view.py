@@ -21,9 +21,10 @@ import msgspec
 import trio
 
 from .. import wire
-from ..dht.records import Advert
+from ..dht.records import Advert, ServedModel
 from ..scoring import Weights
 from ..scoring.reputation import ReputationStore
+from .chain import Hop, plan_chain
 from .choose import Considered, rank_peers
 from .host import reachable_from
 
@@ -33,6 +34,12 @@ IN_USE_S = 300.0  # a model asked for within this long counts as in use
 PONG_FRESH_S = 5.0  # a pong younger than this is not asked again
 PING_WAIT_S = 1.0  # ranking waits at most this long for pings
 RETRY_LOOKUP_S = 2.0  # when every known peer has been tried, look again if the view is older
+# Chain costs (ms per token) for hops this requester has not measured yet: a whole model step
+# on a modest machine, shared by the blocks a hop holds, plus its round trip; a fixed cost per
+# hop so that, all else equal, fewer hops win.
+UNMEASURED_MODEL_MS = 20.0
+UNHEARD_MS = 1000.0
+HOP_MS = 2.0
 
 
 @dataclass(slots=True)
@@ -133,16 +140,74 @@ class SwarmView:
     # --- choosing ---------------------------------------------------------------------------
 
     async def rank(self, spec: str, *, exclude: set[str] = frozenset(), model_id: str = "",
-                   max_age: float = FRESH_S) -> tuple[list[Advert], list[Considered]]:
+                   max_age: float = FRESH_S, whole: bool = True) -> tuple[list[Advert], list[Considered]]:
         """The peers serving ``spec`` (and ``model_id``, once known) not in ``exclude``, best
-        first, and how each was judged."""
+        first, and how each was judged: peers serving the whole model, or with ``whole=False``
+        the peers holding shards of it."""
         adverts = [a for a in await self.find(spec, max_age) if a.addrs and a.peer_id not in exclude
-                   and (not model_id or any(m.model_id == model_id for m in a.models))]
+                   and any((not model_id or m.model_id == model_id) and m.whole == whole and _names(m, spec)
+                           for m in a.models)]
         return await rank_peers(self.host, adverts, self.store, weights=self.weights, rng=self.rng, top=self.top,
                                 pongs=self.pongs, pong_fresh_s=PONG_FRESH_S, ping_wait_s=PING_WAIT_S)
 
     def candidates(self, spec: str, first: list[Advert] | None = None) -> Candidates:
         return Candidates(self, spec, first or [])
+
+    def hop_cost(self, considered: list[Considered]) -> Callable[[Advert, ServedModel], float]:
+        """A hop's cost in ms per token, for chain planning: what this requester measured of
+        the peer as a hop (steps per second of its own time), else its ping's round trip plus
+        its share of a whole-model step, divided by reputation. Never what a peer claims."""
+        by_id = {c.advert.peer_id: c for c in considered}
+        now = time.time()
+
+        def cost(ad: Advert, m: ServedModel) -> float:
+            c = by_id.get(ad.peer_id)
+            rec = self.store.get(ad.peer_id, now)
+            if rec.tokens_per_s:
+                ms = 1000.0 / rec.tokens_per_s
+            else:
+                rtt = c.rtt_ms if c is not None and c.rtt_ms is not None else UNHEARD_MS
+                ms = rtt + UNMEASURED_MODEL_MS * (m.end_block - m.first_block) / max(1, m.total_blocks)
+            return (HOP_MS + ms) / max(0.05, rec.reputation * rec.busy_factor(now))
+
+        return cost
+
+    async def chain(self, spec: str, *, exclude: set[str] = frozenset(), model_id: str = "", first: int = 0,
+                    end: int | None = None, max_age: float = FRESH_S) -> tuple[list[Hop] | None, list[Considered]]:
+        """The cheapest chain of shard peers computing blocks [first, end) of ``spec`` (of
+        ``model_id`` once known; else of the model id for which the chain is cheapest)."""
+        order, considered = await self.rank(spec, exclude=exclude, model_id=model_id, max_age=max_age, whole=False)
+        cost = self.hop_cost(considered)
+        best: list[Hop] | None = None
+        for mid in {m.model_id for ad in order for m in ad.models if _names(m, spec)} if not model_id else {model_id}:
+            total = next((m.total_blocks for ad in order for m in ad.models if m.model_id == mid), 0)
+            hops = plan_chain(order, mid, first, total if end is None else end, cost)
+            if hops and (best is None or sum(h.cost_ms for h in hops) < sum(h.cost_ms for h in best)):
+                best = hops
+        return best, considered
+
+    def chain_source(self, spec: str) -> ChainCandidates:
+        return ChainCandidates(self, spec)
+
+
+def _names(m: ServedModel, spec: str) -> bool:
+    spec = spec.strip().lower()
+    return spec in ("", m.alias, m.model_id) or (len(spec) >= 8 and m.model_id.startswith(spec))
+
+
+class ChainCandidates:
+    """Where a chain's hops come from: planned again from the view at every replacement."""
+
+    def __init__(self, view: SwarmView, spec: str) -> None:
+        self.view = view
+        self.spec = spec
+
+    async def plan(self, tried: set[str], model_id: str, first: int, end: int) -> list[Hop] | None:
+        hops, _ = await self.view.chain(self.spec, exclude=tried, model_id=model_id, first=first, end=end)
+        if not hops:  # everyone known was tried: peers may have joined since the last lookup
+            hops, _ = await self.view.chain(self.spec, exclude=tried, model_id=model_id, first=first, end=end,
+                                            max_age=RETRY_LOOKUP_S)
+        return hops
 
 
 class Candidates:

@@ -1,0 +1,342 @@
+"""Layer shards: shard files, the shard engine against the whole model, chain planning, and
+chains of real serve processes (2 and 3 hops) answering exactly as one whole-model peer does,
+also when a hop dies mid-answer at every position that broke other systems."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import gguf
+import pytest
+import trio
+
+from gputorrent.api import Swarm
+from gputorrent.api.swarm import Plan
+from gputorrent.dht.records import Advert, Device, ServedModel
+from gputorrent.engine import EngineError, Tokens
+from gputorrent.models import ModelError
+from gputorrent.models.shards import coverage_of, make_shard, parse_blocks, shard_path, thinnest_range
+from gputorrent.peer.chain import Hop, plan_chain
+from gputorrent.wire import Params
+
+GREEDY = Params(max_tokens=24, temperature=0.0)
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time, in a castle by the sea,",
+           "Here is a list of words: " + "apple pear plum " * 180]  # the last one: two 512-token chunks
+SPLITS = {"2 hops": [(0, 15), (15, 30)], "3 hops": [(0, 10), (10, 20), (20, 30)]}
+
+
+# --- shard files and planning (pure) -----------------------------------------------------------
+
+
+def test_blocks_parse_and_say_what_is_wrong():
+    assert parse_blocks("0:15", 30) == (0, 15)
+    assert parse_blocks("15:", 30) == (15, 30)
+    assert parse_blocks(":10", 30) == (0, 10)
+    for bad in ("15", "a:b", "10:5", "0:31", "-1:4", "3:3"):
+        with pytest.raises(ModelError, match="blocks"):
+            parse_blocks(bad, 30)
+
+
+def test_auto_places_blocks_where_the_swarm_is_thinnest():
+    cov = coverage_of([(0, 15), (0, 10), (15, 30)], 30)
+    assert cov[:10] == [2] * 10 and cov[10:15] == [1] * 5 and cov[15:] == [1] * 15
+    assert thinnest_range(cov, 10) == (10, 20)  # covered once there, twice before
+    assert thinnest_range([0] * 30, 30) == (0, 30)
+    assert thinnest_range([1, 0, 0, 1], 2) == (1, 3)
+
+
+def _ad(name: str, *ranges: tuple[int, int], model: str = "m" * 64) -> Advert:
+    return Advert(peer_id=name, seq=1, issued_at=0, expires_at=1e12, addrs=["/ip4/127.0.0.1/tcp/1"],
+                  device=Device(kind="cpu", name="cpu"),
+                  models=[ServedModel(model_id=model, alias="x", quantization="q", context_length=2048,
+                                      first_block=a, end_block=b, total_blocks=30) for a, b in ranges])
+
+
+def test_plan_is_the_cheapest_chain_over_block_boundaries():
+    ads = [_ad("a", (0, 15)), _ad("b", (15, 30)), _ad("c", (0, 10)), _ad("d", (10, 30)), _ad("whole", (0, 30))]
+    cost = {"a": 10.0, "b": 10.0, "c": 1.0, "d": 30.0}
+    hops = plan_chain(ads, "m" * 64, 0, 30, lambda ad, m: cost[ad.peer_id])
+    assert [(h.peer_id, h.first, h.end) for h in hops] == [("a", 0, 15), ("b", 15, 30)]
+    assert all(h.total_blocks == 30 and h.model_id == "m" * 64 for h in hops)
+    cost["d"] = 5.0
+    hops = plan_chain(ads, "m" * 64, 0, 30, lambda ad, m: cost[ad.peer_id])
+    assert [h.peer_id for h in hops] == ["c", "d"]
+    # Part of the range (a replacement for a lost hop), and a gap nobody covers.
+    assert [h.peer_id for h in plan_chain(ads, "m" * 64, 15, 30, lambda ad, m: 1.0)] == ["b"]
+    assert plan_chain([_ad("a", (0, 15)), _ad("d", (16, 30))], "m" * 64, 0, 30, lambda ad, m: 1.0) is None
+    assert plan_chain(ads, "other", 0, 30, lambda ad, m: 1.0) is None
+
+
+def test_a_shard_file_holds_its_blocks_and_one_more_and_is_cut_once(model_path, tmp_path):
+    def block_count(p: Path) -> int:
+        r = gguf.GGUFReader(p)
+        return int(next(v for k, v in r.fields.items() if k.endswith(".block_count")).parts[-1][0])
+
+    first = make_shard(model_path, "f" * 64, 0, 10, 30, tmp_path)
+    last = make_shard(model_path, "f" * 64, 20, 30, 30, tmp_path)
+    assert first == shard_path(tmp_path, "f" * 64, 0, 10)
+    assert block_count(first) == 11  # block 10 rides along: its input is what the next shard takes
+    assert block_count(last) == 10
+    mtime = first.stat().st_mtime_ns
+    assert make_shard(model_path, "f" * 64, 0, 10, 30, tmp_path).stat().st_mtime_ns == mtime
+    assert not list(tmp_path.glob("shards/.*"))  # no temporary file left behind
+
+
+# --- the shard engine against the whole model -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engines(model_path, tmp_path_factory):
+    from gputorrent.engine.llama import LlamaEngine
+    from gputorrent.engine.shard import ShardEngine
+
+    cache = tmp_path_factory.mktemp("shards")
+    whole = LlamaEngine(model_path, slots=2, n_ctx=2048)
+    shards = {(a, b): ShardEngine(make_shard(model_path, "e" * 64, a, b, 30, cache), first=a, end=b, total=30,
+                                  slots=4, n_ctx=2048)
+              for split in SPLITS.values() for a, b in split}
+    yield whole, shards
+    whole.close()
+    for e in shards.values():
+        e.close()
+
+
+def _whole(engine, ids: list[int], params: Params) -> list[int]:
+    q: queue.Queue = queue.Queue()
+    engine.submit(engine.make_job(ids, params, q.put))
+    out: list[int] = []
+    while isinstance(ev := q.get(timeout=60), Tokens):
+        out += ev.ids
+    return out
+
+
+class _LocalChain:
+    """Drives engines in one process the way peer.chain drives peers: same steps, same order."""
+
+    def __init__(self, engines, params: Params) -> None:
+        self.engines = engines
+        self.sessions = [e.open(params) for e in engines]
+        self.inputs: list[list[bytes]] = [[] for _ in engines]  # per hop, the input of each step
+        self.steps: list[tuple[int, int, list[int], bool, int]] = []  # pos, n, tokens, sample, token
+
+    def step(self, i: int, hops: range, replay: bool = False):
+        from gputorrent.engine.shard import StepJob
+
+        pos, n, tokens, sample, token = self.steps[i]
+        hidden, out = b"", None
+        for h in hops:
+            e, s = self.engines[h], self.sessions[h]
+            hidden = self.inputs[h][i] if h and replay else hidden
+            q: queue.Queue = queue.Queue()
+            e.check(s, pos, n, tokens if e.is_first else [], hidden)
+            e.submit(StepJob(s, n, tokens if e.is_first else [], hidden, sample,
+                             token if (replay and e.is_last) else -1, q.put))
+            out = q.get(timeout=60)
+            if not replay and h + 1 < len(self.engines):
+                self.inputs[h + 1].append(out.hidden)
+            hidden = out.hidden
+        return out
+
+    def run(self, ids: list[int], max_tokens: int, kill: tuple[int, int] | None = None, spare=None) -> list[int]:
+        """Greedy tokens; with ``kill=(hop, step)``, that hop is replaced by ``spare`` before the
+        step and caught up by replaying every step before it."""
+        for at in range(0, len(ids), 512):
+            chunk = ids[at:at + 512]
+            self.steps.append((at, len(chunk), chunk, at + 512 >= len(ids), -1))
+        out: list[int] = []
+        i = 0
+        while True:
+            if kill is not None and i == kill[1]:
+                h = kill[0]
+                self.engines[h].close_session(self.sessions[h])
+                self.engines[h], self.sessions[h] = spare, spare.open(GREEDY)
+                for j in range(i):
+                    self.step(j, range(h, h + 1), replay=True)
+            r = self.step(i, range(len(self.engines)))
+            pos, n, tokens, sample, _ = self.steps[i]
+            i += 1
+            if not sample:
+                continue
+            self.steps[i - 1] = (pos, n, tokens, sample, r.token)
+            if r.finish == "eog":
+                break
+            out.append(r.token)
+            if r.finish or len(out) >= max_tokens:
+                break
+            self.steps.append((pos + n, 1, [r.token], True, -1))
+        for e, s in zip(self.engines, self.sessions):
+            e.close_session(s)
+        return out
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_a_chain_of_shard_engines_computes_the_whole_model(engines, split):
+    whole, shards = engines
+    for prompt in PROMPTS:
+        ids = whole.encode_prompt(prompt)
+        want = _whole(whole, ids, GREEDY)
+        got = _LocalChain([shards[r] for r in SPLITS[split]], GREEDY).run(ids, GREEDY.max_tokens)
+        assert got == want, prompt[:30]
+        assert len(want) > 0
+
+
+def test_a_replaced_hop_replayed_its_steps_continues_token_identical(engines, model_path, tmp_path):
+    """Every resume point of the 3-hop chain's middle and last hops: during the prefill, after
+    the first token, at the last token (a fresh engine each time stands in for the new peer)."""
+    from gputorrent.engine.shard import ShardEngine
+
+    whole, shards = engines
+    ids = whole.encode_prompt(PROMPTS[3])
+    want = _whole(whole, ids, GREEDY)
+    n_prompt_steps = 2
+    spares = {h: ShardEngine(make_shard(model_path, "e" * 64, *SPLITS["3 hops"][h], 30, tmp_path),
+                             first=SPLITS["3 hops"][h][0], end=SPLITS["3 hops"][h][1], total=30, slots=1)
+              for h in (0, 1, 2)}
+    try:
+        for hop in (0, 1, 2):
+            for step in (1, n_prompt_steps, n_prompt_steps + 1, n_prompt_steps + len(want) - 1):
+                chain = _LocalChain([shards[r] for r in SPLITS["3 hops"]], GREEDY)
+                got = chain.run(ids, GREEDY.max_tokens, kill=(hop, step), spare=spares[hop])
+                assert got == want, (hop, step)
+    finally:
+        for e in spares.values():
+            e.close()
+
+
+def test_sessions_batched_together_compute_what_each_computes_alone(engines):
+    whole, shards = engines
+    split = [shards[r] for r in SPLITS["2 hops"]]
+    prompts = [whole.encode_prompt(p) for p in PROMPTS[:3]]
+    alone = [_LocalChain(split, GREEDY).run(ids, 16) for ids in prompts]
+    results: list = [None] * 3
+
+    import threading
+
+    def one(k: int) -> None:
+        results[k] = _LocalChain(split, GREEDY).run(prompts[k], 16)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == alone
+
+
+def test_a_shard_refuses_steps_it_cannot_compute(engines):
+    _, shards = engines
+    middle = shards[(10, 20)]
+    s = middle.open(GREEDY)
+    try:
+        with pytest.raises(EngineError, match="bytes"):
+            middle.check(s, 0, 2, [], b"\0" * 10)
+        with pytest.raises(EngineError, match="position"):
+            middle.check(s, 5, 1, [], b"\0" * middle.row_bytes)
+        with pytest.raises(EngineError, match="1 to 512"):
+            middle.check(s, 0, 513, [], b"")
+        with pytest.raises(EngineError, match="vocabulary"):
+            shards[(0, 10)].check(shards[(0, 10)].open(GREEDY), 0, 1, [1 << 30], b"")
+    finally:
+        middle.close_session(s)
+
+
+# --- chains of real serve processes ---------------------------------------------------------------
+
+MAX = 24
+RANGES = {"a": "0:15", "b": "15:30", "c": "0:10", "d": "10:20", "e": "20:30"}
+# A hop that dies (os._exit) at one point of an answer: (blocks, steps answered before dying, prompt)
+DYING = {"prefill": ("0:15", 0, 0), "after-first-token": ("15:30", 1, 0), "last-token": ("10:20", MAX - 1, 2),
+         "second-prefill-chunk": ("15:30", 1, 3)}
+
+
+@pytest.fixture(scope="module")
+def shard_swarm(swarm):
+    boot = swarm.bootstrap()
+    join = ["--bootstrap", boot.addr, "--announce-interval", "2", "--slots", "2"]
+    procs = {"whole": swarm.spawn("whole", *join)}
+    for name, blocks in RANGES.items():
+        procs[name] = swarm.spawn(name, *join, "--blocks", blocks)
+    for name, (blocks, n, _) in DYING.items():
+        procs[name] = swarm.spawn(name, *join, "--blocks", blocks, "--fault", f"die-after-steps={n}")
+    for p in procs.values():
+        p.wait_ready(180)
+    return boot.addr, procs
+
+
+def _swarm(boot: str, tmp_path: Path) -> Swarm:
+    return Swarm(bootstrap=[boot], mdns=False, identity=tmp_path / "me.key", data_dir=tmp_path / "data")
+
+
+async def _adverts(s: Swarm, want: int) -> dict[str, Advert]:
+    with trio.fail_after(30):
+        while True:
+            found = {st.peer_id: st.advert for st in await s.peers("smollm2")}
+            if len(found) >= want:
+                return found
+            await trio.sleep(0.5)
+
+
+def _hops(ads: dict[str, Advert], procs, names: list[str]) -> list[Hop]:
+    hops = []
+    for name in names:
+        ad = ads[procs[name].peer_id]
+        m = ad.models[0]
+        hops.append(Hop(ad, m.first_block, m.end_block, 0.0, m.model_id, m.total_blocks))
+    return hops
+
+
+async def test_chains_of_serve_processes_answer_as_one_whole_peer(shard_swarm, tmp_path):
+    boot, procs = shard_swarm
+    async with _swarm(boot, tmp_path) as s:
+        ads = await _adverts(s, len(procs))
+        for name in DYING:  # kept for the tests that kill them
+            await s.ban(procs[name].peer_id)
+        whole = (await s.rank("smollm2")).order
+        assert [a.peer_id for a in whole] == [procs["whole"].peer_id]  # shards are never asked whole
+        for prompt in PROMPTS:
+            ref = await s.generate(prompt, model="smollm2", temperature=0, max_tokens=MAX)
+            assert ref.chain == [] and ref.usage["completion_tokens"] > 0
+            for names in (["a", "b"], ["c", "d", "e"]):
+                plan = Plan("smollm2", [], chain=_hops(ads, procs, names))
+                ans = await s.generate(prompt, plan=plan, temperature=0, max_tokens=MAX)
+                assert ans.text == ref.text, (names, prompt[:30])
+                assert [h["peer_id"] for h in ans.chain] == [procs[n].peer_id for n in names]
+                assert ans.receipt_verified and len(ans.receipt) == 64
+        # With nobody serving it whole, a plain ask plans a chain by itself.
+        await s.ban(procs["whole"].peer_id)
+        plan = await s.rank("smollm2")
+        assert plan.order == [] and [(h.first, h.end) for h in plan.chain][0][0] == 0
+        assert plan.chain[-1].end == 30
+        for h, nxt in zip(plan.chain, plan.chain[1:]):
+            assert h.end == nxt.first
+        ans = await s.generate(PROMPTS[0], model="smollm2", temperature=0, max_tokens=MAX)
+        await s.unban(procs["whole"].peer_id)
+        ref = await s.generate(PROMPTS[0], model="smollm2", temperature=0, max_tokens=MAX)
+        assert ans.text == ref.text and ans.chain
+
+
+@pytest.mark.parametrize("where", DYING)
+async def test_a_hop_killed_mid_answer_is_replaced_token_identical(shard_swarm, tmp_path, where):
+    boot, procs = shard_swarm
+    blocks, _, prompt_at = DYING[where]
+    names = {"0:15": ["DIE", "b"], "15:30": ["a", "DIE"], "10:20": ["c", "DIE", "e"]}[blocks]
+    async with _swarm(boot, tmp_path) as s:
+        ads = await _adverts(s, len(procs))
+        for name in DYING:  # the replacement must be an honest peer, and the others kept for their tests
+            if name != where:
+                await s.ban(procs[name].peer_id)
+        prompt = PROMPTS[prompt_at]
+        ref = await s.generate(prompt, model="smollm2", temperature=0, max_tokens=MAX)
+        plan = Plan("smollm2", [], chain=_hops(ads, procs, [where if n == "DIE" else n for n in names]))
+        ans = await s.generate(prompt, plan=plan, temperature=0, max_tokens=MAX)
+        assert ans.text == ref.text
+        dead = procs[where].peer_id
+        assert [a.outcome for a in ans.attempts if a.peer_id == dead] == ["dropped"]
+        assert dead not in [h["peer_id"] for h in ans.chain]
+        assert [h["blocks"] for h in ans.chain] == [list(map(int, n.split(":"))) for n in
+                                                   [RANGES.get(x, blocks) for x in names]]
+        with trio.fail_after(10):
+            while procs[where].proc.poll() is None:
+                await trio.sleep(0.1)
+        assert procs[where].proc.returncode == 17  # it really died, as a crash would
