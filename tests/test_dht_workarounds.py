@@ -162,3 +162,38 @@ async def test_a_requester_whose_only_contact_timed_out_still_asks_it():
         for peer in contacts:
             asker._suspect[peer] = trio.current_time() + 30
         assert contacts and nodes[1].identity.peer_id in await asker.find_providers(key)
+
+
+async def test_writes_cancelled_midway_leave_the_connection_working():
+    """A stream write cut off by a deadline (a ping past ranking's wait, a DHT query past its
+    1 s) must not break the connection under the other streams: raw py-libp2p advanced Noise's
+    nonce without sending and the other side dropped the connection."""
+    import trio
+
+    from gputorrent.peer.host import connect, new_stream
+
+    got: list[int] = []
+
+    async def sink(stream) -> None:
+        try:
+            while data := await stream.read(1 << 16):
+                got.append(len(data))
+        except Exception:
+            pass
+
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(running_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]))
+        server.set_stream_handler("/gt-test/sink/1", sink)
+        client = await stack.enter_async_context(running_host(Identity.generate()))
+        pid = await connect(client, full_addrs(server)[0])
+        for i in range(30):
+            stream = await new_stream(client, pid, ["/gt-test/sink/1"])
+            with trio.move_on_after(0.0005 * (i % 5)):
+                await stream.write(b"x" * 300_000)  # many Noise messages: cut off somewhere inside
+            await stream.reset()
+        with trio.fail_after(5):  # the connection still carries a fresh stream end to end
+            stream = await new_stream(client, pid, ["/gt-test/sink/1"])
+            before = sum(got)
+            await stream.write(b"y" * 1000)
+            while sum(got) < before + 1000:
+                await trio.sleep(0.01)

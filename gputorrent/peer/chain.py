@@ -131,6 +131,8 @@ class _Link:
         self.t_start = time.perf_counter()
         self.n_ctx = 0
         self.closed = False
+        self.sent = 0  # bytes of step frames written, and of reply frames read
+        self.received = 0
 
     async def close(self, reset: bool = False) -> None:
         if not self.closed:
@@ -261,6 +263,7 @@ class _ChainRun:
             raise _HopFailed(hop, "dropped", f"stream broke: {_describe(exc)}") from exc
         if raw is None:
             raise _HopFailed(hop, "dropped", "closed the stream mid-session")
+        link.received += len(raw) + 4
         try:
             msg = link.verifier.open(raw)
         except wire.IntegrityError as exc:
@@ -285,8 +288,10 @@ class _ChainRun:
             for k, part in enumerate(parts):
                 frame = wire.ShardStep(pos=st.pos, n=st.n, tokens=head.tokens, sample=st.sample, forced=forced,
                                        replay=replay, hidden=part, more=k < len(parts) - 1)
+                data = wire.frame(wire.encode(frame))
                 with trio.fail_after(self.stall_timeout):
-                    await link.stream.write(wire.frame(wire.encode(frame)))
+                    await link.stream.write(data)
+                link.sent += len(data)
         except trio.TooSlowError as exc:
             raise _HopFailed(link.hop, "stalled", f"could not send a step for {self.stall_timeout:g}s") from exc
         except Exception as exc:
@@ -482,6 +487,7 @@ class _ChainRun:
             receipt.update(link.verifier.transcript)
             hops.append({"peer_id": link.hop.peer_id, "blocks": [link.hop.first, link.hop.end],
                          "steps": link.steps, "ms_per_step": round(1000 * link.busy_s / max(1, link.steps), 2),
+                         "bytes_sent": link.sent, "bytes_received": link.received,
                          "transcript": link.verifier.transcript.hex()})
             self._record(link, "ok", "")
         n = len(self.state.ids)

@@ -121,6 +121,7 @@ async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: 
         raise DialError(f"cannot create a libp2p host: {exc}") from exc
     _no_auto_dial(host)
     _fail_fast(host)
+    _atomic_frame_writes()
     try:
         async with host.run(addrs):
             yield host
@@ -153,6 +154,35 @@ def _fail_fast(host: Any) -> None:
     from libp2p.network.config import RetryConfig
 
     host.get_network().retry_config = RetryConfig(max_retries=1, initial_delay=0.05, max_delay=0.5)
+
+
+FRAME_WRITE_S = 10.0
+
+
+def _atomic_frame_writes() -> None:
+    """Every yamux frame is written whole, whatever cancels the task writing it.
+
+    py-libp2p's Noise layer advances its nonce when it encrypts and then writes; a write
+    cancelled in between (a ping cut off by ranking's deadline, a DHT query past its 1 s) left
+    the nonces out of step and the other side failed the next message ("Failed authentication
+    of message") and dropped the connection, with every stream on it: measured as a chain hop
+    lost every 5 to 17 answers while the requester's view refreshed over the same connection.
+    Frames are small and serialized by yamux's own lock, so shielding costs nothing; a socket
+    that takes ``FRAME_WRITE_S`` for one frame is broken and the write fails."""
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    original = Yamux._write_frame
+    if getattr(original, "_gputorrent_atomic", False):
+        return
+
+    async def write_frame(self: Any, data: bytes) -> None:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + FRAME_WRITE_S) as scope:
+            await original(self, data)
+        if scope.cancelled_caught:
+            raise ConnectionError(f"a {len(data)}-byte frame could not be written in {FRAME_WRITE_S:g}s")
+
+    write_frame._gputorrent_atomic = True  # type: ignore[attr-defined]
+    Yamux._write_frame = write_frame
 
 
 def full_addrs(host: Any) -> list[str]:

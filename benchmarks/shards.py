@@ -1,0 +1,122 @@
+"""Shards: decode speed and time to first token of the demo model served whole (1 hop), as
+two shards (0:15|15:30) and as three (0:10|10:20|20:30), side by side in one run.
+
+Real serve processes on loopback, one requester (the Python API) driving each chain hop by hop
+over signed libp2p streams, rounds alternating the order of the three set-ups. Also the bytes
+each token puts on the wire per hop, measured at the requester.
+
+Targets (issue "Layer shards"): 3 hops >= 0.6x the whole model's decode tokens/s; time to first
+token added by each hop <= 30 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, median, write_section  # noqa: E402
+
+from gputorrent.api import Swarm  # noqa: E402
+from gputorrent.api.swarm import Plan  # noqa: E402
+from gputorrent.localswarm import LocalSwarm  # noqa: E402
+from gputorrent.peer.chain import Hop  # noqa: E402
+
+PROMPTS = ["Tell me about the sea.", "Explain gravity to a child.", "Describe a cat.", "Why is the sky blue?",
+           "Write a short story about a robot.", "List some fruits and their colors."]
+SETUPS = {"whole (1 hop)": ["whole"], "2 hops": ["a", "b"], "3 hops": ["c", "d", "e"]}
+BLOCKS = {"a": "0:15", "b": "15:30", "c": "0:10", "d": "10:20", "e": "20:30"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = ap.parse_args()
+    results: dict[str, list] = {k: [] for k in SETUPS}
+    wire_bytes: dict[str, list[float]] = {k: [] for k in SETUPS}
+
+    with LocalSwarm() as ls:
+        boot = ls.bootstrap()
+        join = ["--bootstrap", boot.addr, "--slots", "1", "--announce-interval", "5"]
+        procs = {"whole": ls.spawn("whole", *join)}
+        for name, blocks in BLOCKS.items():
+            procs[name] = ls.spawn(name, *join, "--blocks", blocks)
+        for p in procs.values():
+            p.wait_ready(300)
+
+        async def run() -> None:
+            async with Swarm([boot.addr], mdns=False, identity=Path(ls.workdir) / "me.key",
+                             data_dir=Path(ls.workdir) / "data") as s:
+                with trio.fail_after(60):
+                    while len(ads := {st.peer_id: st.advert for st in await s.peers("smollm2")}) < len(procs):
+                        await trio.sleep(0.5)
+
+                def plan(names: list[str]) -> Plan:
+                    if names == ["whole"]:
+                        return Plan("smollm2", [ads[procs["whole"].peer_id]])
+                    hops = []
+                    for n in names:
+                        ad = ads[procs[n].peer_id]
+                        m = ad.models[0]
+                        hops.append(Hop(ad, m.first_block, m.end_block, 0.0, m.model_id, m.total_blocks))
+                    return Plan("smollm2", [], chain=hops)
+
+                for names in SETUPS.values():  # warm every peer's graphs and connections
+                    await s.generate("Warm up.", plan=plan(names), temperature=0, max_tokens=8)
+                for r in range(args.rounds):
+                    order = list(SETUPS) if r % 2 == 0 else list(SETUPS)[::-1]
+                    for setup in order:
+                        for prompt in PROMPTS:
+                            ans = await s.generate(prompt, plan=plan(SETUPS[setup]), temperature=0,
+                                                   max_tokens=args.max_tokens)
+                            results[setup].append((ans.tokens_per_s, ans.ttft_ms, ans.text))
+                            if ans.chain:
+                                wire_bytes[setup].append(sum(h["bytes_sent"] + h["bytes_received"]
+                                                             for h in ans.chain) / ans.chain[0]["steps"])
+                    print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                        f"{k} {median([x[0] for x in v]):.1f} tok/s" for k, v in results.items()), file=sys.stderr)
+
+        trio.run(run)
+
+    texts = {k: [x[2] for x in v] for k, v in results.items()}
+    identical = all(texts[k] == texts["whole (1 hop)"] for k in texts)
+    tps = {k: median([x[0] for x in v]) for k, v in results.items()}
+    ttft = {k: median([x[1] for x in v]) for k, v in results.items()}
+    whole = "whole (1 hop)"
+    rows = []
+    for k, hops in zip(SETUPS, (1, 2, 3)):
+        per_hop = "" if hops == 1 else f"{(ttft[k] - ttft[whole]) / (hops - 1):+.1f} ms"
+        rows.append(f"| {k} | {tps[k]:.1f} | {tps[k] / tps[whole]:.2f}× | {ttft[k]:.1f} ms | {per_hop} |")
+    n = len(results[whole])
+    body = f"""## Shards (`benchmarks/shards.py`)
+
+{machine()}; demo model SmolLM2-135M Q4_1 (30 blocks); {args.rounds} rounds alternating the order, each
+{len(PROMPTS)} prompts x {args.max_tokens} greedy tokens per set-up ({n} answers each); one slot per peer,
+every process on the same 2 cores. The whole model is one serve process; the chains are 0:15|15:30 and
+0:10|10:20|20:30, driven hop by hop by the requester (Python API) over signed streams.
+Every chain answer was {'identical' if identical else 'NOT identical'} to the whole model's.
+
+| set-up | decode tokens/s (median) | vs whole | time to first token (median) | added per extra hop |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Targets: 3 hops ≥ 0.6× the whole model (measured **{tps['3 hops'] / tps[whole]:.2f}×**); time to first token
+added per hop ≤ 30 ms (measured **{(ttft['3 hops'] - ttft[whole]) / 2:+.1f} ms** at 3 hops).
+
+On the wire, per step (a token, or a 512-token prompt chunk) of the whole chain, sent and received by the
+requester, framing and signatures included: 2 hops {median(wire_bytes['2 hops']):,.0f} bytes, 3 hops
+{median(wire_bytes['3 hops']):,.0f} bytes (median; a decode step's hidden state is 576 x 4 = 2,304 bytes of f32,
+crossing the wire twice per hop boundary with the requester in the middle).
+"""
+    print(body)
+    if not args.no_write:
+        write_section("shards", body)
+
+
+if __name__ == "__main__":
+    main()
