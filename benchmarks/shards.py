@@ -12,6 +12,7 @@ token added by each hop <= 30 ms.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
     results: dict[str, list] = {k: [] for k in SETUPS}
+    shard_flags = os.environ.get("SHARD_FLAGS", "--threads 1 --batch-threads 2").split()
     wire_bytes: dict[str, list[float]] = {k: [] for k in SETUPS}
 
     with LocalSwarm() as ls:
@@ -45,7 +47,7 @@ def main() -> None:
         join = ["--bootstrap", boot.addr, "--slots", "1", "--announce-interval", "5"]
         procs = {"whole": ls.spawn("whole", *join)}
         for name, blocks in BLOCKS.items():
-            procs[name] = ls.spawn(name, *join, "--blocks", blocks)
+            procs[name] = ls.spawn(name, *join, *shard_flags, "--blocks", blocks)
         for p in procs.values():
             p.wait_ready(300)
 
@@ -97,7 +99,8 @@ def main() -> None:
 
 {machine()}; demo model SmolLM2-135M Q4_1 (30 blocks); {args.rounds} rounds alternating the order, each
 {len(PROMPTS)} prompts x {args.max_tokens} greedy tokens per set-up ({n} answers each); one slot per peer,
-every process on the same 2 cores. The whole model is one serve process; the chains are 0:15|15:30 and
+every process on the same 2 cores; shard peers run with `{' '.join(shard_flags)}` (set SHARD_FLAGS to change;
+with four processes on two cores, idle hops' spinning decode threads slowed the busy one). The whole model is one serve process; the chains are 0:15|15:30 and
 0:10|10:20|20:30, driven hop by hop by the requester (Python API) over signed streams.
 Every chain answer was {'identical' if identical else 'NOT identical'} to the whole model's.
 

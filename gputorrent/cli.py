@@ -135,19 +135,31 @@ def _models_in_swarm(args: argparse.Namespace) -> int:
         async with _swarm(args) as swarm:
             return await swarm.peers()
 
+    from .peer.chain import coverage
+
     by_id: dict[str, dict] = {}
-    for peer in trio.run(run):
-        for m in peer.advert.models:
-            row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id,
-                                                "quantization": m.quantization, "peers": 0})
+    adverts = [peer.advert for peer in trio.run(run)]
+    for ad in adverts:
+        for m in ad.models:
+            row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id, "quantization": m.quantization,
+                                                "peers": 0, "whole": 0, "total_blocks": m.total_blocks})
             row["peers"] += 1
+            row["whole"] += m.whole
+    for row in by_id.values():  # shards: is every block held by someone (a chain can answer)?
+        counts = coverage(adverts, row["model_id"], row["total_blocks"])
+        row["fewest_copies_per_block"] = min(counts, default=0)
+        row["covered"] = bool(counts) and min(counts) > 0
     rows = sorted(by_id.values(), key=lambda r: -r["peers"])
     if args.json:
         _out(rows)
     elif not rows:
         print("no models announced in the swarm yet", file=sys.stderr)
     for r in rows if not args.json else []:
-        print(f"{r['alias']:12} {r['model_id'][:12]}  {r['quantization']:8} {r['peers']} peer(s)")
+        shards = r["peers"] - r["whole"]
+        how = (f"{r['whole']} whole" + (f", {shards} shard peer(s)" if shards else "") +
+               ("" if r["covered"] else f"; NOT fully covered (blocks missing of {r['total_blocks']})") +
+               (f"; every block held {r['fewest_copies_per_block']}x or more" if shards and r["covered"] else ""))
+        print(f"{r['alias']:12} {r['model_id'][:12]}  {r['quantization']:8} {r['peers']} peer(s): {how}")
     return 0
 
 
@@ -427,6 +439,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--slots must be between 1 and 64")
     if args.queue < 0:
         raise UsageError("--queue must be 0 or more")
+    for flag, value in (("--threads", args.threads), ("--batch-threads", args.batch_threads)):
+        if value is not None and not 1 <= value <= 256:
+            raise UsageError(f"{flag} must be between 1 and 256")
     try:
         fault = Fault.parse(args.fault) if args.fault else None
     except ValueError as exc:
@@ -456,7 +471,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node_opts.dht_fault = fault.kind.removeprefix("dht-")
     blocks = _serve_blocks(args, info, offered) if args.blocks else None
     opts = ServeOptions(node=node_opts, slots=args.slots, queue=args.queue, n_ctx=args.ctx,
-                        n_threads=args.threads, name=args.name or "", allow=allow, rate_limit=args.rate_limit,
+                        n_threads=args.threads, n_threads_batch=args.batch_threads, name=args.name or "",
+                        allow=allow, rate_limit=args.rate_limit,
                         first_frame_timeout=args.first_frame_timeout, fault=fault, n_gpu_layers=args.n_gpu_layers,
                         max_vram_mb=args.max_vram_mb, blocks=blocks)
     ident = _identity(args)
@@ -596,7 +612,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
             plan = None
             if not args.peer:
                 plan = await swarm.rank(args.model)
-                if args.explain:
+                if args.explain and plan.chain:
+                    from .peer.chain import explain_chain
+
+                    print(explain_chain(plan.chain), file=sys.stderr)
+                elif args.explain:
                     print(explain(plan.considered, plan.order[0].peer_id, weights, args.choose_top), file=sys.stderr)
             async for ev in swarm.stream(prompt, model=args.model, system=args.system, raw=args.raw, plan=plan,
                                          verify=args.verify, spot_check=args.spot_check, **gen):
@@ -747,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=int, default=8, help="requests waiting beyond the slots before 'busy'")
     s.add_argument("--ctx", type=int, default=2048, help="context window per slot, in tokens")
     s.add_argument("--threads", type=int, help="decode threads [default: all usable cores]")
+    s.add_argument("--batch-threads", type=int, metavar="N",
+                   help="threads for prompts and batched steps [default: --threads]; e.g. --threads 1 "
+                        "--batch-threads 2 for shards sharing a machine with other hops")
     s.add_argument("--max-vram-mb", type=int, metavar="MB",
                    help="most memory to offer (VRAM on a GPU, RAM on a CPU); caps what is announced and which "
                         "quantization a --model DIR serves [default: all that is free]")

@@ -340,3 +340,21 @@ async def test_a_hop_killed_mid_answer_is_replaced_token_identical(shard_swarm, 
             while procs[where].proc.poll() is None:
                 await trio.sleep(0.1)
         assert procs[where].proc.returncode == 17  # it really died, as a crash would
+
+
+def test_ask_on_the_command_line_chains_shards_and_explains_the_chain(shard_swarm, cli):
+    import json
+
+    boot, procs = shard_swarm
+    for name in ["whole", *DYING]:  # nobody whole; the dying ones are used up by now, or would be
+        assert cli("peers", "--ban", procs[name].peer_id).returncode == 0
+    done = cli("ask", PROMPTS[0], "--bootstrap", boot, "--no-mdns", "--model", "smollm2", "--temperature", "0",
+               "--max-tokens", "8", "--json", "--explain")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["chain"][0]["blocks"][0] == 0 and answer["chain"][-1]["blocks"][1] == 30
+    assert answer["usage"]["completion_tokens"] == 8
+    assert "a chain of" in done.stderr and "blocks" in done.stderr
+    listed = cli("models", "list", "--swarm", "--bootstrap", boot, "--no-mdns", "--json")
+    row = json.loads(listed.stdout)[0]
+    assert row["covered"] and row["whole"] == 1 and row["fewest_copies_per_block"] >= 2

@@ -83,6 +83,7 @@ class LlamaRuntime:
         n_gpu_layers: int = 0,
         progress: Callable[[float], None] | None = None,
         verbose: bool = False,
+        n_threads_batch: int | None = None,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals, _logger
@@ -117,7 +118,7 @@ class LlamaRuntime:
         cparams.n_seq_max = slots
         cparams.kv_unified = False  # a fixed window per slot
         cparams.n_threads = self.n_threads
-        cparams.n_threads_batch = self.n_threads
+        cparams.n_threads_batch = n_threads_batch or self.n_threads  # prompt chunks (and batched steps)
         cparams.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=verbose)
         self._batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=verbose)

@@ -101,6 +101,21 @@ def coverage(adverts: list[Advert], model_id: str, total: int) -> list[int]:
     return counts
 
 
+def explain_chain(hops: list[Hop]) -> str:
+    """The chain ``--explain`` shows: each hop's blocks, peer and cost, and the total."""
+    from ..identity import short_id
+
+    lines = [f"no peer serves the model whole: a chain of {len(hops)} shard peers "
+             f"(the cheapest path over block boundaries; cost = measured ms per token as a hop, else the "
+             f"ping's RTT plus its share of {hops[0].total_blocks if hops else 0} blocks, / reputation)",
+             f"{'blocks':>9}  {'peer':12} {'name':12} {'cost ms':>8}"]
+    for h in hops:
+        lines.append(f"{h.first:>4}:{h.end:<4}  {short_id(h.peer_id):12} {h.advert.name[:12]:12} {h.cost_ms:8.1f}")
+    lines.append(f"total {sum(h.cost_ms for h in hops):.1f} ms per token (estimated); a lost hop is replaced by "
+                 "another peer holding its blocks and replayed the session")
+    return "\n".join(lines)
+
+
 class ChainSource(Protocol):
     async def plan(self, tried: set[str], model_id: str, first: int, end: int) -> list[Hop] | None:
         """The cheapest chain for blocks [first, end), without peers in ``tried``."""
@@ -510,5 +525,5 @@ class _HopFailed(Exception):
         self.retry = retry
 
 
-__all__ = ["ChainSource", "Hop", "ask_chain", "coverage", "plan_chain", "AttemptFailed", "IntegrityFailure",
+__all__ = ["ChainSource", "Hop", "ask_chain", "coverage", "explain_chain", "plan_chain", "AttemptFailed", "IntegrityFailure",
            "PeerBusy", "Stalled", "StreamBroken"]

@@ -29,6 +29,7 @@ class ServeOptions:
     queue: int = 8
     n_ctx: int = 2048
     n_threads: int | None = None
+    n_threads_batch: int | None = None  # threads for prompt chunks [default: n_threads]
     n_gpu_layers: int | None = None  # None: every layer on the GPU when there is one, else 0
     max_vram_mb: int | None = None  # caps the memory offered and announced
     name: str = ""
@@ -70,6 +71,7 @@ def load_engine(info: ModelInfo, opts: ServeOptions, device: records.Device,
     """The whole-model engine, or with ``opts.blocks`` a shard engine on a shard file cut from
     the model (cached in ``cache_dir``)."""
     kw: dict[str, Any] = dict(slots=opts.slots, n_ctx=opts.n_ctx, n_threads=opts.n_threads,
+                              n_threads_batch=opts.n_threads_batch,
                               n_gpu_layers=gpu_layers(device, opts), progress=progress)
     if is_shard(info, opts):
         from ..engine.shard import ShardEngine
