@@ -33,6 +33,7 @@ bench: model
 	$(PY) benchmarks/concurrency.py
 	$(PY) benchmarks/chaos.py
 	$(PY) benchmarks/fuzz.py
+	$(PY) benchmarks/shards.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
