@@ -126,7 +126,7 @@ async def measure(seed: str, n: int, lookups: int, announces: int) -> dict:
         await asker.join([seed])
         (announcer,) = await build(1, stack, seed, offset=n)
         queries = count_queries(asker)
-        latencies, asked, found = [], [], []
+        latencies, asked, found, hops = [], [], [], []
         for j in range(lookups):
             key = records.provider_key("alias", f"bench-model-{j % MODELS}")
             queries[0] = 0
@@ -135,6 +135,7 @@ async def measure(seed: str, n: int, lookups: int, announces: int) -> dict:
             latencies.append((time.perf_counter() - t) * 1000)
             asked.append(queries[0])
             found.append(len(ids))
+            hops.append(asker.last_walk.hops if asker.last_walk else 0)
         visible = []
         for j in range(announces):
             key = records.provider_key("alias", f"late-{n}-{j}")
@@ -143,7 +144,8 @@ async def measure(seed: str, n: int, lookups: int, announces: int) -> dict:
             while announcer.identity.peer_id not in await asker.find_providers(key):
                 await trio.sleep(0.02)
             visible.append((time.perf_counter() - t) * 1000)
-    return {"n": n, "lat": latencies, "asked": asked, "found": found, "expected": n / MODELS, "visible": visible}
+    return {"n": n, "lat": latencies, "asked": asked, "found": found, "expected": n / MODELS, "visible": visible,
+            "hops": hops}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -30,6 +31,72 @@ PROMPTS = ["Tell me about the sea.", "Explain gravity to a child.", "Describe a 
            "Write a short story about a robot.", "List some fruits and their colors."]
 SETUPS = {"whole (1 hop)": ["whole"], "2 hops": ["a", "b"], "3 hops": ["c", "d", "e"]}
 BLOCKS = {"a": "0:15", "b": "15:30", "c": "0:10", "d": "10:20", "e": "20:30"}
+
+
+def in_process(rounds: int, max_tokens: int, threads: int) -> dict[str, float]:
+    """The same set-ups with no network: engines in this process, stepped as a chain is. What
+    is left of the gap between these and the served figures is the hops' round trips."""
+    import queue
+    import tempfile
+
+    from gputorrent.config import load_settings
+    from gputorrent.engine import Tokens
+    from gputorrent.engine.llama import LlamaEngine
+    from gputorrent.engine.shard import ShardEngine, StepJob
+    from gputorrent.models import pull
+    from gputorrent.models.shards import make_shard
+    from gputorrent.wire import Params
+
+    path, _ = pull("smollm2", load_settings().models_dir)
+    params = Params(max_tokens=max_tokens, temperature=0.0)
+    whole = LlamaEngine(path, slots=1, n_threads=2)
+    cache = Path(tempfile.mkdtemp(prefix="gputorrent-shards-"))
+    engines = {k: [ShardEngine(make_shard(path, "bench" * 4, a, b, 30, cache), first=a, end=b, total=30, slots=1,
+                               n_threads=threads, n_threads_batch=2) for a, b in ranges]
+               for k, ranges in (("2 hops", [(0, 15), (15, 30)]), ("3 hops", [(0, 10), (10, 20), (20, 30)]))}
+
+    def run_whole(ids: list[int]) -> tuple[int, float]:
+        q: queue.Queue = queue.Queue()
+        whole.submit(whole.make_job(ids, params, q.put))
+        n, t_first = 0, 0.0
+        while isinstance(ev := q.get(), Tokens):
+            n += len(ev.ids)
+            t_first = t_first or time.perf_counter()
+        return n, time.perf_counter() - t_first
+
+    def run_chain(chain, ids: list[int]) -> tuple[int, float]:
+        sessions = [e.open(params) for e in chain]
+        feed, pos, n, t_first = ids, 0, 0, 0.0
+        while True:
+            hidden = b""
+            for e, s in zip(chain, sessions):
+                q: queue.Queue = queue.Queue()
+                e.submit(StepJob(s, len(feed), feed if e.is_first else [], hidden, True, -1, q.put))
+                out = q.get()
+                hidden = out.hidden
+            pos += len(feed)
+            n += 1
+            t_first = t_first or time.perf_counter()
+            if out.finish or n >= max_tokens:
+                break
+            feed = [out.token]
+        for e, s in zip(chain, sessions):
+            e.close_session(s)
+        return n, time.perf_counter() - t_first
+
+    rates: dict[str, list[float]] = {"whole (1 hop)": [], "2 hops": [], "3 hops": []}
+    for _ in range(rounds):
+        for prompt in PROMPTS:
+            ids = whole.encode_prompt(prompt)
+            for k in rates:
+                n, s = run_whole(ids) if k == "whole (1 hop)" else run_chain(engines[k], ids)
+                if n > 1 and s > 0:
+                    rates[k].append((n - 1) / s)
+    whole.close()
+    for chain in engines.values():
+        for e in chain:
+            e.close()
+    return {k: median(v) for k, v in rates.items()}
 
 
 def main() -> None:
@@ -84,6 +151,8 @@ def main() -> None:
                         f"{k} {median([x[0] for x in v]):.1f} tok/s" for k, v in results.items()), file=sys.stderr)
 
         trio.run(run)
+    local = in_process(2, args.max_tokens, int(shard_flags[shard_flags.index("--threads") + 1])
+                       if "--threads" in shard_flags else 2)
 
     texts = {k: [x[2] for x in v] for k, v in results.items()}
     identical = all(texts[k] == texts["whole (1 hop)"] for k in texts)
@@ -93,7 +162,8 @@ def main() -> None:
     rows = []
     for k, hops in zip(SETUPS, (1, 2, 3)):
         per_hop = "" if hops == 1 else f"{(ttft[k] - ttft[whole]) / (hops - 1):+.1f} ms"
-        rows.append(f"| {k} | {tps[k]:.1f} | {tps[k] / tps[whole]:.2f}× | {ttft[k]:.1f} ms | {per_hop} |")
+        rows.append(f"| {k} | {tps[k]:.1f} | {tps[k] / tps[whole]:.2f}× | {ttft[k]:.1f} ms | {per_hop} | "
+                    f"{local[k]:.1f} ({local[k] / local[whole]:.2f}×) |")
     n = len(results[whole])
     body = f"""## Shards (`benchmarks/shards.py`)
 
@@ -104,9 +174,13 @@ with four processes on two cores, idle hops' spinning decode threads slowed the 
 0:10|10:20|20:30, driven hop by hop by the requester (Python API) over signed streams.
 Every chain answer was {'identical' if identical else 'NOT identical'} to the whole model's.
 
-| set-up | decode tokens/s (median) | vs whole | time to first token (median) | added per extra hop |
-|---|---|---|---|---|
+| set-up | decode tokens/s (median) | vs whole | time to first token (median) | added per extra hop | no network: tokens/s (vs whole) |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+The last column is the same engines in one process, stepped as a chain is, with the shards' decode
+threads as served: the compute alone, before any round trip (what separates it from the served figure is
+the hops' round trips through py-libp2p and the processes sharing the cores).
 
 Targets: 3 hops ≥ 0.6× the whole model (measured **{tps['3 hops'] / tps[whole]:.2f}×**); time to first token
 added per hop ≤ 30 ms (measured **{(ttft['3 hops'] - ttft[whole]) / 2:+.1f} ms** at 3 hops).

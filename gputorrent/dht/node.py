@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -39,6 +38,7 @@ import trio
 from ..identity import Identity
 from . import records
 from .records import Advert, RecordError
+from .walk import K, Walked, walk
 
 log = logging.getLogger("gputorrent.dht")
 
@@ -48,11 +48,14 @@ LOOKUP_TIMEOUT_S = 4.0  # one whole walk; what it found by then is kept
 STORE_TIMEOUT_S = 2.0  # one PUT_VALUE or ADD_PROVIDER to one peer
 FETCH_TIMEOUT_S = 6.0  # fetching all the adverts of one lookup
 FETCH_CONCURRENCY = 16
-K = 20  # Kademlia's k: records live on the k peers closest to their key
-ALPHA = 5  # requests in flight per lookup (py-libp2p uses 3)
 MAX_PROVIDERS = 64  # provider ids kept per lookup: one node answering thousands costs nothing
 ENOUGH_ADVERTS = 3  # an advert lookup ends once this many peers returned a valid copy
 PROVIDE_INTERVAL_S = 600.0
+# Adverts are renewed every announce interval, so 10 fresh copies outlive churn between
+# renewals (a reader stops at 3); renewals store where the last walk found the closest peers
+# and walk again only every REWALK_S (simulated at 10,000 peers: docs/benchmarks.md).
+ADVERT_REPLICAS = 10
+REWALK_S = 600.0
 SUSPECT_S = 30.0  # a peer that let a request time out is left out of walks this long
 PROVIDERS_PER_KEY = 200  # provider records a DHT server keeps per key
 PROVIDER_TTL_S = 3 * PROVIDE_INTERVAL_S  # a provider that missed three renewals is gone
@@ -83,6 +86,8 @@ class SwarmNode:
         self.dht = dht
         self.server = server
         self._suspect: dict[Any, float] = {}  # peer -> trio time until which walks skip it
+        self._closest: dict[bytes, tuple[float, list[Any]]] = {}  # key -> (when walked, closest peers)
+        self.last_walk: Walked | None = None  # what the latest walk did (benchmarks read its hops)
 
     def _known_addrs(self, peer: Any) -> list[Any]:
         try:
@@ -171,8 +176,8 @@ class SwarmNode:
         # it has no republish time for: all of them, all at once. Our announce loop renews on
         # its own schedule, so mark them as just done.
         self.dht.value_store._last_republish[key_bytes] = time.time()
-        return await self._store_at(await self.closest_peers(key_bytes),
-                                    lambda peer: self.dht.value_store._store_at_peer(peer, key_bytes, value))
+        return await self._store_near(key_bytes, ADVERT_REPLICAS,
+                                      lambda peer: self.dht.value_store._store_at_peer(peer, key_bytes, value))
 
     async def provide(self, key: str) -> int:
         """Provide ``key`` (a hex multihash) here and at the closest peers that answer."""
@@ -183,8 +188,21 @@ class SwarmNode:
         store.providing_keys.add(key_bytes)
         store.add_provider(key_bytes, PeerInfo(self.host.get_id(), list(self.host.get_addrs())))
         store._last_republish[key_bytes] = time.time()
-        return await self._store_at(await self.closest_peers(key_bytes),
-                                    lambda peer: store._send_add_provider(peer, key_bytes))
+        return await self._store_near(key_bytes, K, lambda peer: store._send_add_provider(peer, key_bytes))
+
+    async def _store_near(self, key_bytes: bytes, replicas: int, store_one: Callable[[Any], Any]) -> int:
+        """Store at the ``replicas`` closest peers. Renewals reuse the peers the last walk found
+        for the key, for ``REWALK_S``, while at least half of them still take the record: the
+        walk was most of an announce's traffic (benchmarks/simulate.py: at 10,000 peers a walk
+        per put made adverts alone ~4 KB/s per peer)."""
+        cached = self._closest.get(key_bytes)
+        if cached is not None and trio.current_time() - cached[0] < REWALK_S:
+            stored = await self._store_at(cached[1], store_one)
+            if 2 * stored >= len(cached[1]):
+                return stored
+        peers = (await self.closest_peers(key_bytes))[:replicas]
+        self._closest[key_bytes] = (trio.current_time(), peers)
+        return await self._store_at(peers, store_one)
 
     async def _store_at(self, peers: Sequence[Any], store_one: Callable[[Any], Any]) -> int:
         stored = 0
@@ -261,60 +279,23 @@ class SwarmNode:
 
     async def _walk_once(self, key_bytes: bytes, query: Callable[[Any], Any], enough: Callable[[], bool],
                          query_timeout: float, timed_out: list[Any]) -> list[Any]:
-        """A Kademlia lookup: keep ``ALPHA`` requests in flight to the closest peers not yet
-        asked, learn closer peers from each answer, and stop when the ``K`` closest known have
-        all answered or failed (or ``enough()``). ``query(peer)`` returns the closer peers a
-        peer names and keeps whatever else it learns on the side.
-
-        A sliding window, not rounds: one slow peer never holds up the others. Each request
-        has ``QUERY_TIMEOUT_S`` and the walk ``LOOKUP_TIMEOUT_S``, and whatever answered by
-        then is kept: a hung peer costs one short timeout. Returns the closest peers that
-        answered, closest first.
-        """
+        """One walk (``dht/walk.py``) from this node's routing table; returns the closest peers
+        that answered, closest first. A peer that let its request time out (asleep, hung) is
+        left out of walks for ``SUSPECT_S``."""
         from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 
         me = self.host.get_id()
         known = [p for p in self.dht.routing_table.find_local_closest_peers(key_bytes, K) if p != me]
         if not known:
             known = [p for p in self.host.get_connected_peers() if p != me]
-        asked: set[Any] = set()
-        responded: list[Any] = []
-        answered, answers = trio.open_memory_channel[None](math.inf)
-
-        async def ask(peer: Any) -> None:
-            try:
-                with trio.move_on_after(query_timeout) as timer:
-                    closer = await query(peer)
-                    responded.append(peer)
-                    known.extend(c for c in list(closer or ())[:K] if c != me and c not in known)
-                if timer.cancelled_caught:  # silent (asleep, hung): leave it out of walks a while
-                    self._suspect[peer] = trio.current_time() + SUSPECT_S
-                    timed_out.append(peer)
-            except Exception as exc:
-                log.debug("DHT request to %s failed: %s", peer, exc)
-            finally:
-                answered.send_nowait(None)
-
-        # Peers that recently let a request time out are asked only when nobody else is known
-        # (a requester whose one contact is the bootstrap must still ask it).
-        avoid = any(not self._is_suspect(p) for p in known)
-
-        with trio.move_on_after(LOOKUP_TIMEOUT_S):
-            async with trio.open_nursery() as nursery:
-                in_flight = 0
-                while not enough():
-                    known = sort_peer_ids_by_distance(key_bytes, known)
-                    fresh = [p for p in known[:K] if p not in asked and not (avoid and self._is_suspect(p))]
-                    for peer in fresh[: ALPHA - in_flight]:
-                        asked.add(peer)
-                        in_flight += 1
-                        nursery.start_soon(ask, peer)
-                    if in_flight == 0:
-                        break
-                    await answers.receive()
-                    in_flight -= 1
-                nursery.cancel_scope.cancel()
-        return sort_peer_ids_by_distance(key_bytes, responded)[:K]
+        walked = await walk(known, query, functools.partial(sort_peer_ids_by_distance, key_bytes), me=me,
+                            enough=enough, is_suspect=self._is_suspect, query_timeout=query_timeout,
+                            lookup_timeout=LOOKUP_TIMEOUT_S)
+        for peer in walked.timed_out:
+            self._suspect[peer] = trio.current_time() + SUSPECT_S
+        timed_out.extend(walked.timed_out)
+        self.last_walk = walked
+        return walked.responded
 
     async def closest_peers(self, key_bytes: bytes) -> list[Any]:
         """The ``K`` peers closest to a key that answered (FIND_NODE walk)."""

@@ -1,0 +1,95 @@
+"""The Kademlia walk, apart from any network.
+
+``dht/node.py`` runs it over py-libp2p's single-peer requests; ``benchmarks/simulate.py`` runs
+the same code over a simulated network in virtual time (trio's MockClock), so what the
+simulation measures at 10,000 peers is this walk, not a second implementation of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+K = 20  # Kademlia's k: records live on the k peers closest to their key
+ALPHA = 5  # requests in flight per lookup (py-libp2p uses 3)
+
+
+@dataclass(slots=True)
+class Walked:
+    """What one walk did: the peers that answered (closest first, at most ``K``), how many
+    requests it sent, and the hops: how many referrals deep the closest answering peer was
+    (1: it was known before the walk)."""
+
+    responded: list[Any] = field(default_factory=list)
+    asked: int = 0
+    hops: int = 0
+    timed_out: list[Any] = field(default_factory=list)
+
+
+async def walk(
+    known: list[Any],
+    query: Callable[[Any], Awaitable[Any]],
+    closest_first: Callable[[list[Any]], list[Any]],
+    *,
+    me: Hashable = None,
+    enough: Callable[[], bool] = lambda: False,
+    is_suspect: Callable[[Any], bool] = lambda _p: False,
+    query_timeout: float,
+    lookup_timeout: float,
+) -> Walked:
+    """Keep ``ALPHA`` requests in flight to the closest peers not yet asked, learn closer peers
+    from each answer, and stop when the ``K`` closest known have all answered or failed (or
+    ``enough()``). ``query(peer)`` returns the closer peers a peer names (and keeps whatever
+    else it learns on the side); ``closest_first`` orders peers by distance to the key.
+
+    A sliding window, not rounds: one slow peer never holds up the others. Each request has
+    ``query_timeout`` and the walk ``lookup_timeout``, and whatever answered by then is kept:
+    a hung peer costs one short timeout. Peers for which ``is_suspect`` holds are asked only
+    when nobody else is known (a requester whose one contact is the bootstrap must ask it).
+    """
+    known = [p for p in known if p != me]
+    depth = {p: 1 for p in known}
+    asked: set[Any] = set()
+    out = Walked()
+    answered, answers = trio.open_memory_channel[None](math.inf)
+
+    async def ask(peer: Any) -> None:
+        try:
+            with trio.move_on_after(query_timeout) as timer:
+                closer = await query(peer)
+                out.responded.append(peer)
+                for c in list(closer or ())[:K]:
+                    if c != me and c not in depth:
+                        depth[c] = depth[peer] + 1
+                        known.append(c)
+            if timer.cancelled_caught:
+                out.timed_out.append(peer)
+        except Exception:  # refused, unreachable, malformed: the walk goes on without it
+            pass
+        finally:
+            answered.send_nowait(None)
+
+    avoid = any(not is_suspect(p) for p in known)
+    with trio.move_on_after(lookup_timeout):
+        async with trio.open_nursery() as nursery:
+            in_flight = 0
+            while not enough():
+                known = closest_first(known)
+                fresh = [p for p in known[:K] if p not in asked and not (avoid and is_suspect(p))]
+                for peer in fresh[: ALPHA - in_flight]:
+                    asked.add(peer)
+                    in_flight += 1
+                    nursery.start_soon(ask, peer)
+                if in_flight == 0:
+                    break
+                await answers.receive()
+                in_flight -= 1
+            nursery.cancel_scope.cancel()
+    out.responded = closest_first(out.responded)[:K]
+    out.asked = len(asked)
+    out.hops = depth[out.responded[0]] if out.responded else 0
+    return out
