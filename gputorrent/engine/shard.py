@@ -102,6 +102,7 @@ class ShardEngine(LlamaRuntime):
         self._pending: list[StepJob] = []
         self._sessions: dict[int, Session] = {}
         self._closed: list[Session] = []
+        self._unreleased = 0  # sessions closed whose slot the decode thread has not freed yet
         self._free = list(range(self.slots - 1, -1, -1))
         self._closing = False
         self._probe()
@@ -129,7 +130,7 @@ class ShardEngine(LlamaRuntime):
         with self._cond:
             self._reap_idle()
             # A session just closed frees its slot at the decode thread's next turn: wait for it.
-            self._cond.wait_for(lambda: self._free or not self._closed or self._closing, timeout=1.0)
+            self._cond.wait_for(lambda: self._free or not self._unreleased or self._closing, timeout=1.0)
             if self._closing or not self._free:
                 return None
             seq_id = self._free.pop()
@@ -145,6 +146,7 @@ class ShardEngine(LlamaRuntime):
             if s.open:
                 s.open = False
                 self._closed.append(s)
+                self._unreleased += 1
                 self._cond.notify()
 
     def _reap_idle(self) -> None:
@@ -154,6 +156,7 @@ class ShardEngine(LlamaRuntime):
             if s.open and now - s.last_used > IDLE_S and s.seq_id not in busy:
                 s.open = False
                 self._closed.append(s)
+                self._unreleased += 1
 
     def check(self, s: Session, pos: int, n: int, tokens: list[int], hidden: bytes) -> None:
         """Refuse a step llama.cpp would fail on, or that breaks the session's order."""
@@ -245,6 +248,7 @@ class ShardEngine(LlamaRuntime):
             self._sessions.pop(s.seq_id, None)
             self._free.append(s.seq_id)
             self._free.sort(reverse=True)  # lowest slot first, as the whole engine does
+            self._unreleased -= 1
             self._cond.notify_all()
 
     def _decode(self, jobs: list[StepJob]) -> list[StepResult | Failed]:
