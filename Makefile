@@ -34,6 +34,7 @@ bench: model
 	$(PY) benchmarks/chaos.py
 	$(PY) benchmarks/fuzz.py
 	$(PY) benchmarks/shards.py
+	$(PY) benchmarks/simulate.py --sizes 1000,10000
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
