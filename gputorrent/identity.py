@@ -7,55 +7,38 @@ signature checks stay fast.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import base58
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
+
+from .errors import GputorrentError
+from .files import create_private, read_small, readable_by_others
 
 SEED_BYTES = 32
 # libp2p PublicKey protobuf for Ed25519: field 1 (KeyType) = 1, field 2 (Data) = 32 bytes.
 _PROTO_PREFIX = b"\x08\x01\x12\x20"
 # identity multihash: code 0x00, length 36 (the protobuf above).
 _MULTIHASH_PREFIX = b"\x00\x24"
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
-class IdentityError(Exception):
+class IdentityError(GputorrentError):
     """An identity file or peer id that cannot be used."""
-
-
-def b58encode(data: bytes) -> str:
-    n = int.from_bytes(data, "big")
-    out = []
-    while n:
-        n, r = divmod(n, 58)
-        out.append(_B58[r])
-    pad = len(data) - len(data.lstrip(b"\0"))
-    return "1" * pad + "".join(reversed(out))
-
-
-def b58decode(text: str) -> bytes:
-    n = 0
-    for ch in text:
-        i = _B58.find(ch)
-        if i < 0:
-            raise IdentityError(f"not base58: {ch!r}")
-        n = n * 58 + i
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
-    pad = len(text) - len(text.lstrip("1"))
-    return b"\0" * pad + body
 
 
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer id (base58, ``12D3KooW…``) of an Ed25519 public key."""
-    return b58encode(_MULTIHASH_PREFIX + _PROTO_PREFIX + public_key)
+    return base58.b58encode(_MULTIHASH_PREFIX + _PROTO_PREFIX + public_key).decode()
 
 
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Recover the Ed25519 public key embedded in a peer id; raises on other key types."""
-    raw = b58decode(peer_id)
+    try:
+        raw = base58.b58decode(peer_id)
+    except ValueError as exc:
+        raise IdentityError(f"{peer_id!r} is not a peer id (not base58)") from exc
     head = _MULTIHASH_PREFIX + _PROTO_PREFIX
     if len(raw) != len(head) + 32 or not raw.startswith(head):
         raise IdentityError(f"{peer_id!r} is not an Ed25519 libp2p peer id")
@@ -67,14 +50,6 @@ def short_id(peer_id: str) -> str:
     ("12D3KooW...") is the same for every Ed25519 key."""
     return f"…{peer_id[-10:]}"
 
-
-def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
-    """True when ``signature`` over ``message`` was made by the key behind ``peer_id``."""
-    try:
-        VerifyKey(public_key_from_peer_id(peer_id)).verify(message, signature)
-    except (BadSignatureError, IdentityError, ValueError):
-        return False
-    return True
 
 
 class Verifier:
@@ -130,31 +105,23 @@ class Identity:
         path = Path(path)
         if path.exists():
             return cls.load(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         ident = cls.generate()
-        # O_EXCL: two processes starting at once must not overwrite each other's key.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls.load(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(ident.seed)
-        return ident
+        return ident if create_private(path, ident.seed) else cls.load(path)
 
     @classmethod
     def load(cls, path: Path) -> Identity:
         try:
-            seed = Path(path).read_bytes()
+            seed = read_small(path, 4096)
         except OSError as exc:
             raise IdentityError(f"cannot read identity {path}: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise IdentityError(f"{exc}; point --identity at a gputorrent key file (created 0600 when absent)") from exc
         if len(seed) != SEED_BYTES:
             raise IdentityError(
                 f"{path} is not a gputorrent identity ({len(seed)} bytes, expected {SEED_BYTES}); "
                 "point --identity at another file or move this one away to create a new key"
             )
-        mode = Path(path).stat().st_mode & 0o777
-        if mode & 0o077:
-            raise IdentityError(
-                f"{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}"
-            )
+        if readable_by_others(path):
+            mode = Path(path).stat().st_mode & 0o777
+            raise IdentityError(f"{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")
         return cls(seed)
