@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
+from ..errors import GputorrentError
 from ..identity import Identity
-
 
 MAX_DIAL_ADDRS = 8  # addresses tried per peer: an advert listing hundreds costs no more
 
@@ -74,7 +74,7 @@ def reachable_from(addr: str, scope: str) -> bool:
     return dialable(addr) and order[scope_of(addr)] <= order.get(scope, 2)
 
 
-class DialError(Exception):
+class DialError(GputorrentError):
     """A peer address that cannot be parsed or reached; the message says which."""
 
 
@@ -182,7 +182,7 @@ def _atomic_frame_writes() -> None:
             raise ConnectionError(f"a {len(data)}-byte frame could not be written in {FRAME_WRITE_S:g}s")
 
     write_frame._gputorrent_atomic = True  # type: ignore[attr-defined]
-    Yamux._write_frame = write_frame
+    Yamux._write_frame = write_frame  # type: ignore[method-assign]
 
 
 def full_addrs(host: Any) -> list[str]:
@@ -217,13 +217,13 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
         # answering "no valid connections" without dialing again.
         network.connections.pop(peer, None)
     errors = []
-    for a, info in zip(addrs, infos):
+    for a, info in zip(addrs, infos, strict=False):
         host.get_peerstore().clear_addrs(peer)
         network.unblock_peer(peer)
         try:
             await host.connect(info)
             return peer.to_base58()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed dial; the next address is tried)
             errors.append(f"{a}: {exc or type(exc).__name__}")
     raise DialError(f"cannot reach peer {peer.to_base58()} ({'; '.join(errors)}); is it running?")
 
@@ -246,7 +246,7 @@ async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:
             cleanup.shield = True
             try:
                 await host.disconnect(pid)
-            except Exception:  # already gone: all the better
+            except Exception:  # noqa: BLE001, S110 (already gone: all the better)
                 pass
         host.get_network().connections.pop(pid, None)
         return await host.new_stream(pid, list(protocols))
@@ -269,5 +269,5 @@ async def finish_stream(stream: Any, *, reset: bool = False, timeout: float = 1.
         scope.shield = True
         try:
             await (stream.reset() if reset else stream.close())
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (closing a stream the other side may have reset is best effort)
             pass
