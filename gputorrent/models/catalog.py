@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import GputorrentError
 
-class ModelError(Exception):
+
+class ModelError(GputorrentError):
     """A model that cannot be found, fetched or read; the message says what to do."""
 
 
@@ -61,6 +63,11 @@ def resolve(spec: str, models_dir: Path) -> Path:
         if not path.is_file():
             raise ModelError(f"model {spec!r} is not downloaded yet; run: gputorrent models pull {spec}")
         return path
+    from .local import added_path
+
+    added = added_path(models_dir, spec)
+    if added is not None:
+        return added
     path = Path(spec).expanduser()
     if path.is_dir():
         return path  # several quantizations of one model: the caller chooses (models.quant)
@@ -69,7 +76,9 @@ def resolve(spec: str, models_dir: Path) -> Path:
             raise ModelError(f"{path} is not a .gguf file; gputorrent serves GGUF models")
         return path
     known = ", ".join(sorted(CATALOG))
-    raise ModelError(f"unknown model {spec!r}: not a known alias ({known}) nor an existing .gguf path or directory")
+    raise ModelError(f"unknown model {spec!r}: not a known model ({known}), an added one (gputorrent models list) "
+                     "nor an existing .gguf path or directory; serve a file of your own with --model PATH.gguf, "
+                     "or name it once: gputorrent models add PATH.gguf --alias NAME")
 
 
 def local_models(models_dir: Path) -> list[Path]:
@@ -85,7 +94,9 @@ def pull(
     """Fetch and verify a catalog model; returns (path, whether anything was fetched)."""
     entry = CATALOG.get(alias.lower())
     if entry is None:
-        raise ModelError(f"no model called {alias!r} to pull; known: {', '.join(sorted(CATALOG))}")
+        raise ModelError(f"no model called {alias!r} to pull; known: {', '.join(sorted(CATALOG))}; or pull a GGUF "
+                         "from Hugging Face (hf://OWNER/REPO/FILE.gguf) or a URL, or use a file you have: "
+                         "gputorrent models add PATH.gguf --alias NAME")
     dest = cached_path(entry, models_dir)
     if dest.is_file() and dest.stat().st_size == entry.size:
         return dest, False

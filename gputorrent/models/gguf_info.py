@@ -34,10 +34,13 @@ class ModelInfo:
     size_bytes: int
     has_chat_template: bool
     model_id: str
+    label: str = ""  # the alias a user gave the file (models add --alias, serve --alias)
 
     @property
     def alias(self) -> str:
-        """The catalog alias of this file, else a readable ``name-quant`` form."""
+        """The user's alias, the catalog alias of this file, else a readable ``name-quant`` form."""
+        if self.label:
+            return self.label
         for entry in CATALOG.values():
             if entry.filename == Path(self.path).name:
                 return entry.alias

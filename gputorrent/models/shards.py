@@ -29,7 +29,8 @@ def parse_blocks(text: str, total: int) -> tuple[int, int]:
         a = int(first) if first.strip() else 0
         b = int(end) if end.strip() else total
     except ValueError:
-        raise ModelError(f"--blocks takes A:B (blocks A to B-1 of the model), e.g. 0:{total // 2}; got {text!r}") from None
+        raise ModelError(f"--blocks takes A:B (blocks A to B-1 of the model), e.g. 0:{total // 2}; "
+                         f"got {text!r}") from None
     if not 0 <= a < b <= total:
         raise ModelError(f"--blocks {text}: this model has blocks 0 to {total - 1}; give 0 <= A < B <= {total}")
     return a, b

@@ -38,13 +38,18 @@ class ServeOptions:
     first_frame_timeout: float = 10.0
     fault: Fault | None = None
     blocks: tuple[int, int] | None = None  # serve only blocks [A, B) of the model (a shard)
+    ready_extra: dict[str, Any] = field(default_factory=dict)  # more for the ready file (the metrics URL)
 
 
 def pick_model(spec: str, models_dir: Path, cache_dir: Path, offered_mb: int, n_ctx: int, slots: int,
-               progress: Callable[[int, int], None] | None = None) -> tuple[ModelInfo, Any]:
+               progress: Callable[[int, int], None] | None = None, alias: str | None = None) -> tuple[ModelInfo, Any]:
     """The model ``--model`` names, identified (hashed once, cached); for a directory, the best
-    quantization that fits ``offered_mb``, with the choice (else None) to show."""
+    quantization that fits ``offered_mb``, with the choice (else None) to show. Its alias is
+    ``alias``, else the one ``models add`` gave it, else the catalog's or its own name."""
+    from dataclasses import replace
+
     from ..models import read_info, resolve
+    from ..models.local import alias_of, check_alias
     from ..models.quant import choose_quantization, gguf_files
 
     path = resolve(spec, models_dir)
@@ -52,7 +57,9 @@ def pick_model(spec: str, models_dir: Path, cache_dir: Path, offered_mb: int, n_
     if path.is_dir():
         choice = choose_quantization([read_info(p, identify=False) for p in gguf_files(path)], offered_mb, n_ctx, slots)
         path = Path(choice.chosen.path)
-    return read_info(path, cache_dir, progress=progress), choice
+    info = read_info(path, cache_dir, progress=progress)
+    label = check_alias(alias) if alias else alias_of(models_dir, path)
+    return (replace(info, label=label) if label else info), choice
 
 
 def gpu_layers(device: records.Device, opts: ServeOptions) -> int:
@@ -94,7 +101,8 @@ def status(server: InferServer, engine) -> dict[str, Any]:
     s = server.stats
     return {"served": s.served, "refused": s.refused, "failed": s.failed, "tokens": s.tokens,
             "active": load.active, "queued": load.queued, "slots": load.slots,
-            "tokens_per_s_now": s.recent_tokens_per_s(trio.current_time()), "tokens_per_s": server.tokens_per_s}
+            "tokens_per_s_now": s.recent_tokens_per_s(trio.current_time()), "tokens_per_s": server.tokens_per_s,
+            "kv_cache_usage": round(engine.kv_usage(), 4) if hasattr(engine, "kv_usage") else 0.0}
 
 
 async def measure_tokens_per_s(engine, n: int = 16) -> float:
@@ -104,7 +112,8 @@ async def measure_tokens_per_s(engine, n: int = 16) -> float:
     from ..wire import Params
 
     events = EventChannel()
-    job = engine.make_job(engine.encode_prompt("The quick brown fox"), Params(max_tokens=n, temperature=0.0), events.emit)
+    job = engine.make_job(engine.encode_prompt("The quick brown fox"), Params(max_tokens=n, temperature=0.0),
+                          events.emit)
     engine.submit(job)
     async for ev in events:
         if isinstance(ev, Finished) and ev.completion_tokens > 1 and ev.decode_ms > 0:
@@ -158,7 +167,7 @@ async def serve(
     def make_advert(node, leaving: bool) -> records.Advert:
         now = time.time()
         load = engine.load()
-        from .host import full_addrs
+        from ..net.host import full_addrs
 
         return records.Advert(
             peer_id=identity.peer_id, seq=int(now * 1000), issued_at=now,
@@ -175,7 +184,7 @@ async def serve(
             make_advert=make_advert,
             ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps, "blocks": [model.first_block,
                                                                                                model.end_block],
-                                     "device": msgspec.to_builtins(device)},
+                                     "device": msgspec.to_builtins(device)} | opts.ready_extra,
             on_ready=on_ready, stop=stop,
         )
         nursery.cancel_scope.cancel()
