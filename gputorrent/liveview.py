@@ -79,7 +79,6 @@ class StatusView:
         if not self.live:
             await trio.sleep_forever()
         from rich.live import Live
-
         from rich.text import Text
 
         def line() -> Text:  # one line, cut rather than wrapped on a narrow terminal

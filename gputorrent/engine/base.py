@@ -7,13 +7,15 @@ thread and which must not block (the trio side hands it ``TrioToken.run_sync_soo
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import GputorrentError
 from ..wire import Params
 
 
-class EngineError(Exception):
+class EngineError(GputorrentError):
     """A request the engine cannot run (for example, longer than the context)."""
 
 
@@ -28,8 +30,9 @@ class Finished:
     reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
-    ttft_ms: float
+    ttft_ms: float  # from taking a slot to the first token (the prompt's prefill)
     decode_ms: float
+    queue_ms: float = 0.0  # from submission to taking a slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class Job:
     max_new: int  # completion tokens allowed (forced ones included), clipped to the context
     forced: list[int] = field(default_factory=list)
     admitted: bool = False  # holds a slot (set by the engine's thread)
+    created: float = field(default_factory=time.perf_counter)
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:

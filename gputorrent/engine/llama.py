@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..wire import ChatMessage
 from .base import EngineError, Failed, Finished, Job, Load, Tokens
@@ -55,7 +56,7 @@ def match_stops(text: str, stops: Sequence[str]) -> tuple[int, bool]:
 class _Seq:
     job: Job
     seq_id: int
-    sampler: object
+    sampler: Any  # _Sampler (llama.cpp's chain)
     feed: list[int]
     stops: tuple[str, ...]
     t_submit: float
@@ -239,6 +240,10 @@ class LlamaEngine(LlamaRuntime):
     def load(self) -> Load:
         return Load(active=len(self._active), queued=len(self._pending), slots=self.slots)
 
+    def kv_usage(self) -> float:
+        """Share of the KV cache the answers in progress hold (0 to 1)."""
+        return sum(seq.pos for seq in list(self._active.values())) / max(1, self.slots * self.n_ctx)
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
@@ -302,7 +307,7 @@ class LlamaEngine(LlamaRuntime):
         saved = [(s, s.pos, list(s.feed)) for s in seqs]
         try:
             return self._decode(seqs, limit)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (llama.cpp errors come as any type; the batch is rolled back and reported)
             for s, pos, feed in saved:
                 s.pos, s.feed = pos, feed
                 self._ctx.kv_cache_seq_rm(s.seq_id, pos, -1)
@@ -392,6 +397,7 @@ class LlamaEngine(LlamaRuntime):
             completion_tokens=seq.generated,
             ttft_ms=(first - seq.t_submit) * 1000 if seq.generated else 0.0,
             decode_ms=(now - first) * 1000,
+            queue_ms=max(0.0, seq.t_submit - seq.job.created) * 1000,
         ))
 
     def _release(self, seq: _Seq) -> None:

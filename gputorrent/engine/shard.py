@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ..wire import Params
 from .base import EngineError, Failed, Load
 from .llama import N_BATCH, LlamaRuntime, match_stops
 
@@ -44,8 +46,8 @@ class StepResult:
 @dataclass(eq=False, slots=True)
 class Session:
     seq_id: int
-    params: object | None  # wire.Params, on the last shard
-    sampler: object | None = None
+    params: Params | None  # on the last shard
+    sampler: Any = None
     pos: int = 0
     generated: int = 0
     held_text: str = ""
@@ -68,8 +70,8 @@ class StepJob:
 def _layer_input_api(lib):
     """llama.cpp's staging API for block inputs. libllama exports it only with C++ names."""
     try:
-        set_inp = getattr(lib, "_Z30llama_set_embeddings_layer_inpP13llama_contextjb")
-        get_inp = getattr(lib, "_Z30llama_get_embeddings_layer_inpP13llama_contextj")
+        set_inp = lib._Z30llama_set_embeddings_layer_inpP13llama_contextjb
+        get_inp = lib._Z30llama_get_embeddings_layer_inpP13llama_contextj
     except AttributeError as exc:
         raise EngineError("this llama-cpp-python build has no layer-input API; install the version "
                           "gputorrent pins to serve shards") from exc
@@ -237,7 +239,7 @@ class ShardEngine(LlamaRuntime):
             # Decode steps of every session share one decode; prompt chunks get one each.
             single = sorted((j for j in jobs if j.n == 1), key=lambda j: j.session.seq_id)  # slot order
             for group in ([single] if single else []) + [[j] for j in jobs if j.n > 1]:
-                for job, out in zip(group, self._decode(group)):
+                for job, out in zip(group, self._decode(group), strict=False):
                     job.emit(out)
 
     def _release(self, s: Session) -> None:
@@ -275,13 +277,13 @@ class ShardEngine(LlamaRuntime):
         b.n_tokens = n
         try:
             self._ctx.decode(self._batch)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (llama.cpp errors come as any type; the jobs are failed and reported)
             for job in jobs:
                 self._ctx.kv_cache_seq_rm(job.session.seq_id, job.session.pos, -1)
             return [Failed(f"decode failed: {exc}")] * len(jobs) if len(jobs) == 1 else self._one_by_one(jobs)
         out: list[StepResult | Failed] = []
         base = self._get_inp(self._ctx.ctx, self._out_block) if self._get_inp is not None else None
-        for job, row in zip(jobs, rows):
+        for job, row in zip(jobs, rows, strict=False):
             job.session.pos += job.n
             if self._get_inp is not None:
                 out.append(StepResult(hidden=ctypes.string_at(base + row * self.row_bytes, job.n * self.row_bytes))

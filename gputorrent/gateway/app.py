@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -29,6 +29,8 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..api import AskFailed, Failover, Finished, Swarm, Text
+from ..api.swarm import params_from
+from ..metrics import RequesterMetrics, exposition
 
 STATUS = {"no_peers": 503, "unavailable": 503, "failed": 503, "unknown_model": 404, "busy": 429}
 
@@ -117,15 +119,34 @@ def _ollama_params(body: dict[str, Any]) -> dict[str, Any]:
 class _Started:
     """A swarm stream whose first event has arrived (so errors before it became a status)."""
 
-    def __init__(self, events: AsyncIterator[Any], first: Any) -> None:
-        self.events, self.first = events, first
-        self.t0 = time.perf_counter()
+    def __init__(self, events: AsyncIterator[Any], first: Any, metrics: RequesterMetrics, t0: float) -> None:
+        self.events, self.first, self.metrics = events, first, metrics
+        self.t0 = t0
+        self._first_text = False
+
+    def _observe(self, ev: Any) -> None:
+        m = self.metrics
+        if isinstance(ev, Text) and not self._first_text:
+            self._first_text = True
+            m.ttft.observe(time.perf_counter() - self.t0)
+        elif isinstance(ev, Failover):
+            m.failovers.inc()
+        elif isinstance(ev, Finished):
+            m.requests.labels("ok").inc()
+            m.attempts.observe(max(1, len(ev.answer.attempts)))
+            m.generated_tokens.inc(ev.answer.usage.get("completion_tokens", 0))
 
     async def __aiter__(self):
         async with aclosing(self.events):
-            yield self.first
-            async for ev in self.events:
-                yield ev
+            try:
+                self._observe(self.first)
+                yield self.first
+                async for ev in self.events:
+                    self._observe(ev)
+                    yield ev
+            except AskFailed as exc:
+                self.metrics.requests.labels("busy" if exc.kind == "busy" else "failed").inc()
+                raise
 
     async def collect(self) -> tuple[str, Any]:
         text = []
@@ -137,15 +158,27 @@ class _Started:
         raise AskFailed("the answer ended without a receipt", [])
 
 
-async def _start(swarm: Swarm, prompt: Any, **kw: Any) -> _Started:
+async def _start(swarm: Swarm, metrics: RequesterMetrics, prompt: Any, **kw: Any) -> _Started:
     params = {k: v for k, v in kw.items() if v is not None}
-    events = swarm.stream(prompt, **params)
+    t0 = time.perf_counter()
+    events = None
     try:
+        params_from(**{k: v for k, v in params.items() if k not in ("model", "raw", "system")})  # 400 before lookups
+        if "plan" not in params:  # choosing peers, timed apart from the answer
+            params["plan"] = await swarm.rank(params.get("model"))
+            metrics.lookup.observe(time.perf_counter() - t0)
+        events = swarm.stream(prompt, **params)
         first = await events.__anext__()
-    except BaseException:
-        await events.aclose()
+    except BaseException as exc:
+        if isinstance(exc, AskFailed):
+            metrics.requests.labels("busy" if exc.kind == "busy" else "failed").inc()
+        elif isinstance(exc, (ValueError, TypeError)):
+            metrics.requests.labels("bad_request").inc()
+        if events is not None:
+            await events.aclose()
         raise
-    return _Started(events, first)
+    assert events is not None
+    return _Started(events, first, metrics, t0)
 
 
 def _error_status(exc: AskFailed) -> int:
@@ -157,7 +190,7 @@ def _retry_after(exc: AskFailed) -> dict[str, str]:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _gt(answer: Any) -> dict[str, Any]:
@@ -178,8 +211,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | None = None) -> Starlette:
-    """The ASGI app over an entered ``Swarm`` (the caller owns its lifetime)."""
+def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | None = None,
+             metrics: RequesterMetrics | None = None) -> Starlette:
+    """The ASGI app over an entered ``Swarm`` (the caller owns its lifetime). ``/metrics``
+    gives the requester side in Prometheus' text format (behind the API key, when one is set)."""
+    metrics = metrics or RequesterMetrics()
 
     def authorized(request: Request) -> bool:
         if not api_key:
@@ -210,6 +246,10 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
                 seen.setdefault(m.alias, m)
         return list(seen.values())
 
+    async def prometheus(request: Request) -> Response:
+        body, ctype = exposition(metrics.registry)
+        return Response(body, media_type=ctype)
+
     # OpenAI
     async def v1_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -219,7 +259,7 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
     async def v1_chat(request: Request) -> Response:
         body = await _body(request)
         model = _model(body.get("model")) or default_model
-        started = await _start(swarm, _messages(body.get("messages")), model=model, **_openai_params(body))
+        started = await _start(swarm, metrics, _messages(body.get("messages")), model=model, **_openai_params(body))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.get("stream"):
             text, answer = await started.collect()
@@ -257,13 +297,14 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string")
         model = _model(body.get("model")) or default_model
-        started = await _start(swarm, prompt, raw=True, model=model, **_openai_params(body))
+        started = await _start(swarm, metrics, prompt, raw=True, model=model, **_openai_params(body))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.get("stream"):
             text, answer = await started.collect()
             return JSONResponse({
                 "id": rid, "object": "text_completion", "created": created, "model": model or answer.model_id,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(answer.finish_reason)}],
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": _finish(answer.finish_reason)}],
                 "usage": _usage(answer), "gputorrent": _gt(answer)})
 
         async def chunks() -> AsyncIterator[str]:
@@ -301,14 +342,14 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
         model = _model(body.get("model")) or default_model
         raw = bool(body.get("raw"))
         system = body.get("system") if isinstance(body.get("system"), str) else None
-        started = await _start(swarm, prompt, model=model, raw=raw, system=None if raw else system,
+        started = await _start(swarm, metrics, prompt, model=model, raw=raw, system=None if raw else system,
                                **_ollama_params(body))
         return await _ollama_reply(started, body, model, lambda text: {"response": text})
 
     async def api_chat(request: Request) -> Response:
         body = await _body(request)
         model = _model(body.get("model")) or default_model
-        started = await _start(swarm, _messages(body.get("messages")), model=model, **_ollama_params(body))
+        started = await _start(swarm, metrics, _messages(body.get("messages")), model=model, **_ollama_params(body))
         return await _ollama_reply(started, body, model,
                                    lambda text: {"message": {"role": "assistant", "content": text}})
 
@@ -320,6 +361,7 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
         Route("/api/version", guarded(api_version, True), methods=["GET"]),
         Route("/api/generate", guarded(api_generate, True), methods=["POST"]),
         Route("/api/chat", guarded(api_chat, True), methods=["POST"]),
+        Route("/metrics", guarded(prometheus, False), methods=["GET"]),
         Route("/", lambda r: Response("gputorrent gateway is running\n"), methods=["GET", "HEAD"]),
     ]
     return Starlette(routes=routes)

@@ -12,10 +12,11 @@ from typing import Any
 import trio
 
 from ..api import Swarm
+from ..errors import GputorrentError
 from .app import make_app
 
 
-class GatewayError(Exception):
+class GatewayError(GputorrentError):
     """The gateway cannot start; the message says what to change."""
 
 
@@ -41,7 +42,8 @@ async def run_gateway(swarm: Swarm, *, host: str = "127.0.0.1", port: int = 1143
     async with swarm:
         app = make_app(swarm, api_key=api_key, default_model=default_model)
         async with trio.open_nursery() as nursery:
-            urls = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown))
+            urls = await nursery.start(partial(serve, app, config,  # type: ignore[arg-type]
+                                               shutdown_trigger=shutdown))
             on_ready(list(urls))
 
 

@@ -7,11 +7,11 @@ to give a swarm a stable address to join by (it holds no authority: any peer can
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
-import sys
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,9 @@ import trio
 from ..dht import records
 from ..dht.node import SwarmNode, swarm_node
 from ..identity import Identity
-from .host import full_addrs, running_host
+from ..net.host import full_addrs, running_host
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -34,6 +36,7 @@ class NodeOptions:
     advert_ttl: float = records.ADVERT_TTL_S
     psk: str | None = None
     dht_fault: str = ""  # fault injection: "silent" (never answer DHT requests), "fake-providers"
+    on_timing: Callable[[str, float], None] | None = None  # DHT timings ("announce", "lookup"), for metrics
 
 
 def write_ready_file(path: Path, info: dict[str, Any]) -> None:
@@ -66,11 +69,12 @@ async def run_node(
             for proto, handler in (handlers or {}).items():
                 host.set_stream_handler(proto, handler)
             async with swarm_node(host, identity, server=True, fault=opts.dht_fault) as node:
+                if opts.on_timing is not None:
+                    node.on_timing = opts.on_timing
                 if opts.bootstrap:
                     joined = await node.join(opts.bootstrap)
                     if not joined:
-                        print("gputorrent: warning: no bootstrap peer answered; waiting for peers to find us",
-                              flush=True, file=sys.stderr)
+                        log.warning("no bootstrap peer answered; waiting for peers to find us")
                 async with trio.open_nursery() as nursery:
                     if make_advert is not None:
                         await nursery.start(node.announce_forever, lambda: make_advert(node, False),
@@ -83,6 +87,7 @@ async def run_node(
                     if stop is not None:
                         await stop.wait()
                     else:
+                        assert signals is not None
                         async for _ in signals:
                             break
                     nursery.cancel_scope.cancel()

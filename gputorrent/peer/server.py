@@ -103,7 +103,8 @@ class InferServer:
             self._memory_reading = True
             try:
                 with trio.move_on_after(0.2):
-                    self._memory = (now, await trio.to_thread.run_sync(self.free_memory, abandon_on_cancel=True))
+                    self._memory = (now, await trio.to_thread.run_sync(self.free_memory,  # type: ignore[call-arg]
+                                                                               abandon_on_cancel=True))
             finally:
                 self._memory_reading = False
         return self._memory[1]
@@ -146,7 +147,7 @@ class InferServer:
         """libp2p stream handler; never raises."""
         try:
             await self._serve(stream)
-        except Exception as exc:  # the other side vanished mid-write, or a bug: keep serving others
+        except Exception as exc:  # noqa: BLE001 (the other side vanished mid-write, or a bug: keep serving others)
             gone = _went_away(exc)
             if gone:
                 self.stats.cancelled += 1
@@ -165,14 +166,14 @@ class InferServer:
             try:
                 payload = await reader.read_frame()
             except wire.ProtocolError as exc:
-                await self._refuse(stream, b"", b"", protocol.BAD_REQUEST, str(exc))
+                await self._refuse(stream, b"", b"", protocol.BAD_REQUEST, str(exc), malformed=True)
                 return
         if payload is None:
             return
         try:
             req = wire.decode_inbound(payload)
         except wire.ProtocolError as exc:
-            await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, str(exc))
+            await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, str(exc), malformed=True)
             return
         if not isinstance(req, wire.InferRequest):
             await self._refuse(stream, b"", payload, protocol.BAD_REQUEST, "expected a request frame first")
@@ -189,20 +190,24 @@ class InferServer:
                     await self._refuse(stream, b"", payload or b"", protocol.BAD_REQUEST, "expected a ping")
                 else:
                     load = self.engine.load()
-                    signer = wire.ReplySigner(self.identity, protocol.PING, ping.nonce, wire.request_digest(payload))
-                    pong = wire.Pong(load.active, load.queued, load.slots, await self.free_memory_now(), self.tokens_per_s)
+                    signer = wire.ReplySigner(self.identity, protocol.PING, ping.nonce,
+                                              wire.request_digest(payload or b""))
+                    pong = wire.Pong(load.active, load.queued, load.slots, await self.free_memory_now(),
+                                     self.tokens_per_s)
                     if self.fault and self.fault.kind == "sybil":  # claims the world, then answers Busy
                         pong = wire.Pong(0, 0, 1 << 20, 1 << 30, 1e6)
                     await stream.write(signer.seal(pong))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (a ping stream that fails ends that stream only)
             log.debug("ping stream ended with %r", exc)
             await _reset(stream)
             return
         await _close(stream)
 
-    async def _refuse(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str) -> None:
+    async def _refuse(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str,
+                      malformed: bool = False) -> None:
         self.stats.refused += 1
-        self._note("refused", requester=_requester(stream), code=code, reason=message)
+        self._note("refused", requester=_requester(stream), code=code, reason=message,
+                   **({"malformed": True} if malformed else {}))
         signer = wire.ReplySigner(self.identity, protocol.INFER, request_id, wire.request_digest(payload))
         await stream.write(signer.seal(wire.Error(code, message)))
 
@@ -210,7 +215,9 @@ class InferServer:
         """Templating and tokenizing: run in a worker thread (a big prompt takes seconds)."""
         if (req.messages is None) == (req.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
-        return self.engine.encode_chat(req.messages) if req.messages is not None else self.engine.encode_prompt(req.prompt)
+        if req.messages is not None:
+            return self.engine.encode_chat(req.messages)
+        return self.engine.encode_prompt(req.prompt)
 
     async def _generate(self, stream: Any, reader: wire.FrameReader, req: wire.InferRequest, payload: bytes) -> None:
         signer = wire.ReplySigner(self.identity, protocol.INFER, req.request_id, wire.request_digest(payload))
@@ -335,7 +342,9 @@ class InferServer:
                     round(ev.ttft_ms, 3), round(ev.decode_ms, 3), signer.transcript,
                 )))
                 self._note("done", requester=requester, request_id=rid, finish_reason=ev.reason,
-                           completion_tokens=ev.completion_tokens, ttft_ms=round(ev.ttft_ms, 1), tokens_per_s=rate)
+                           prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                           ttft_ms=round(ev.ttft_ms, 1), decode_ms=round(ev.decode_ms, 1),
+                           queue_ms=round(ev.queue_ms, 1), tokens_per_s=rate)
                 return
             if isinstance(ev, Failed):
                 self.stats.failed += 1
@@ -353,7 +362,7 @@ async def _watch_requester(reader: wire.FrameReader, job, scope: trio.CancelScop
                 break
         else:
             return
-    except Exception as exc:  # usually a reset: how a requester that cancels or quits leaves
+    except Exception as exc:  # noqa: BLE001 (usually a reset: how a requester that cancels or quits leaves)
         log.log(logging.DEBUG if _went_away(exc) else logging.WARNING,
                 "requester stream ended while generating (%r); cancelling its job", exc)
     job.cancel()
@@ -381,7 +390,7 @@ async def _close(stream: Any) -> None:
     with trio.move_on_after(2):
         try:
             await stream.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (closing a stream the other side may have reset is best effort)
             pass
 
 
@@ -389,5 +398,5 @@ async def _reset(stream: Any) -> None:
     with trio.move_on_after(2):
         try:
             await stream.reset()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (resetting a dead stream is best effort)
             pass
