@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 GT := $(VENV)/bin/gputorrent
 PYTEST_ARGS ?=
 
-.PHONY: install model demo test bench clean
+.PHONY: install model demo lint test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ model: install
 demo: model
 	$(PY) -m gputorrent.demo
 
-test: model
+lint: install
+	$(VENV)/bin/ruff check gputorrent tests benchmarks
+	$(VENV)/bin/mypy
+
+test: model lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: model

@@ -32,12 +32,12 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, median, pct, write_section  # noqa: E402
+from _report import machine, median, pct, write_section
 
-from gputorrent.api import Swarm  # noqa: E402
-from gputorrent.chaos import Fault, reference, run_round, time_to_give_up  # noqa: E402
-from gputorrent.identity import Identity  # noqa: E402
-from gputorrent.localswarm import LocalSwarm  # noqa: E402
+from gputorrent.api import Swarm
+from gputorrent.chaos import Fault, reference, run_round, time_to_give_up
+from gputorrent.identity import Identity
+from gputorrent.localswarm import LocalSwarm
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Tell me about breakfast.",
            "Explain gravity to a child.", "Why is the sky blue?", "Describe a cat.", "List five fruits.",

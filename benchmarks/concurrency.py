@@ -15,15 +15,15 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, median, pct, write_section  # noqa: E402
+from _report import machine, median, pct, write_section
 
-from gputorrent import wire  # noqa: E402
-from gputorrent.identity import Identity  # noqa: E402
-from gputorrent.localswarm import LocalSwarm  # noqa: E402
-from gputorrent.models import CATALOG  # noqa: E402
-from gputorrent.peer.asker import new_request_id  # noqa: E402
-from gputorrent.peer.client import run_attempt  # noqa: E402
-from gputorrent.peer.host import connect, running_host  # noqa: E402
+from gputorrent import wire
+from gputorrent.identity import Identity
+from gputorrent.localswarm import LocalSwarm
+from gputorrent.models import CATALOG
+from gputorrent.net.host import connect, running_host
+from gputorrent.peer.asker import new_request_id
+from gputorrent.peer.client import run_attempt
 
 
 def prompt(i: int) -> str:
@@ -101,7 +101,7 @@ def main() -> None:
     # Each round measures every level back to back, so the ratio is taken within a round (the
     # machine's speed drifts between rounds on a shared VM) and the median over rounds reported.
     def ratio(n: int) -> float:
-        return median([a / b for a, b in zip(rows[n][0], rows[levels[0]][0])])
+        return median([a / b for a, b in zip(rows[n][0], rows[levels[0]][0], strict=False)])
 
     table = "\n".join(
         f"| {n} | {median(rows[n][0]):.1f} ({min(rows[n][0]):.0f}–{max(rows[n][0]):.0f}) | {ratio(n):.2f}× | "
@@ -121,7 +121,7 @@ round's ratio (levels run back to back within a round; this shared VM's speed dr
 {table}
 
 Target: aggregate at {top} streams ≥ 1.5 × one stream: measured **{ratio(top):.2f}×** (per round:
-{", ".join(f"{a / b:.2f}" for a, b in zip(rows[top][0], rows[levels[0]][0]))}).
+{", ".join(f"{a / b:.2f}" for a, b in zip(rows[top][0], rows[levels[0]][0], strict=False))}).
 Peak RSS of the serve process (VmHWM): **{rss:.0f} MB** against a model file of {model_mb:.0f} MB, i.e.
 model + {rss - model_mb:.0f} MB (target: model + 400 MB). `gputorrent models info` estimates {est.total_mb} MB
 for these settings (weights {est.weights_mb} + KV cache {est.kv_cache_mb} + buffers {est.buffers_mb}): what llama.cpp

@@ -23,12 +23,12 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, median, pct, write_section  # noqa: E402
+from _report import machine, median, pct, write_section
 
-from gputorrent.dht import records  # noqa: E402
-from gputorrent.dht.node import swarm_node  # noqa: E402
-from gputorrent.identity import Identity  # noqa: E402
-from gputorrent.peer.host import full_addrs, running_host  # noqa: E402
+from gputorrent.dht import records
+from gputorrent.dht.node import swarm_node
+from gputorrent.identity import Identity
+from gputorrent.net.host import full_addrs, running_host
 
 MODELS = 10
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, median, pct, write_section  # noqa: E402
+from _report import machine, median, pct, write_section
 
-from gputorrent import wire  # noqa: E402
-from gputorrent.identity import Identity  # noqa: E402
-from gputorrent.localswarm import LocalSwarm  # noqa: E402
-from gputorrent.peer.asker import ask  # noqa: E402
-from gputorrent.peer.host import running_host  # noqa: E402
+from gputorrent import wire
+from gputorrent.identity import Identity
+from gputorrent.localswarm import LocalSwarm
+from gputorrent.net.host import running_host
+from gputorrent.peer.asker import ask
 
 QUESTION = "List the first ten prime numbers."
 PARAMS = wire.Params(max_tokens=40, temperature=0.0)
@@ -49,7 +49,7 @@ async def one_run(host, dying: str, healthy: str, expected: str) -> dict:
     k = marks["tokens_before"]
     return {"detect_to_next_ms": (times[k] - marks["failed"]) * 1000,
             "last_to_next_ms": (times[k] - times[k - 1]) * 1000,
-            "normal_gap_ms": median([(b - a) * 1000 for a, b in zip(times[k + 1:], times[k + 2:])])}
+            "normal_gap_ms": median([(b - a) * 1000 for a, b in zip(times[k + 1:], times[k + 2:], strict=False)])}
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, write_section  # noqa: E402
+from _report import machine, write_section
 
-from gputorrent.fuzz import fuzz, rss_mb  # noqa: E402
-from gputorrent.identity import Identity  # noqa: E402
-from gputorrent.localswarm import LocalSwarm  # noqa: E402
-from gputorrent.peer.client import ping  # noqa: E402
-from gputorrent.peer.host import connect, running_host  # noqa: E402
+from gputorrent.fuzz import fuzz, rss_mb
+from gputorrent.identity import Identity
+from gputorrent.localswarm import LocalSwarm
+from gputorrent.net.host import connect, running_host
+from gputorrent.peer.client import ping
 
 PEER = ("--slots", "4", "--ctx", "512", "--rate-limit", "0")
 

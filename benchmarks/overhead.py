@@ -18,16 +18,16 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, median, write_section  # noqa: E402
+from _report import machine, median, write_section
 
-from gputorrent import wire  # noqa: E402
-from gputorrent.config import load_settings  # noqa: E402
-from gputorrent.identity import Identity  # noqa: E402
-from gputorrent.localswarm import LocalSwarm  # noqa: E402
-from gputorrent.models import pull  # noqa: E402
-from gputorrent.peer.asker import new_request_id  # noqa: E402
-from gputorrent.peer.client import run_attempt  # noqa: E402
-from gputorrent.peer.host import connect, running_host  # noqa: E402
+from gputorrent import wire
+from gputorrent.config import load_settings
+from gputorrent.identity import Identity
+from gputorrent.localswarm import LocalSwarm
+from gputorrent.models import pull
+from gputorrent.net.host import connect, running_host
+from gputorrent.peer.asker import new_request_id
+from gputorrent.peer.client import run_attempt
 
 TOPICS = ["the sea", "a lighthouse", "an old clock", "a mountain village", "a red kite", "the first snow",
           "a train at night", "a lost key", "a small robot", "a garden in spring", "a desert road", "a library"]

@@ -20,12 +20,12 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, median, write_section  # noqa: E402
+from _report import machine, median, write_section
 
-from gputorrent.api import Swarm  # noqa: E402
-from gputorrent.api.swarm import Plan  # noqa: E402
-from gputorrent.localswarm import LocalSwarm  # noqa: E402
-from gputorrent.peer.chain import Hop  # noqa: E402
+from gputorrent.api import Swarm
+from gputorrent.api.swarm import Plan
+from gputorrent.localswarm import LocalSwarm
+from gputorrent.peer.chain import Hop
 
 PROMPTS = ["Tell me about the sea.", "Explain gravity to a child.", "Describe a cat.", "Why is the sky blue?",
            "Write a short story about a robot.", "List some fruits and their colors."]
@@ -66,7 +66,7 @@ def in_process(rounds: int, max_tokens: int, threads: int) -> dict[str, float]:
         feed, pos, n, t_first = ids, 0, 0, 0.0
         while True:
             hidden = b""
-            for e, s in zip(chain, sessions):
+            for e, s in zip(chain, sessions, strict=False):
                 q: queue.Queue = queue.Queue()
                 e.submit(StepJob(s, len(feed), feed if e.is_first else [], hidden, True, -1, q.put))
                 out = q.get()
@@ -77,7 +77,7 @@ def in_process(rounds: int, max_tokens: int, threads: int) -> dict[str, float]:
             if out.finish or n >= max_tokens:
                 break
             feed = [out.token]
-        for e, s in zip(chain, sessions):
+        for e, s in zip(chain, sessions, strict=False):
             e.close_session(s)
         return n, time.perf_counter() - t_first
 
@@ -163,7 +163,7 @@ def main() -> None:
     ttft = {k: median([x[1] for x in v]) for k, v in results.items()}
     whole = "whole (1 hop)"
     rows = []
-    for k, hops in zip(SETUPS, (1, 2, 3)):
+    for k, hops in zip(SETUPS, (1, 2, 3), strict=False):
         per_hop = "" if hops == 1 else f"{(ttft[k] - ttft[whole]) / (hops - 1):+.1f} ms"
         rows.append(f"| {k} | {tps[k]:.1f} | {tps[k] / tps[whole]:.2f}× | {ttft[k]:.1f} ms | {per_hop} | "
                     f"{local[k]:.1f} ({local[k] / local[whole]:.2f}×) |")

@@ -42,12 +42,22 @@ import trio
 import trio.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, median, pct, write_section  # noqa: E402
+from _report import machine, median, pct, write_section
 
-from gputorrent.dht.node import (ADVERT_REPLICAS, LOOKUP_TIMEOUT_S, REWALK_S, MAX_PROVIDERS, PROVIDE_INTERVAL_S, PROVIDER_TTL_S,  # noqa: E402
-                                 PROVIDERS_PER_KEY, QUERY_TIMEOUT_S, STORE_TIMEOUT_S, SUSPECT_S)
-from gputorrent.dht.records import ADVERT_TTL_S, ANNOUNCE_INTERVAL_S  # noqa: E402
-from gputorrent.dht.walk import K, walk  # noqa: E402
+from gputorrent.dht.node import (
+    ADVERT_REPLICAS,
+    LOOKUP_TIMEOUT_S,
+    MAX_PROVIDERS,
+    PROVIDE_INTERVAL_S,
+    PROVIDER_TTL_S,
+    PROVIDERS_PER_KEY,
+    QUERY_TIMEOUT_S,
+    REWALK_S,
+    STORE_TIMEOUT_S,
+    SUSPECT_S,
+)
+from gputorrent.dht.records import ADVERT_TTL_S, ANNOUNCE_INTERVAL_S
+from gputorrent.dht.walk import K, walk
 
 BITS = 64
 # Message sizes in bytes (protobuf + yamux/Noise framing + a new stream's multistream-select,

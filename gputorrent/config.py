@@ -12,7 +12,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import platformdirs
+from msgspec import UNSET, UnsetType
+
+from .errors import GputorrentError
 
 APP = "gputorrent"
 
@@ -56,8 +60,30 @@ class Settings:
 
     def with_overrides(self, **flags: Any) -> Settings:
         """Apply command-line flags; ``None`` means the flag was not given."""
-        given = {k: v for k, v in flags.items() if v is not None}
-        return replace(self, **_coerce(given))
+        unknown = set(flags) - {f.name for f in fields(Settings)}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **_coerce(flags))
+
+
+class ConfigError(GputorrentError, ValueError):
+    """A config file or ``GPUTORRENT_*`` variable that cannot be used; the message names it."""
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``config.toml``, decoded strictly: a wrong type or an unknown key is an error that
+    names the key, never a silent default (``mdns = "maybe"`` must not turn mDNS on)."""
+
+    data_dir: str | UnsetType = UNSET
+    cache_dir: str | UnsetType = UNSET
+    identity: str | UnsetType = UNSET
+    listen: str | UnsetType = UNSET
+    bootstrap: list[str] | UnsetType = UNSET
+    mdns: bool | UnsetType = UNSET
+    swarm_key: str | UnsetType = UNSET
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def config_path() -> Path:
@@ -66,35 +92,60 @@ def config_path() -> Path:
 
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    known = {f.name: f for f in fields(Settings)}
+    """Typed values (from the decoded file or flags) to ``Settings`` fields."""
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+        if value is None:
+            continue
         if key in {"data_dir", "cache_dir", "identity", "swarm_key"}:
             value = Path(value).expanduser()
         elif key == "bootstrap":
-            # A list (flags, TOML) or one string of addresses split by commas or spaces (env).
-            items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
-            value = tuple(items)
-        elif key == "mdns" and isinstance(value, str):
-            value = value.strip().lower() not in {"0", "false", "no", "off"}
+            value = tuple(value)
         out[key] = value
     return out
 
 
+def _from_env(env: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        name = f"GPUTORRENT_{f.name.upper()}"
+        text = env.get(name, "").strip()
+        if not text:
+            continue
+        if f.name == "bootstrap":  # addresses split by commas or spaces
+            values[f.name] = text.replace(",", " ").split()
+        elif f.name == "mdns":
+            if text.lower() not in _TRUE | _FALSE:
+                raise ConfigError(f"{name}={text!r}: give 1 or 0 (true/false, yes/no, on/off)")
+            values[f.name] = text.lower() in _TRUE
+        else:
+            values[f.name] = text
+    return values
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Read the TOML file, then ``GPUTORRENT_<NAME>`` variables, over the defaults."""
-    env = os.environ if env is None else env
+    environ = os.environ if env is None else env
     values: dict[str, Any] = {}
     path = config_path()
     if path.is_file():
         try:
-            values.update(tomllib.loads(path.read_text()))
+            raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML ({exc}); fix or remove the file") from exc
-    for f in fields(Settings):
-        name = f"GPUTORRENT_{f.name.upper()}"
-        if env.get(name):
-            values[f.name] = env[name]
+            raise ConfigError(f"{path}: not valid TOML ({exc}); fix or remove the file") from exc
+        try:
+            decoded = msgspec.convert(raw, ConfigFile, strict=True)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{path}: {_where(str(exc))}; known keys: {', '.join(ConfigFile.__struct_fields__)}") \
+                from None
+        values.update({k: v for k, v in msgspec.structs.asdict(decoded).items() if v is not UNSET})
+    values.update(_from_env(environ))
     return Settings(**_coerce(values))
+
+
+def _where(message: str) -> str:
+    """msgspec's "Expected `array`, got `int` - at `$.bootstrap`" as "bootstrap: expected an array, got int"."""
+    text, _, at = message.partition(" - at `")
+    key = at.rstrip("`").removeprefix("$.").removeprefix("$")
+    text = text.replace("`", "")
+    return f"{key}: {text[0].lower()}{text[1:]}" if key and not key.startswith("[") else text

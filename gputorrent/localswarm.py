@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import GputorrentError
 
-class SwarmError(Exception):
+
+class SwarmError(GputorrentError):
     pass
 
 
@@ -89,6 +91,7 @@ class LocalSwarm:
         self.model = model
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="gputorrent-swarm-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.peers: dict[str, PeerProcess] = {}
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Annotated, Literal, Protocol, Union
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 from msgspec import Meta
 
+from .errors import GputorrentError
 from .identity import Identity, Verifier
 
 MAX_FRAME = 1 << 20
@@ -28,7 +29,9 @@ _DOMAIN = b"gputorrent/frame/1\0"
 
 # --- requests (requester -> server) ------------------------------------------------------
 
-MaxTokens = Annotated[int, Meta(ge=1, le=1 << 20)]
+# 128k: a failover resume carries every token so far (5 bytes each at most) in one 1 MiB frame.
+MAX_TOKENS = 1 << 17
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
 Temperature = Annotated[float, Meta(ge=0.0, le=5.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 TopK = Annotated[int, Meta(ge=0, le=1 << 17)]
@@ -113,7 +116,7 @@ class ShardStep(msgspec.Struct, tag="step", array_like=True, kw_only=True):
     replay: bool = False
 
 
-Inbound = Union[InferRequest, Cancel, Ping, ShardOpen, ShardStep]
+Inbound = InferRequest | Cancel | Ping | ShardOpen | ShardStep
 
 # --- replies (server -> requester), each signed ------------------------------------------
 
@@ -190,7 +193,7 @@ class StepOut(msgspec.Struct, tag="sout", array_like=True):
     transcript: bytes
 
 
-Reply = Union[Accepted, Busy, Queued, Token, Done, Error, Pong, ShardReady, StepOut]
+Reply = Accepted | Busy | Queued | Token | Done | Error | Pong | ShardReady | StepOut
 
 
 class _Envelope(msgspec.Struct, array_like=True):
@@ -202,7 +205,7 @@ class _Envelope(msgspec.Struct, array_like=True):
 # --- errors -------------------------------------------------------------------------------
 
 
-class ProtocolError(Exception):
+class ProtocolError(GputorrentError):
     """The other side broke the framing or sent something undecodable."""
 
 

@@ -34,11 +34,10 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 120,
 def cli(tmp_path):
     """`gputorrent …` with a throwaway identity and data dir (reputation store), so tests never
     touch the user's; the model cache stays shared."""
-    ident = tmp_path / "asker.key"
-    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "GPUTORRENT_IDENTITY": str(tmp_path / "asker.key")}
 
     def _run(*args: str, **kw) -> subprocess.CompletedProcess:
-        return run_cli(*args, "--identity", str(ident), env=env, **kw)
+        return run_cli(*args, env=env | kw.pop("env", {}), **kw)
 
     return _run
 

@@ -6,9 +6,9 @@ import trio
 
 from gputorrent import wire
 from gputorrent.identity import Identity
+from gputorrent.net.host import DialError, connect, running_host
 from gputorrent.peer.asker import new_request_id
 from gputorrent.peer.client import AttemptFailed, PeerBusy, RemoteError, ping, run_attempt
-from gputorrent.peer.host import DialError, connect, running_host
 from gputorrent.swarmkey import write_new
 
 from .conftest import QUESTION

@@ -17,10 +17,10 @@ from gputorrent import wire
 from gputorrent.identity import Identity
 from gputorrent.models import ModelError, read_info
 from gputorrent.models.quant import choose_quantization, estimate_memory, tier
+from gputorrent.net.host import connect, running_host
 from gputorrent.peer.asker import new_request_id
 from gputorrent.peer.client import ping, run_attempt
 from gputorrent.peer.device import detect_device, parse_smi
-from gputorrent.peer.host import connect, running_host
 
 from .conftest import QUESTION
 

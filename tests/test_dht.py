@@ -12,7 +12,7 @@ import trio
 from gputorrent.dht import records
 from gputorrent.dht.node import swarm_node
 from gputorrent.identity import Identity
-from gputorrent.peer.host import running_host
+from gputorrent.net.host import running_host
 
 from .conftest import QUESTION
 from .test_records import advert
@@ -140,7 +140,7 @@ async def test_forged_replayed_and_expired_adverts_are_refused_by_remote_peers(d
     key = records.advert_key(victim.peer_id)
     async with Requester(boot.addr) as node:
         store = node.dht.value_store
-        from gputorrent.peer.host import connect
+        from gputorrent.net.host import connect
 
         targets = [ID.from_base58(await connect(node.host, p.addr)) for p in peers[:3] if p.proc.poll() is None]
         first = await node.get_advert_value(victim.peer_id)

@@ -8,7 +8,7 @@ import pytest
 from gputorrent.dht import records
 from gputorrent.dht.node import swarm_node
 from gputorrent.identity import Identity
-from gputorrent.peer.host import full_addrs, running_host
+from gputorrent.net.host import full_addrs, running_host
 
 from .test_records import advert
 
@@ -89,7 +89,7 @@ async def test_every_advertised_address_is_tried_despite_the_negative_cache():
     import trio
     from libp2p.peer.peerinfo import PeerInfo
 
-    from gputorrent.peer.host import DialError, connect, parse_peer_addr
+    from gputorrent.net.host import DialError, connect, parse_peer_addr
 
     async with running_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as target, \
             running_host(Identity.generate()) as raw, running_host(Identity.generate()) as ours:
@@ -113,7 +113,7 @@ async def test_twelve_idle_streams_silence_a_raw_node_and_not_ours():
     import trio
     from libp2p.kad_dht.kad_dht import PROTOCOL_ID
 
-    from gputorrent.peer.host import connect
+    from gputorrent.net.host import connect
 
     async def lookup_after_attack(guarded: bool) -> bool:
         async with AsyncExitStack() as stack:
@@ -170,7 +170,7 @@ async def test_writes_cancelled_midway_leave_the_connection_working():
     nonce without sending and the other side dropped the connection."""
     import trio
 
-    from gputorrent.peer.host import connect, new_stream
+    from gputorrent.net.host import connect, new_stream
 
     got: list[int] = []
 

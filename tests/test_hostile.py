@@ -11,13 +11,12 @@ import trio
 from gputorrent import wire
 from gputorrent.api import Swarm
 from gputorrent.identity import Identity
+from gputorrent.net.host import connect, new_stream, running_host
 from gputorrent.peer import protocol
 from gputorrent.peer.asker import new_request_id
 from gputorrent.peer.client import ping, run_attempt
-from gputorrent.peer.host import connect, new_stream, running_host
 
 from .conftest import QUESTION
-
 
 pytestmark = pytest.mark.slow
 
@@ -239,7 +238,7 @@ async def test_a_node_naming_two_thousand_fake_providers_costs_an_ask_little(swa
 
 def test_advertised_addresses_are_dialed_only_where_they_can_be_a_peer():
     from gputorrent.api.swarm import _join_scope
-    from gputorrent.peer.host import reachable_from
+    from gputorrent.net.host import reachable_from
 
     never = ["/ip4/0.0.0.0/tcp/1", "/ip6/::/tcp/1", "/ip4/224.0.0.251/tcp/1", "/ip4/169.254.9.9/tcp/1",
              "/ip6/fe80::1/tcp/1", "/ip4/255.255.255.255/tcp/1", "/ip4/240.1.2.3/tcp/1"]

@@ -10,10 +10,10 @@ import trio
 
 from gputorrent import wire
 from gputorrent.identity import Identity
+from gputorrent.net.host import connect, running_host
 from gputorrent.peer import protocol
 from gputorrent.peer.asker import new_request_id
 from gputorrent.peer.client import RemoteError, run_attempt
-from gputorrent.peer.host import connect, running_host
 
 from .conftest import QUESTION
 
@@ -41,7 +41,8 @@ def test_ask_answers_paris_with_a_verified_receipt(peers, cli):
     assert out["model_id"] == peers["good"].info["models"][0]["model_id"]
     assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["completion_tokens"] > 0
     assert out["ttft_ms"] > 0 and out["tokens_per_s"] > 0
-    assert out["attempts"] == [{"peer_id": peers["good"].peer_id, "outcome": "ok", "tokens": out["attempts"][0]["tokens"], "error": ""}]
+    assert out["attempts"] == [{"peer_id": peers["good"].peer_id, "outcome": "ok",
+                                "tokens": out["attempts"][0]["tokens"], "error": ""}]
 
 
 def test_ask_streams_plain_text_and_reads_stdin(peers, cli):
@@ -94,7 +95,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error(peers, cli):
     (("--top-p", "0"), "--top-p"),
 ])
 def test_absurd_parameters_exit_2_before_any_network(flags, fragment, cli):
-    done = cli("ask", QUESTION, "--peer", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWBadPeerBadPeer", *flags)
+    done = cli("ask", QUESTION, "--peer", f"/ip4/127.0.0.1/tcp/9/p2p/{Identity.generate().peer_id}", *flags)
     assert done.returncode == 2
     assert fragment in done.stderr and done.stderr.count("\n") == 1
 
@@ -103,8 +104,8 @@ def test_unreachable_and_malformed_peer_addresses(cli):
     dead = Identity.generate().peer_id
     done = cli("ask", QUESTION, "--peer", f"/ip4/127.0.0.1/tcp/1/p2p/{dead}")
     assert done.returncode == 1 and "cannot reach peer" in done.stderr
-    done = cli("ask", QUESTION, "--peer", "localhost:8080")
-    assert done.returncode == 1 and "not a peer address" in done.stderr
+    done = cli("ask", QUESTION, "--peer", "localhost:8080")  # a usage error: exit 2, one line
+    assert done.returncode == 2 and "not a multiaddr" in done.stderr and done.stderr.count("\n") == 1
 
 
 async def _raw(host, peer_id, data: bytes) -> wire.Reply | None:

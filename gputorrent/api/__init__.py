@@ -9,11 +9,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..peer.asker import AskFailed, Answer, Attempt
+from ..peer.asker import Answer, AskFailed, Attempt
 from ..scoring import Weights
 from .peer import Peer
-from .swarm import (BreakerChanged, Failover, Finished, PeerLeft, PeerSeen, PeerStatus, Plan, StreamEvent, Swarm,
-                    SwarmError, SwarmEvent, Text)
+from .swarm import (
+    BreakerChanged,
+    Failover,
+    Finished,
+    PeerLeft,
+    PeerSeen,
+    PeerStatus,
+    Plan,
+    StreamEvent,
+    Swarm,
+    SwarmError,
+    SwarmEvent,
+    Text,
+)
 
 
 def ask(prompt: str | Sequence[Any], *, model: str | None = None, bootstrap: Sequence[str] | None = None,

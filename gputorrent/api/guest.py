@@ -10,7 +10,7 @@ per loop serves every ``Swarm`` and ``Peer`` on that loop; it stops when the las
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -66,7 +66,8 @@ class TrioGuest:
                 self._done.set_result(None)
 
         trio.lowlevel.start_guest_run(
-            main, run_sync_soon_threadsafe=self._loop.call_soon_threadsafe, done_callback=done,
+            main, run_sync_soon_threadsafe=self._loop.call_soon_threadsafe,  # type: ignore[arg-type]
+            done_callback=done,
             host_uses_signal_set_wakeup_fd=True,
             # asyncio (and Textual) own Ctrl-C; the guest must not take SIGINT over.
             restrict_keyboard_interrupt_to_checkpoints=True,
@@ -83,7 +84,7 @@ class TrioGuest:
             with scope:
                 try:
                     result = await fn(*args)
-                except BaseException as exc:  # noqa: BLE001 - handed to the asyncio side
+                except BaseException as exc:
                     if not fut.done():
                         fut.set_exception(asyncio.CancelledError() if isinstance(exc, trio.Cancelled) else exc)
                     if isinstance(exc, trio.Cancelled):
@@ -104,7 +105,7 @@ class TrioGuest:
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return await self.spawn(fn, *args)
 
-    async def iterate(self, agen: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def iterate(self, agen: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         """Drive a trio async iterator from asyncio; leaving the loop early cancels it."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -214,7 +215,7 @@ class Hosted:
             return fn(*args, **kw)
         return self._guest.call(lambda: fn(*args, **kw))
 
-    def _iterate(self, agen: AsyncIterator[T]) -> AsyncIterator[T]:
+    def _iterate(self, agen: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
         return self._guest.iterate(agen) if self._guest is not None else agen
 
 

@@ -29,6 +29,7 @@ def cells(status: PeerStatus) -> dict[str, str]:
     """One row, by column name (see ``COLUMNS``); each view picks the columns it has room for."""
     a = status.advert
     return {"peer": short_id(a.peer_id), "name": a.name[:14], "device": device(status), "VRAM MB": vram(status),
-            "models": ",".join(m.alias if m.whole else f"{m.alias}[{m.blocks}]" for m in a.models), "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
+            "models": ",".join(m.alias if m.whole else f"{m.alias}[{m.blocks}]" for m in a.models),
+            "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
             "tok/s": f"{a.tokens_per_s:.0f}", "RTT ms": "-" if status.rtt_ms is None else f"{status.rtt_ms:.0f}",
             "rep": f"{status.reputation:.2f}", "breaker": breaker(status)}

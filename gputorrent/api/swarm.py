@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 import trio
@@ -22,16 +22,17 @@ import trio
 from .. import wire
 from ..config import Settings, load_settings
 from ..dht.records import Advert
+from ..errors import GputorrentError
 from ..identity import Identity
-from ..peer.asker import AskFailed, Attempt, Answer, ask, new_request_id, peer_id_of
+from ..peer.asker import Answer, AskFailed, Attempt, ask, new_request_id, peer_id_of
 from ..peer.choose import Considered
 from ..peer.client import AttemptResult
 from ..scoring import Weights
-from ..scoring.reputation import ReputationStore
+from ..scoring.reputation import Outcome, ReputationStore
 from .guest import Hosted
 
 
-class SwarmError(Exception):
+class SwarmError(GputorrentError):
     """The swarm cannot be reached or used; the message says what to do."""
 
 
@@ -63,7 +64,7 @@ class Finished:
     answer: Answer
 
 
-StreamEvent = Union[Text, Failover, Finished]
+StreamEvent = Text | Failover | Finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ class BreakerChanged:
     state: str
 
 
-SwarmEvent = Union[PeerSeen, PeerLeft, BreakerChanged, Failover]
+SwarmEvent = PeerSeen | PeerLeft | BreakerChanged | Failover
 
 
 @dataclass(slots=True)
@@ -130,7 +131,7 @@ def to_messages(prompt: str | Sequence[Any] | None, system: str | None = None) -
                 msgs.append(m)
                 continue
             try:
-                msgs.append(msgspec.convert([m["role"], m["content"]], wire.ChatMessage))
+                msgs.append(msgspec.convert([m["role"], m["content"]], wire.ChatMessage))  # type: ignore[index]
             except (KeyError, TypeError, msgspec.ValidationError) as exc:
                 raise ValueError(f"a message needs a role (system, user or assistant) and text content: {m!r}") from exc
     if system:
@@ -141,7 +142,17 @@ def to_messages(prompt: str | Sequence[Any] | None, system: str | None = None) -
 
 
 def params_from(**kw: Any) -> wire.Params:
-    """Sampling parameters from keywords, checked (``ValueError`` names the bad one)."""
+    """Sampling parameters from keywords, checked (``ValueError`` names the bad one). An
+    unknown keyword is a ``TypeError``, as for any Python call: a typo must not silently
+    run with the defaults."""
+    known = wire.Params.__struct_fields__
+    for key in kw:
+        if key not in known:
+            import difflib
+
+            near = difflib.get_close_matches(key, known, n=1)
+            raise TypeError(f"unexpected keyword argument {key!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                       f" (generation keywords: {', '.join(known)})"))
     given = {k: v for k, v in kw.items() if v is not None}
     try:
         return msgspec.convert(given, wire.Params)
@@ -149,7 +160,7 @@ def params_from(**kw: Any) -> wire.Params:
         raise ValueError(f"bad generation parameter: {exc}") from exc
 
 
-_OUTCOME = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped": "failed",
+_OUTCOME: dict[str, Outcome] = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped": "failed",
             "unreachable": "failed", "busy": "busy", "error": "gone"}
 
 
@@ -185,7 +196,7 @@ class _Core:
 
     async def open(self) -> None:
         from ..dht.node import swarm_node
-        from ..peer.host import running_host
+        from ..net.host import running_host
         from ..peer.view import SwarmView
         from ..swarmkey import load
 
@@ -244,9 +255,9 @@ class _Core:
         adverts = await (self.view.find(model) if model else self.view.overview(max_age=0))
         rtts: dict[str, float] = {}
         if ping:
+            from ..net.host import DialError, connect
             from ..peer.client import AttemptFailed
             from ..peer.client import ping as ping_peer
-            from ..peer.host import DialError, connect
 
             async def one(ad: Advert) -> None:
                 try:
@@ -316,7 +327,7 @@ class _Core:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 self._subscribers.remove(ch)
 
-    async def events(self) -> AsyncIterator[SwarmEvent]:
+    async def events(self) -> AsyncGenerator[SwarmEvent, None]:
         send, recv = trio.open_memory_channel[SwarmEvent](math.inf)
         self._subscribers.append(send)
         if self.node is not None and not self._watching:
@@ -335,7 +346,7 @@ class _Core:
         while self._subscribers:
             try:
                 statuses = await self.peers(ping=True)
-            except Exception:  # a failed crawl is retried next round; the stream of events goes on
+            except Exception:  # noqa: BLE001 (a failed crawl is retried next round; the stream of events goes on)
                 statuses = []
             now = time.time()
             seen = set()
@@ -360,7 +371,7 @@ class _Core:
             tps = ttft = None
             if outcome == "ok" and res.t_first:
                 ttft = (res.t_first - res.t_start) * 1000
-                if len(res.ids) > 1 and res.t_last > res.t_first:
+                if len(res.ids) > 1 and res.t_last is not None and res.t_last > res.t_first:
                     tps = (len(res.ids) - 1) / (res.t_last - res.t_first)
             self.store.record(attempt.peer_id, outcome, tokens_per_s=tps, ttft_ms=ttft)  # type: ignore[union-attr]
             if outcome == "busy" and self._claimed_room(attempt.peer_id):
@@ -385,13 +396,15 @@ class _Core:
 
     async def stream(self, prompt: str | Sequence[Any] | None = None, *, model: str | None = None,
                      system: str | None = None, raw: bool = False, plan: Plan | None = None,
-                     verify: bool = False, spot_check: float = 0.0, **params: Any) -> AsyncIterator[StreamEvent]:
+                     verify: bool = False, spot_check: float = 0.0, **params: Any) -> AsyncGenerator[StreamEvent, None]:
         p = params_from(**params)
         messages = None if raw else to_messages(prompt, system)
         if raw and not isinstance(prompt, str):
             raise ValueError("raw=True takes the prompt as one string")
+        text = prompt if raw and isinstance(prompt, str) else None
         wire.validate_request(wire.InferRequest(request_id=new_request_id(), messages=messages,
-                                                prompt=prompt if raw else None, params=p))  # before any lookup
+                                                prompt=text, params=p))  # before any lookup
+        addrs: list[Any]
         if self.direct:
             candidates: Any = list(self.direct)
             addrs, model = list(self.direct), model or ""
@@ -400,7 +413,8 @@ class _Core:
             addrs, model = [list(a.addrs) for a in plan.order], plan.model
             candidates = self.view.candidates(model, first=plan.order)
         send, recv = trio.open_memory_channel[Any](math.inf)
-        current = {"peer": "", "open": False}  # the peer being asked; whether its outcome is still unknown
+        # The peer being asked; whether its outcome is still unknown.
+        current: dict[str, Any] = {"peer": "", "open": False}
 
         def before(pid: str) -> None:
             current.update(peer=pid, open=True)
@@ -420,20 +434,20 @@ class _Core:
                         answer = await ask_chain(
                             self.host, self.view.chain_source(model), model_id=plan.chain[0].model_id,
                             total_blocks=plan.chain[0].total_blocks, messages=messages,
-                            prompt=prompt if raw else None, params=p, first_plan=plan.chain, on_text=on_text,
+                            prompt=text, params=p, first_plan=plan.chain, on_text=on_text,
                             max_attempts=self.attempts, deadline_s=self.deadline, stall_timeout=self.stall_timeout,
                             before_attempt=before, after_attempt=after,
                         )
                     else:
                         answer = await ask(
-                            self.host, candidates, messages=messages, prompt=prompt if raw else None, model=model,
+                            self.host, candidates, messages=messages, prompt=text, model=model,
                             params=p, on_text=on_text, max_attempts=self.attempts, deadline_s=self.deadline,
                             stall_timeout=self.stall_timeout, before_attempt=before, after_attempt=after,
                         )
                     if verify or (spot_check and self.rng.random() < spot_check):
                         answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)
                     send.send_nowait(Finished(answer))
-                except Exception as exc:  # handed to the consumer: never into the swarm's nursery
+                except Exception as exc:  # noqa: BLE001 (handed to the consumer: never into the swarm's nursery)
                     send.send_nowait(exc)
                 finally:
                     if current["open"]:  # the consumer left mid-attempt: that says nothing of the peer
@@ -498,7 +512,7 @@ def _spans(blocks: list[int]) -> str:
 def _join_scope(bootstrap: Sequence[str]) -> str:
     """How far this requester's network reaches, judged by the addresses it joined through:
     the most local of them."""
-    from ..peer.host import scope_of
+    from ..net.host import scope_of
 
     scopes = {scope_of(a) for a in bootstrap} or {"loopback"}  # mDNS: peers on this LAN, or this machine
     return next(s for s in ("loopback", "private", "public") if s in scopes)
@@ -535,7 +549,8 @@ class Swarm(Hosted):
             bootstrap=list(bootstrap) if bootstrap else None, mdns=mdns,
             identity=None if isinstance(identity, Identity) else identity, swarm_key=swarm_key,
             data_dir=data_dir)
-        ident = identity if isinstance(identity, Identity) else Identity.load_or_create(settings.requester_identity_path)
+        ident = identity if isinstance(identity, Identity) else \
+            Identity.load_or_create(settings.requester_identity_path)
         self._core = _Core(settings, ident, list(peers), weights or Weights(), choose_top, attempts,
                            stall_timeout, watch_interval, deadline)
 
@@ -550,7 +565,7 @@ class Swarm(Hosted):
     async def _close(self) -> None:
         await self._core.close()
 
-    def stream(self, prompt: str | Sequence[Any] | None = None, **kw: Any) -> AsyncIterator[StreamEvent]:
+    def stream(self, prompt: str | Sequence[Any] | None = None, **kw: Any) -> AsyncGenerator[StreamEvent, None]:
         """Stream an answer: ``Text`` pieces, a ``Failover`` whenever a peer drops out and the
         next continues, then ``Finished`` with the whole ``Answer``. Raises ``AskFailed`` when
         no candidate can finish. Keywords: ``model``, ``system``, ``raw``, ``verify``,
@@ -579,7 +594,7 @@ class Swarm(Hosted):
         """Lift a ban and close the peer's breaker."""
         return await self._call(self._core.set_banned, peer_id, False)
 
-    def events(self) -> AsyncIterator[SwarmEvent]:
+    def events(self) -> AsyncGenerator[SwarmEvent, None]:
         """Peers appearing, changing and leaving (the DHT is re-crawled every ``watch_interval``
         while someone listens), breaker changes and failovers."""
         return self._iterate(self._core.events())

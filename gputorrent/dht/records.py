@@ -14,6 +14,7 @@ from typing import Literal
 
 import msgspec
 
+from ..errors import GputorrentError
 from ..identity import Identity, Verifier
 
 NAMESPACE = "gt"
@@ -25,7 +26,7 @@ ADVERT_TTL_S = 120.0
 _DOMAIN = b"gputorrent/advert/1\0"
 
 
-class RecordError(ValueError):
+class RecordError(GputorrentError, ValueError):
     """A record the DHT must not store or believe."""
 
 
@@ -134,7 +135,7 @@ def open_advert(key: str | None, value: bytes, now: float | None = None) -> Adve
         raise RecordError("advert stored under another peer's key")
     try:
         ok = Verifier(advert.peer_id).verify(_DOMAIN + signed.body, signed.sig)
-    except Exception:
+    except Exception:  # noqa: BLE001 (a malformed key or signature is a bad record, whatever raised)
         ok = False
     if not ok:
         raise RecordError(f"advert signature does not verify for {advert.peer_id}")

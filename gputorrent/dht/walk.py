@@ -68,7 +68,7 @@ async def walk(
                         known.append(c)
             if timer.cancelled_caught:
                 out.timed_out.append(peer)
-        except Exception:  # refused, unreachable, malformed: the walk goes on without it
+        except Exception:  # noqa: BLE001, S110 (refused, unreachable, malformed: the walk goes on without it)
             pass
         finally:
             answered.send_nowait(None)

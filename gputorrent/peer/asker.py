@@ -18,9 +18,10 @@ from typing import Any, Protocol
 import trio
 
 from .. import wire
+from ..errors import GputorrentError
 from ..identity import short_id
+from ..net.host import DialError, connect
 from .client import AttemptFailed, AttemptResult, PeerBusy, Stalled, run_attempt
-from .host import DialError, connect
 
 
 @dataclass(slots=True)
@@ -50,7 +51,7 @@ class Answer:
         return asdict(self)
 
 
-class AskFailed(Exception):
+class AskFailed(GputorrentError):
     """No candidate finished the answer; ``attempts`` says what was tried.
 
     ``kind`` is for callers that map failures to status codes: ``no_peers`` (nothing serves
@@ -119,7 +120,7 @@ async def ask(
     Attempts go on until the answer is done, no peer is left, ``deadline_s`` passes, or
     ``max_attempts`` (no cap by default). Raises ``AskFailed`` with every attempt.
     """
-    source: Candidates = candidates if hasattr(candidates, "next") else FixedCandidates(candidates)  # type: ignore[arg-type]
+    source: Candidates = candidates if hasattr(candidates, "next") else FixedCandidates(candidates)
     base = wire.validate_request(wire.InferRequest(
         request_id=new_request_id(), model=model, messages=messages, prompt=prompt, params=params,
     ))
@@ -199,7 +200,8 @@ async def ask(
                 await run_attempt(host, peer_id, request, on_token, stall_timeout=stall_timeout,
                                   accept_timeout=accept_timeout, result=res)
         except (AttemptFailed, trio.TooSlowError) as exc:
-            failure = exc if isinstance(exc, AttemptFailed) else Stalled(f"the request's deadline passed ({deadline_s:g}s)")
+            failure = exc if isinstance(exc, AttemptFailed) else \
+                Stalled(f"the request's deadline passed ({deadline_s:g}s)")
             model_id = model_id or res.model_id
             attempts.append(Attempt(peer_id, failure.outcome, len(res.ids), str(failure)))
             after_attempt(attempts[-1], res)

@@ -26,11 +26,19 @@ import trio
 
 from .. import wire
 from ..dht.records import Advert, ServedModel
+from ..net.host import DialError, connect, finish_stream, new_stream
 from . import protocol
 from .asker import Answer, AskFailed, Attempt, _summary, new_request_id
-from .client import (AttemptFailed, AttemptResult, IntegrityFailure, PeerBusy, RemoteError, Stalled, StreamBroken,
-                     _describe)
-from .host import DialError, connect, finish_stream, new_stream
+from .client import (
+    AttemptFailed,
+    AttemptResult,
+    IntegrityFailure,
+    PeerBusy,
+    RemoteError,
+    Stalled,
+    StreamBroken,
+    _describe,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +72,8 @@ def plan_chain(adverts: list[Advert], model_id: str, first: int, end: int,
     edges: dict[int, list[tuple[int, float, Advert, int]]] = {}
     for ad in adverts:
         for m in held_ranges(ad, model_id):
-            if first <= m.first_block and m.end_block <= end and not (m.first_block == 0 and m.end_block == m.total_blocks):
+            whole = m.first_block == 0 and m.end_block == m.total_blocks
+            if first <= m.first_block and m.end_block <= end and not whole:
                 edges.setdefault(m.first_block, []).append((m.end_block, cost(ad, m), ad, m.total_blocks))
     best: dict[int, float] = {first: 0.0}
     back: dict[int, tuple[int, Advert, float, int]] = {}
@@ -467,7 +476,7 @@ class _ChainRun:
             except _HopFailed as again:
                 for link in new:
                     await link.close(reset=True)
-                self._fail(again, next((l for l in new if l.hop.peer_id == again.hop.peer_id), None))
+                self._fail(again, next((ln for ln in new if ln.hop.peer_id == again.hop.peer_id), None))
                 if not again.retry:
                     raise self._give_up(again) from None
 
@@ -525,5 +534,5 @@ class _HopFailed(Exception):
         self.retry = retry
 
 
-__all__ = ["ChainSource", "Hop", "ask_chain", "coverage", "explain_chain", "plan_chain", "AttemptFailed", "IntegrityFailure",
-           "PeerBusy", "Stalled", "StreamBroken"]
+__all__ = ["AttemptFailed", "ChainSource", "Hop", "IntegrityFailure", "PeerBusy", "Stalled", "StreamBroken",
+           "ask_chain", "coverage", "explain_chain", "plan_chain"]

@@ -15,10 +15,10 @@ import trio
 
 from ..dht.records import Advert
 from ..identity import short_id
+from ..net.host import DialError, connect
 from ..scoring import Candidate, Scored, Weights, choose, score
 from ..scoring.reputation import ReputationStore
 from .client import AttemptFailed, ping
-from .host import DialError, connect
 
 
 @dataclass(frozen=True, slots=True)

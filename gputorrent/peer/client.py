@@ -14,8 +14,8 @@ from typing import Any
 import trio
 
 from .. import wire
+from ..net.host import finish_stream, new_stream
 from . import protocol
-from .host import finish_stream, new_stream
 
 
 class AttemptFailed(Exception):

@@ -57,7 +57,7 @@ def _gpus_nvml() -> list[Gpu] | None:
         return None
     try:
         pynvml.nvmlInit()
-    except Exception:  # pynvml.NVMLError and OSError subclasses, by driver state
+    except Exception:  # noqa: BLE001 (pynvml.NVMLError and OSError subclasses, by driver state)
         return None
     try:
         gpus = []
@@ -69,12 +69,12 @@ def _gpus_nvml() -> list[Gpu] | None:
             gpus.append(Gpu(name.decode() if isinstance(name, bytes) else str(name),
                             int(mem.total) >> 20, int(mem.free) >> 20, f"{major}.{minor}"))
         return gpus
-    except Exception:
+    except Exception:  # noqa: BLE001 (any NVML failure means: no GPU info)
         return None
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 (shutting NVML down is best effort)
             pass
 
 

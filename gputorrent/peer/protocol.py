@@ -10,8 +10,7 @@ BAD_REQUEST = "bad_request"  # malformed or out-of-range: fix the request
 UNKNOWN_MODEL = "unknown_model"  # this peer does not serve that model
 CONTEXT_EXCEEDED = "context_exceeded"  # the prompt does not fit this peer's context
 ENGINE = "engine"  # the model failed while generating
-SHUTTING_DOWN = "shutting_down"
 NOT_ALLOWED = "not_allowed"  # this peer serves only an allowlist of requesters
 WRONG_BLOCKS = "wrong_blocks"  # this peer holds other blocks of the model
 
-RETRY_ELSEWHERE = frozenset({UNKNOWN_MODEL, CONTEXT_EXCEEDED, ENGINE, SHUTTING_DOWN, NOT_ALLOWED, WRONG_BLOCKS})
+RETRY_ELSEWHERE = frozenset({UNKNOWN_MODEL, CONTEXT_EXCEEDED, ENGINE, NOT_ALLOWED, WRONG_BLOCKS})

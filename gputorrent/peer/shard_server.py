@@ -106,7 +106,8 @@ class ShardServer(InferServer):
             digest = wire.step_digest(step, hidden)
             try:
                 engine.check(session, step.pos, step.n, step.tokens, hidden)
-                engine.submit(StepJob(session, step.n, step.tokens, hidden, step.sample, step.forced, events.emit))
+                engine.submit(StepJob(session, step.n, step.tokens, hidden, step.sample, step.forced,
+                                      events.emit))  # type: ignore[arg-type]
             except EngineError as exc:
                 await self._refuse_signed(stream, signer, requester, protocol.BAD_REQUEST, str(exc))
                 return

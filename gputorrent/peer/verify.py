@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import wire
+from ..net.host import DialError, connect
 from .asker import new_request_id
 from .client import AttemptFailed, run_attempt
-from .host import DialError, connect
 
 CHECK_PARAMS = wire.Params(max_tokens=16, temperature=0.0, seed=0)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,11 @@ import trio
 
 from .. import wire
 from ..dht.records import Advert, ServedModel
+from ..net.host import reachable_from
 from ..scoring import Weights
 from ..scoring.reputation import ReputationStore
 from .chain import Hop, plan_chain
 from .choose import Considered, rank_peers
-from .host import reachable_from
 
 FRESH_S = 15.0  # a lookup younger than this is answered from the view
 REFRESH_S = 10.0  # how often models in use are looked up again in the background
@@ -134,12 +135,12 @@ class SwarmView:
             for spec in [s for s, t in self._used.items() if now - t < IN_USE_S]:
                 try:
                     await self.find(spec, max_age=REFRESH_S / 2)
-                except Exception:  # the next round tries again; requests look up themselves
+                except Exception:  # noqa: BLE001, S110 (the next round tries again; requests look up themselves)
                     pass
 
     # --- choosing ---------------------------------------------------------------------------
 
-    async def rank(self, spec: str, *, exclude: set[str] = frozenset(), model_id: str = "",
+    async def rank(self, spec: str, *, exclude: AbstractSet[str] = frozenset(), model_id: str = "",
                    max_age: float = FRESH_S, whole: bool = True) -> tuple[list[Advert], list[Considered]]:
         """The peers serving ``spec`` (and ``model_id``, once known) not in ``exclude``, best
         first, and how each was judged: peers serving the whole model, or with ``whole=False``
@@ -172,7 +173,7 @@ class SwarmView:
 
         return cost
 
-    async def chain(self, spec: str, *, exclude: set[str] = frozenset(), model_id: str = "", first: int = 0,
+    async def chain(self, spec: str, *, exclude: AbstractSet[str] = frozenset(), model_id: str = "", first: int = 0,
                     end: int | None = None, max_age: float = FRESH_S) -> tuple[list[Hop] | None, list[Considered]]:
         """The cheapest chain of shard peers computing blocks [first, end) of ``spec`` (of
         ``model_id`` once known; else of the model id for which the chain is cheapest)."""

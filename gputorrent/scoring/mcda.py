@@ -1,7 +1,8 @@
 """Multi-criteria scoring of candidate peers: pure and deterministic given inputs and a seed.
 
 Each criterion is normalized across the candidates to [0, 1] as a ratio to a reference
-candidate (see ``normalize``; RTT inverted), combined with weights that sum to 1, then multiplied by the peer's reputation.
+candidate (see ``normalize``; RTT inverted), combined with weights that sum to 1, then multiplied
+by the peer's reputation.
 The choice is random among the top few, weighted by score, so that many requesters with the
 same view of the swarm do not all herd onto the one best peer.
 """

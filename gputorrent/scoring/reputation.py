@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .breaker import Breaker
 
@@ -140,7 +140,11 @@ class ReputationStore:
     def flush(self) -> None:
         """Wait until every change made so far is on disk (tests, and before a process exits)."""
         done = threading.Event()
-        self._writes.put(("", 0.0, lambda r: (done.set(), r)[1]))
+        def mark_done(r: Any) -> Any:
+            done.set()
+            return r
+
+        self._writes.put(("", 0.0, mark_done))
         done.wait(10)
 
     def _write_loop(self) -> None:

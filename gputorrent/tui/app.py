@@ -18,7 +18,16 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Input, RichLog, Static
 
-from ..api import AskFailed, BreakerChanged, Failover, Finished, PeerLeft, PeerSeen, PeerStatus, Text
+from ..api import (
+    AskFailed,
+    BreakerChanged,
+    Failover,
+    Finished,
+    PeerLeft,
+    PeerSeen,
+    PeerStatus,
+    Text,
+)
 from ..api.rows import breaker, cells, short_id
 
 REPAINT_S = 0.1
@@ -128,7 +137,7 @@ class SwarmApp(App):
     async def connect(self) -> None:
         try:
             await self.swarm.__aenter__()
-        except Exception as exc:  # shown, not raised: the app stays up to say what went wrong
+        except Exception as exc:  # noqa: BLE001 (shown, not raised: the app stays up to say what went wrong)
             self.log_line(f"[red]could not join the swarm:[/] {escape(str(exc))}")
             self.query_one("#totals", Static).update(escape(f"not connected: {exc}"))
             return
@@ -198,7 +207,7 @@ class SwarmApp(App):
         if table.row_count == 0:
             return None
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        return self.peers.get(key)
+        return self.peers.get(key) if key is not None else None
 
     def _show_detail(self) -> None:
         p = self._selected()

@@ -1,0 +1,79 @@
+"""The ``gputorrent`` command: one module per subcommand, each holding its flags, their checks
+and its handler (``register`` and ``run``).
+
+Each command imports what it needs when it runs: ``import libp2p`` alone costs ~0.8 s and
+llama.cpp more, and ``gputorrent id`` or ``--help`` should not pay for them.
+Exit codes: 0 done, 1 the work failed (the message says what to do), 2 bad usage (before any
+work), 130 Ctrl-C, 141 stdout closed early (``| head``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import __version__
+from . import (
+    ask,
+    bootstrap,
+    completion,
+    gateway,
+    keys,
+    models,
+    peerid,
+    peers,
+    serve,
+    status,
+    tui,
+)
+from .common import GputorrentError, Parents, Parser, UsageError, err
+
+COMMANDS = (peerid, models, keys, serve, bootstrap, peers, status, tui, gateway, ask, completion)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="gputorrent",
+        description="Torrent-style volunteer compute for language models: donate a GPU or CPU with "
+                    "'serve', ask the swarm with 'ask'.",
+        epilog="Quick start:\n  gputorrent models pull smollm2\n  gputorrent serve --model smollm2 "
+               "--ready-file /tmp/peer.json\n  gputorrent ask \"What is the capital of France?\" "
+               "--peer /ip4/127.0.0.1/tcp/PORT/p2p/PEER_ID\n\nRun 'gputorrent COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"gputorrent {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    parents = Parents()
+    for command in COMMANDS:
+        command.register(sub, parents)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from ..config import ConfigError
+
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be told apart from a failure
+        return code
+    except (UsageError, ConfigError) as exc:
+        err(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `gputorrent models info x | head`: the reader left; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (GputorrentError, ValueError, OSError) as exc:
+        err(str(exc))
+        return 1
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,205 @@
+"""What every command shares: output, settings, identities, the swarm flags and progress bars.
+
+Heavy modules (libp2p ~0.8 s, llama.cpp more) are imported inside the functions that need
+them, so ``--help`` and ``gputorrent id`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import Settings, load_settings
+from ..errors import GputorrentError
+from . import types
+
+if TYPE_CHECKING:
+    from ..api import Swarm
+    from ..identity import Identity
+    from ..peer.node import NodeOptions
+
+
+class UsageError(GputorrentError):
+    """Bad flags or parameters; exit code 2."""
+
+
+def out(obj: Any) -> None:
+    """One JSON document on stdout, for scripts."""
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def err(msg: str) -> None:
+    print(f"gputorrent: error: {msg}", file=sys.stderr)
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """Settings with this command's flags over the config file and environment."""
+    return load_settings().with_overrides(
+        identity=getattr(args, "identity", None), bootstrap=getattr(args, "bootstrap", None) or None,
+        mdns=False if getattr(args, "no_mdns", False) else None, swarm_key=getattr(args, "swarm_key", None))
+
+
+def identity_of(args: argparse.Namespace, *, requester: bool = False) -> Identity:
+    from ..identity import Identity
+
+    settings = settings_of(args)
+    return Identity.load_or_create(settings.requester_identity_path if requester else settings.identity_path)
+
+
+def check_findable(settings: Settings, peers: Any = ()) -> None:
+    """A requester needs some way to find the swarm; say which flag gives one."""
+    if not peers and not settings.bootstrap and not settings.mdns:
+        raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
+                         "or leave mDNS on to find peers on this network")
+
+
+def swarm_of(args: argparse.Namespace, **kw: Any) -> Swarm:
+    """The API's Swarm with this command's swarm flags (bootstrap, mDNS, swarm key, identity)."""
+    from ..api import Swarm
+
+    settings = settings_of(args)
+    check_findable(settings, kw.get("peers"))
+    return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=identity_of(args, requester=True),
+                 swarm_key=settings.swarm_key, **kw)
+
+
+def node_options(args: argparse.Namespace, settings: Settings) -> NodeOptions:
+    """Options of a node that listens (serve, bootstrap); a taken port fails here, before any work."""
+    from ..peer.node import NodeOptions
+
+    interval = getattr(args, "announce_interval", None) or 30.0
+    ttl = getattr(args, "advert_ttl", None) or max(120.0, 4 * interval)
+    if ttl <= interval:
+        raise UsageError("--advert-ttl must be longer than --announce-interval")
+    listen = args.listen or [settings.listen]
+    check_listen(listen)
+    return NodeOptions(listen=listen, bootstrap=list(settings.bootstrap), mdns=settings.mdns,
+                       ready_file=args.ready_file, announce_interval=interval, advert_ttl=ttl,
+                       psk=_psk(settings))
+
+
+def check_listen(addrs: list[str]) -> None:
+    """Each ``--listen`` address parses, and its port is free. py-libp2p listens with
+    SO_REUSEPORT, so a second serve on a taken port would bind too and the two would steal
+    each other's connections; a plain bind here fails on a taken port instead."""
+    import socket
+
+    for addr in addrs:
+        try:
+            types.listen_addr(addr)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--listen: {exc}") from None
+        parts = addr.strip("/").split("/")
+        host, port = parts[1], int(parts[3])
+        if port == 0:
+            continue
+        family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {host} port {port}: {exc.strerror or exc} (is another gputorrent "
+                                 f"serve running there?); pick another port, or tcp/0 for any free one") from None
+
+
+def _psk(settings: Settings) -> str | None:
+    from ..swarmkey import load
+
+    return load(settings.swarm_key) if settings.swarm_key else None
+
+
+def console(*, stderr: bool = True) -> Any:
+    """A rich console: stderr for progress; stdout, when a pipe or a file, wide enough that no
+    column is cut."""
+    from rich.console import Console
+
+    if stderr:
+        return Console(stderr=True)
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+class ByteBar:
+    """A rich progress bar over bytes on stderr, shown only once there is progress to show
+    (a cached model or a cached model id print nothing); none at all when ``quiet``."""
+
+    def __init__(self, description: str, *, quiet: bool = False) -> None:
+        self.description = description
+        self.quiet = quiet
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self._bar is None:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), console=console())
+            self._task = self._bar.add_task(self.description, total=total)
+            self._bar.start()
+        self._bar.update(self._task, completed=done, total=total)
+
+    def __enter__(self) -> ByteBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "[default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), pointing at the command's ``--help``."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
+class Parents:
+    """The flag groups commands share: ``identity`` (a key file) and ``swarm`` (how to join)."""
+
+    def __init__(self) -> None:
+        self.identity = argparse.ArgumentParser(add_help=False)
+        self.identity.add_argument(
+            "--identity", type=types.key_file, metavar="PATH",
+            help="Ed25519 key file (created 0600 on first use). Default, in the user data dir: identity.key for "
+                 "serve and bootstrap, requester.key for the rest, so serving and asking on one machine are two peers")
+        self.swarm = argparse.ArgumentParser(add_help=False, parents=[self.identity])
+        self.swarm.add_argument("--bootstrap", action="append", metavar="MULTIADDR", type=types.peer_addr,
+                                help="a peer to join the swarm by (repeatable; also GPUTORRENT_BOOTSTRAP, or "
+                                     "bootstrap = [...] in config.toml)")
+        self.swarm.add_argument("--no-mdns", action="store_true", help="do not look for peers on the local network")
+        self.swarm.add_argument("--swarm-key", type=types.existing_file, metavar="FILE",
+                                help="join the private swarm of this key (peers without it cannot connect); "
+                                     "make one with: gputorrent keys new-swarm-key")
+
+
+def listening(sp: argparse.ArgumentParser) -> None:
+    """The flags of a command that listens for peers."""
+    sp.add_argument("--listen", action="append", metavar="MULTIADDR", type=types.listen_addr,
+                    help="address to listen on (repeatable); /ip4/0.0.0.0/tcp/4001 accepts other machines "
+                         "[default: /ip4/127.0.0.1/tcp/0]")
+    sp.add_argument("--ready-file", type=Path, metavar="PATH",
+                    help="write {peer_id, addrs, …} as JSON here once ready; removed on stop")

@@ -1,0 +1,258 @@
+"""``gputorrent models``: fetch, name, list and inspect GGUF models."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import Settings
+from . import types
+from .common import ByteBar, Help, Parents, UsageError, note, out, settings_of, swarm_of
+
+if TYPE_CHECKING:
+    from ..dht.records import Device
+    from ..models import ModelInfo
+
+
+def register(sub: Any, parents: Parents) -> None:
+    m = sub.add_parser("models", help="fetch, name and inspect GGUF models",
+                       description="Fetch, name, list and inspect GGUF models.")
+    msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+
+    s = msub.add_parser("pull", help="fetch a model: a known one (smollm2), from Hugging Face, or a URL",
+                        description="Fetch a model into the user cache and verify its sha256: a known alias "
+                                    "(smollm2), hf://OWNER/REPO/FILE.gguf[@REVISION] (HF_ENDPOINT and HF_TOKEN "
+                                    "are honoured) or an https:// URL of a .gguf. A cut-off download resumes. "
+                                    "Does nothing when the file is already there.",
+                        epilog="examples:\n  gputorrent models pull smollm2\n"
+                               "  gputorrent models pull hf://bartowski/Llama-3.2-1B-Instruct-GGUF/"
+                               "Llama-3.2-1B-Instruct-Q4_K_M.gguf --alias llama3.2-1b\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("model", metavar="MODEL", help="alias, hf://OWNER/REPO/FILE.gguf or https://…/FILE.gguf")
+    s.add_argument("--alias", metavar="NAME", help="name a pulled file for --model and requests [default: from it]")
+    s.add_argument("--sha256", metavar="HEX", help="the file's expected sha256, where the source publishes none")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=pull)
+
+    s = msub.add_parser("add", help="name a GGUF file of your own, to serve it by that name",
+                        description="Name a local GGUF file: it is read and hashed once (its model id), and from "
+                                    "then on 'serve --model NAME' serves it and requests may ask for NAME. The file "
+                                    "stays where it is.",
+                        epilog="example:\n  gputorrent models add ~/Downloads/my-model-Q4_K_M.gguf --alias mine\n"
+                               "  gputorrent serve --model mine\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("path", type=types.existing_file, metavar="PATH.gguf")
+    s.add_argument("--alias", metavar="NAME", help="the name [default: the model's own, e.g. llama-3.2-1b-q4_k_m]")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=add)
+
+    s = msub.add_parser("remove", help="forget a name given with 'models add' (the file stays)")
+    s.add_argument("alias", metavar="NAME")
+    s.set_defaults(func=remove)
+
+    s = msub.add_parser("list", parents=[parents.swarm], help="list models here (or in the swarm)")
+    s.add_argument("--swarm", action="store_true", help="list the models peers announce, with how many serve each")
+    s.add_argument("--json", action="store_true", help="print as JSON")
+    s.set_defaults(func=list_models)
+
+    s = msub.add_parser("info", help="show a GGUF's metadata, model id and memory need",
+                        description="Show architecture, blocks, context, quantization, size, the model id "
+                                    "(sha256 of the file) and the memory serving it needs (weights + KV cache "
+                                    "for the context and slots + buffers). Given a directory of quantizations, "
+                                    "show which one 'serve' would choose here.", formatter_class=Help)
+    s.add_argument("model", help="alias (smollm2, or one you added), path to a .gguf file, or a directory of "
+                                 "quantizations")
+    s.add_argument("--ctx", type=types.int_range(16, 1 << 20), default=2048,
+                   help="context window per slot, as for serve")
+    s.add_argument("--slots", type=types.int_range(1, 64), default=4, help="slots, as for serve")
+    s.add_argument("--max-vram-mb", type=types.int_range(1), metavar="MB",
+                   help="memory offered, as for serve [default: all free]")
+    s.add_argument("--json", action="store_true", help="print as JSON")
+    s.set_defaults(func=info)
+
+
+def pull(args: argparse.Namespace) -> int:
+    from ..models import CATALOG
+    from ..models import pull as pull_catalog
+    from ..models.hub import is_remote, pull_remote
+
+    settings = settings_of(args)
+    if not is_remote(args.model) and args.model.lower() in CATALOG:
+        if args.alias:
+            raise UsageError(f"{args.model} is a known model with its own name; --alias is for other files")
+        with ByteBar(f"fetching {args.model}", quiet=args.json) as progress:
+            path, fetched = pull_catalog(args.model, settings.models_dir, progress=progress)
+        result = {"alias": args.model.lower(), "path": str(path), "fetched": fetched, "verified": True}
+    else:
+        if not is_remote(args.model):
+            pull_catalog(args.model, settings.models_dir)  # raises the "unknown model" error with its hints
+        got = pull_remote(args.model, settings.models_dir, sha256=args.sha256, quiet=args.json)
+        model = _add(settings, got.path, args.alias, quiet=args.json)
+        result = {"alias": model.alias, "path": str(got.path), "fetched": got.fetched, "verified": got.verified,
+                  "sha256": got.sha256, "model_id": model.model_id}
+        if not got.verified:
+            note(f"warning: {args.model} publishes no sha256, so the download could not be verified; give "
+                 "--sha256 HEX to check it")
+    if args.json:
+        out(result)
+    else:
+        print(f"{result['alias']}: {'fetched and verified' if result['fetched'] else 'already here'}: "
+              f"{result['path']}")
+    return 0
+
+
+def _add(settings: Settings, path: Path, alias: str | None, *, quiet: bool = False) -> ModelInfo:
+    from dataclasses import replace
+
+    from ..models import read_info
+    from ..models.local import add_alias, check_alias
+
+    with ByteBar("hashing model (once per file)", quiet=quiet) as progress:
+        model = read_info(path, settings.cache_dir, progress=progress)
+    name = check_alias(alias.lower() if alias else model.alias)
+    add_alias(settings.models_dir, name, path, model.model_id)
+    return replace(model, label=name)
+
+
+def add(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    if args.path.suffix.lower() != ".gguf":
+        raise UsageError(f"{args.path} is not a .gguf file; gputorrent serves GGUF models")
+    model = _add(settings, args.path, args.alias, quiet=args.json)
+    if args.json:
+        out(model.to_dict())
+    else:
+        print(f"{model.alias}: {model.architecture}, {model.blocks} blocks, {model.quantization}, "
+              f"model id {model.short_id}")
+        note(f"serve it with: gputorrent serve --model {model.alias}")
+    return 0
+
+
+def remove(args: argparse.Namespace) -> int:
+    from ..models.local import remove_alias
+
+    remove_alias(settings_of(args).models_dir, args.alias)
+    note(f"{args.alias}: forgotten (the file was left where it is)")
+    return 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    from ..models import CATALOG, local_models
+    from ..models.local import load_aliases
+
+    if args.swarm:
+        return _in_swarm(args)
+    settings = settings_of(args)
+    added = load_aliases(settings.models_dir)
+    named = {e["path"] for e in added.values()}
+    rows: list[dict] = []
+    for path in local_models(settings.models_dir):
+        if str(path.resolve()) not in named:
+            alias = next((e.alias for e in CATALOG.values() if e.filename == path.name), "")
+            rows.append({"alias": alias, "path": str(path), "size_bytes": path.stat().st_size})
+    rows += [{"alias": alias, "path": e["path"], "size_bytes": e.get("size_bytes", 0),
+              "model_id": e.get("model_id", "")} for alias, e in sorted(added.items())]
+    if args.json:
+        out(rows)
+        return 0
+    if not rows:
+        note(f"no models in {settings.models_dir}; run: gputorrent models pull smollm2 (or models add PATH.gguf)")
+        return 0
+    for r in rows:
+        print(f"{r['alias'] or '-':16} {r['size_bytes'] / 1e6:8.1f} MB  {r['path']}")
+    return 0
+
+
+def _in_swarm(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..peer.chain import coverage
+
+    async def run() -> list:
+        async with swarm_of(args) as swarm:
+            return await swarm.peers()
+
+    by_id: dict[str, dict] = {}
+    adverts = [peer.advert for peer in trio.run(run)]
+    for ad in adverts:
+        for m in ad.models:
+            row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id,
+                                                "quantization": m.quantization, "peers": 0, "whole": 0,
+                                                "total_blocks": m.total_blocks})
+            row["peers"] += 1
+            row["whole"] += m.whole
+    for row in by_id.values():  # shards: is every block held by someone (a chain can answer)?
+        counts = coverage(adverts, row["model_id"], row["total_blocks"])
+        row["fewest_copies_per_block"] = min(counts, default=0)
+        row["covered"] = bool(counts) and min(counts) > 0
+    rows = sorted(by_id.values(), key=lambda r: -r["peers"])
+    if args.json:
+        out(rows)
+        return 0
+    if not rows:
+        note("no models announced in the swarm yet")
+    for r in rows:
+        shards = r["peers"] - r["whole"]
+        how = (f"{r['whole']} whole" + (f", {shards} shard peer(s)" if shards else "") +
+               ("" if r["covered"] else f"; NOT fully covered (blocks missing of {r['total_blocks']})") +
+               (f"; every block held {r['fewest_copies_per_block']}x or more" if shards and r["covered"] else ""))
+        print(f"{r['alias']:12} {r['model_id'][:12]}  {r['quantization']:8} {r['peers']} peer(s): {how}")
+    return 0
+
+
+def pick(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int, *, alias: str | None = None,
+         quiet: bool = False) -> tuple[ModelInfo, Any]:
+    from ..peer.serve import pick_model
+
+    with ByteBar("hashing model (once per file)", quiet=quiet) as progress:
+        return pick_model(spec, settings.models_dir, settings.cache_dir, offered_mb, n_ctx, slots, progress,
+                          alias=alias)
+
+
+def offered(max_vram_mb: int | None) -> tuple[Device, int]:
+    from ..peer.device import detect_device, offered_memory_mb
+
+    device = detect_device(max_vram_mb)
+    return device, offered_memory_mb(device, max_vram_mb)
+
+
+def describe_choice(choice: Any) -> list[str]:
+    from ..models.quant import tier
+
+    lines = [f"{'':2}{'quantization':13} {'tier':>4} {'file MB':>8} {'needs MB':>8}  file"]
+    for c, est in sorted(choice.candidates, key=lambda ce: -ce[1].total_mb):
+        mark = "*" if c.path == choice.chosen.path else " "
+        lines.append(f"{mark:2}{c.quantization:13} {tier(c.quantization):>4} {est.weights_mb:>8} {est.total_mb:>8}  "
+                     f"{Path(c.path).name}")
+    lines.append(f"* chosen: the best quality that fits the {choice.offered_mb} MB offered")
+    return lines
+
+
+def info(args: argparse.Namespace) -> int:
+    from ..models.quant import estimate_memory
+
+    settings = settings_of(args)
+    device, offered_mb = offered(args.max_vram_mb)
+    model, choice = pick(args.model, settings, offered_mb, args.ctx, args.slots, quiet=args.json)
+    est = estimate_memory(model, args.ctx, args.slots)
+    memory = {"weights_mb": est.weights_mb, "kv_cache_mb": est.kv_cache_mb, "buffers_mb": est.buffers_mb,
+              "total_mb": est.total_mb, "ctx": args.ctx, "slots": args.slots, "offered_mb": offered_mb,
+              "device": device.kind}
+    if args.json:
+        result = model.to_dict() | {"memory": memory}
+        if choice:
+            result["candidates"] = [{"path": c.path, "quantization": c.quantization, "needs_mb": e.total_mb,
+                                     "fits": e.total_mb <= offered_mb} for c, e in choice.candidates]
+        out(result)
+        return 0
+    if choice:
+        print("\n".join(describe_choice(choice)) + "\n")
+    d = model.to_dict()
+    for key in ("alias", "name", "architecture", "blocks", "context_length", "embedding_length", "head_count",
+                "head_count_kv", "vocab_size", "quantization", "size_bytes", "has_chat_template", "model_id", "path"):
+        print(f"{key:18} {d[key]}")
+    print(f"{'memory':18} {est.total_mb} MB to serve {args.slots} slots of {args.ctx} tokens: weights "
+          f"{est.weights_mb} + KV cache {est.kv_cache_mb} + buffers {est.buffers_mb} "
+          f"({offered_mb} MB offered by this {device.kind})")
+    return 0

@@ -1,0 +1,91 @@
+"""``gputorrent peers``: the swarm's peers, from their signed adverts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from . import types
+from .common import Parents, console, note, settings_of, swarm_of
+
+
+def register(sub: Any, parents: Parents) -> None:
+    s = sub.add_parser("peers", parents=[parents.swarm], help="list the peers of the swarm",
+                       description="List the peers the DHT knows, from their signed adverts: device, VRAM, "
+                                   "models, load, tokens/s and the age of each advert.")
+    s.add_argument("--model", help="only peers serving this model (alias or model id)")
+    s.add_argument("--json", action="store_true",
+                   help="print the verified adverts as JSON (with --watch: one JSON array per line, per refresh)")
+    s.add_argument("--watch", action="store_true", help="keep the table up to date until Ctrl-C")
+    s.add_argument("--no-ping", action="store_true", help="do not ping each peer for its RTT (no dials)")
+    s.add_argument("--interval", type=types.positive_float, default=2.0,
+                   help="seconds between refreshes with --watch")
+    s.add_argument("--reset", action="append", metavar="PEER_ID", type=types.peer_id,
+                   help="close PEER_ID's circuit breaker (and lift a ban); repeatable; no network needed")
+    s.add_argument("--ban", action="append", metavar="PEER_ID", type=types.peer_id,
+                   help="never choose PEER_ID again (until --reset)")
+    s.set_defaults(func=run)
+
+
+def _table(peers: list, model: str | None) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..api.rows import COLUMNS, cells
+
+    table = Table(title=f"{len(peers)} peers" + (f" serving {model}" if model else ""))
+    for col in (*COLUMNS, "advert age"):
+        table.add_column(col)
+    now = time.time()
+    for p in peers:
+        age = now - p.advert.issued_at
+        # Text, not str: names come from other peers' adverts and must not be read as markup.
+        table.add_row(*(Text(v) for v in cells(p).values()), f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    if args.reset or args.ban:
+        from ..scoring.reputation import ReputationStore
+
+        store = ReputationStore(settings_of(args).data_dir / "reputation.sqlite")
+        try:
+            for pid in args.reset or []:
+                store.reset(pid)
+                note(f"{pid}: breaker reset (and unbanned)")
+            for pid in args.ban or []:
+                store.ban(pid)
+                note(f"{pid}: banned (its breaker stays open until peers --reset)")
+        finally:
+            store.close()
+        return 0
+
+    async def once(swarm: Any) -> list:
+        return await swarm.peers(args.model, ping=not args.no_ping)
+
+    async def main() -> None:
+        async with swarm_of(args) as swarm:
+            if not args.watch:
+                peers = await once(swarm)
+                if args.json:
+                    print(json.dumps([p.to_dict() for p in peers]))
+                else:
+                    console(stderr=False).print(_table(peers, args.model))
+                return
+            if args.json:
+                while True:
+                    print(json.dumps([p.to_dict() for p in await once(swarm)]), flush=True)
+                    await trio.sleep(args.interval)
+            from rich.live import Live
+
+            with Live(_table([], args.model), console=console(stderr=False), auto_refresh=False) as live:
+                while True:
+                    live.update(_table(await once(swarm), args.model), refresh=True)
+                    await trio.sleep(args.interval)
+
+    trio.run(main)
+    return 0
