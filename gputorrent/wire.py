@@ -21,6 +21,7 @@ from msgspec import Meta
 
 from .errors import GputorrentError
 from .identity import Identity, Verifier
+from .limits import MAX_TOKENS
 
 MAX_FRAME = 1 << 20
 _LEN = struct.Struct(">I")
@@ -29,8 +30,6 @@ _DOMAIN = b"gputorrent/frame/1\0"
 
 # --- requests (requester -> server) ------------------------------------------------------
 
-# 128k: a failover resume carries every token so far (5 bytes each at most) in one 1 MiB frame.
-MAX_TOKENS = 1 << 17
 MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
 Temperature = Annotated[float, Meta(ge=0.0, le=5.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]

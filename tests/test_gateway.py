@@ -162,3 +162,22 @@ def test_absurd_requests_are_refused_and_the_gateway_keeps_serving(gateways, oa)
     r = oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
                                    temperature=0, max_tokens=8)
     assert "Paris" in r.choices[0].message.content
+
+
+def test_metrics_of_the_requester_side(gateways, oa):
+    """The gateway's /metrics, read by Prometheus' own parser after answers and refusals."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=-3)
+    text = httpx.get(gateways["open"] + "/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("gputorrent_gateway_requests_total", (("outcome", "ok"),))] >= 1
+    assert samples[("gputorrent_gateway_requests_total", (("outcome", "bad_request"),))] >= 1
+    assert samples[("gputorrent_gateway_peer_choice_seconds_count", ())] >= 1
+    assert samples[("gputorrent_gateway_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("gputorrent_gateway_attempts_count", ())] >= 1
+    locked = httpx.get(gateways["locked"] + "/metrics", timeout=10)
+    assert locked.status_code == 401  # behind the API key, like every other route

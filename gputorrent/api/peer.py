@@ -16,6 +16,7 @@ import trio
 
 from ..config import load_settings
 from ..identity import Identity
+from ..limits import check_options
 from ..models import CATALOG, ModelError, ModelInfo, pull
 from ..peer.device import detect_device, offered_memory_mb
 from ..peer.node import NodeOptions
@@ -34,9 +35,7 @@ class Peer(Hosted):
                  max_vram_mb: int | None = None, n_gpu_layers: int | None = None,
                  allow: Sequence[str] | None = None, rate_limit: int = 120,
                  announce_interval: float = 30.0) -> None:
-        if not 1 <= slots <= 64 or queue < 0 or ctx < 16 or rate_limit < 0 or announce_interval <= 0:
-            raise ValueError("slots must be 1-64, queue and rate_limit 0 or more, ctx 16 or more, "
-                             "announce_interval positive")
+        check_options(slots=slots, queue=queue, ctx=ctx, rate_limit=rate_limit, announce_interval=announce_interval)
         self._settings = load_settings().with_overrides(
             bootstrap=list(bootstrap) if bootstrap else None, mdns=mdns,
             identity=None if isinstance(identity, Identity) else identity, swarm_key=swarm_key)

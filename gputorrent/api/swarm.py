@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +168,27 @@ _SAME_ID = ("this requester has the same peer id ({}) as a peer it would ask, so
             "requester or that peer another --identity (by default they use different keys)")
 
 
+async def answer_of(events: AsyncGenerator[StreamEvent, None],
+                    on_text: Callable[[Text], None] | None = None) -> Answer:
+    """Consume a stream to its ``Answer``, handing each ``Text`` to ``on_text``. A stream that
+    ends without ``Finished`` (it cannot, unless a bug cuts it) is an ``AskFailed``."""
+    async with aclosing(events):
+        async for ev in events:
+            if isinstance(ev, Text) and on_text is not None:
+                on_text(ev)
+            elif isinstance(ev, Finished):
+                return ev.answer
+    raise AskFailed("the answer ended without a receipt", [])
+
+
+def check_findable(settings: Settings, direct: Sequence[str] = ()) -> None:
+    """A requester needs some way to find the swarm (``SwarmError`` says which)."""
+    if not direct and not settings.bootstrap and not settings.mdns:
+        raise SwarmError("no way to find the swarm: give a peer to join by (--bootstrap MULTIADDR, "
+                         "bootstrap=[...] in the API, or GPUTORRENT_BOOTSTRAP), or leave mDNS on to find peers "
+                         "on this network")
+
+
 class _Core:
     """The trio side. One per ``Swarm``; every method runs in trio."""
 
@@ -201,9 +222,7 @@ class _Core:
         from ..swarmkey import load
 
         s = self.settings
-        if not self.direct and not s.bootstrap and not s.mdns:
-            raise SwarmError("no way to find the swarm: give bootstrap=[MULTIADDR] (or GPUTORRENT_BOOTSTRAP), "
-                             "or leave mDNS on to find peers on this network")
+        check_findable(s, self.direct)
         mine = [a for a in [*s.bootstrap, *self.direct] if a.rstrip("/").endswith("/p2p/" + self.identity.peer_id)]
         if mine:
             raise SwarmError(_SAME_ID.format(self.identity.peer_id) + f" ({mine[0]})")
@@ -478,11 +497,7 @@ class _Core:
         return check
 
     async def generate(self, prompt: str | Sequence[Any] | None = None, **kw: Any) -> Answer:
-        async with aclosing(self.stream(prompt, **kw)) as events:
-            async for ev in events:
-                if isinstance(ev, Finished):
-                    return ev.answer
-        raise AskFailed("the answer ended without a receipt", [])
+        return await answer_of(self.stream(prompt, **kw))
 
 
 def _uncovered(model: str, adverts: list[Advert]) -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..wire import MAX_TOKENS
+from ..limits import MAX_TOKENS
 from . import types
 from .common import Help, Parents, UsageError, out, swarm_of
 
@@ -79,8 +79,8 @@ def describe_check(check: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from ..api import Finished, Text
-    from ..api.swarm import params_from
+    from ..api import Text
+    from ..api.swarm import answer_of, params_from
     from ..peer.asker import AskFailed
     from ..peer.choose import explain
     from ..scoring import Weights
@@ -113,14 +113,13 @@ def run(args: argparse.Namespace) -> int:
                     print(explain_chain(plan.chain), file=sys.stderr)
                 elif args.explain:
                     print(explain(plan.considered, plan.order[0].peer_id, weights, args.choose_top), file=sys.stderr)
-            async for ev in swarm.stream(prompt, model=args.model, system=args.system, raw=args.raw, plan=plan,
-                                         verify=args.verify, spot_check=args.spot_check, **gen):
-                if isinstance(ev, Text) and streamed:
-                    sys.stdout.write(ev.text)
-                    sys.stdout.flush()
-                elif isinstance(ev, Finished):
-                    return ev.answer
-        raise AskFailed("the answer ended without a receipt", [])
+            events = swarm.stream(prompt, model=args.model, system=args.system, raw=args.raw, plan=plan,
+                                  verify=args.verify, spot_check=args.spot_check, **gen)
+            return await answer_of(events, write if streamed else None)
+
+    def write(piece: Text) -> None:
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
 
     try:
         answer = trio.run(main)

@@ -53,19 +53,16 @@ def identity_of(args: argparse.Namespace, *, requester: bool = False) -> Identit
     return Identity.load_or_create(settings.requester_identity_path if requester else settings.identity_path)
 
 
-def check_findable(settings: Settings, peers: Any = ()) -> None:
-    """A requester needs some way to find the swarm; say which flag gives one."""
-    if not peers and not settings.bootstrap and not settings.mdns:
-        raise UsageError("no way to find the swarm: give --bootstrap MULTIADDR (or GPUTORRENT_BOOTSTRAP), "
-                         "or leave mDNS on to find peers on this network")
-
-
 def swarm_of(args: argparse.Namespace, **kw: Any) -> Swarm:
     """The API's Swarm with this command's swarm flags (bootstrap, mDNS, swarm key, identity)."""
-    from ..api import Swarm
+    from ..api import Swarm, SwarmError
+    from ..api.swarm import check_findable
 
     settings = settings_of(args)
-    check_findable(settings, kw.get("peers"))
+    try:
+        check_findable(settings, kw.get("peers") or ())
+    except SwarmError as exc:
+        raise UsageError(str(exc)) from None
     return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=identity_of(args, requester=True),
                  swarm_key=settings.swarm_key, **kw)
 

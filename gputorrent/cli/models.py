@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from . import types
-from .common import ByteBar, Help, Parents, UsageError, note, out, settings_of, swarm_of
+from .common import ByteBar, Help, Parents, UsageError, console, note, out, settings_of, swarm_of
 
 if TYPE_CHECKING:
     from ..dht.records import Device
@@ -159,9 +159,21 @@ def list_models(args: argparse.Namespace) -> int:
     if not rows:
         note(f"no models in {settings.models_dir}; run: gputorrent models pull smollm2 (or models add PATH.gguf)")
         return 0
+    table = _table(("alias", "MB", "path"), justify={"MB": "right"})
     for r in rows:
-        print(f"{r['alias'] or '-':16} {r['size_bytes'] / 1e6:8.1f} MB  {r['path']}")
+        table.add_row(r["alias"] or "-", f"{r['size_bytes'] / 1e6:.1f}", r["path"])
+    console(stderr=False).print(table)
     return 0
+
+
+def _table(columns: tuple[str, ...], justify: dict[str, str] | None = None) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in columns:
+        table.add_column(col, justify=(justify or {}).get(col, "left"), overflow="fold")  # type: ignore[arg-type]
+    return table
 
 
 def _in_swarm(args: argparse.Namespace) -> int:
@@ -192,12 +204,18 @@ def _in_swarm(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         note("no models announced in the swarm yet")
+        return 0
+    from rich.text import Text
+
+    table = _table(("alias", "model id", "quant", "peers", "served"), justify={"peers": "right"})
     for r in rows:
         shards = r["peers"] - r["whole"]
         how = (f"{r['whole']} whole" + (f", {shards} shard peer(s)" if shards else "") +
                ("" if r["covered"] else f"; NOT fully covered (blocks missing of {r['total_blocks']})") +
                (f"; every block held {r['fewest_copies_per_block']}x or more" if shards and r["covered"] else ""))
-        print(f"{r['alias']:12} {r['model_id'][:12]}  {r['quantization']:8} {r['peers']} peer(s): {how}")
+        # Text, not str: aliases come from other peers' adverts and must not be read as markup.
+        table.add_row(Text(r["alias"]), r["model_id"][:12], Text(r["quantization"]), str(r["peers"]), how)
+    console(stderr=False).print(table)
     return 0
 
 

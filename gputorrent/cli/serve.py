@@ -7,6 +7,7 @@ import sys
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ..limits import MAX_CTX, MAX_SLOTS, MIN_CTX
 from . import types
 from .common import (
     ByteBar,
@@ -45,11 +46,12 @@ def register(sub: Any, parents: Parents) -> None:
     s.add_argument("--announce-interval", type=types.positive_float, default=30.0, help="seconds between adverts")
     s.add_argument("--advert-ttl", type=types.positive_float,
                    help="seconds an advert stays valid [default: max(120, 4 x interval)]")
-    s.add_argument("--slots", type=types.int_range(1, 64), default=4,
+    s.add_argument("--slots", type=types.int_range(1, MAX_SLOTS), default=4,
                    help="answers generated at once (continuous batching)")
     s.add_argument("--queue", type=types.int_range(0, 4096), default=8,
                    help="requests waiting beyond the slots before 'busy'")
-    s.add_argument("--ctx", type=types.int_range(16, 1 << 20), default=2048, help="context window per slot, in tokens")
+    s.add_argument("--ctx", type=types.int_range(MIN_CTX, MAX_CTX), default=2048,
+                   help="context window per slot, in tokens")
     s.add_argument("--threads", type=types.int_range(1, 256), help="decode threads [default: all usable cores]")
     s.add_argument("--batch-threads", type=types.int_range(1, 256), metavar="N",
                    help="threads for prompts and batched steps [default: --threads]; e.g. --threads 1 "

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..api import AskFailed, Failover, Finished, Swarm, Text
-from ..api.swarm import params_from
+from ..api.swarm import answer_of, params_from
 from ..metrics import RequesterMetrics, exposition
 
 STATUS = {"no_peers": 503, "unavailable": 503, "failed": 503, "unknown_model": 404, "busy": 429}
@@ -149,13 +149,9 @@ class _Started:
                 raise
 
     async def collect(self) -> tuple[str, Any]:
-        text = []
-        async for ev in self:
-            if isinstance(ev, Text):
-                text.append(ev.text)
-            elif isinstance(ev, Finished):
-                return "".join(text), ev.answer
-        raise AskFailed("the answer ended without a receipt", [])
+        text: list[str] = []
+        answer = await answer_of(self.__aiter__(), lambda t: text.append(t.text))
+        return "".join(text), answer
 
 
 async def _start(swarm: Swarm, metrics: RequesterMetrics, prompt: Any, **kw: Any) -> _Started:
