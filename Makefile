@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 GT := $(VENV)/bin/gputorrent
 PYTEST_ARGS ?=
 
-.PHONY: install model demo lint test bench clean
+.PHONY: install model demo lint test bench bench-anchor clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: model
 	$(PY) benchmarks/fuzz.py
 	$(PY) benchmarks/shards.py
 	$(PY) benchmarks/simulate.py --sizes 1000,10000
+
+# The mesh beside llama.cpp's own server; builds llama-server once (~12 min on 2 cores).
+bench-anchor: model
+	$(PY) benchmarks/anchor.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -246,6 +246,7 @@ class _Core:
                 self.view = SwarmView(self.host, self.node, self.store, weights=self.weights, rng=self.rng,
                                       top=self.choose_top, scope=_join_scope(s.bootstrap))
                 self._nursery.start_soon(self.view.refresh_forever)
+                self._nursery.start_soon(self.view.ping_forever)
         except BaseException:
             await stack.aclose()
             raise

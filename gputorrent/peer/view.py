@@ -34,6 +34,8 @@ REFRESH_S = 10.0  # how often models in use are looked up again in the backgroun
 IN_USE_S = 300.0  # a model asked for within this long counts as in use
 PONG_FRESH_S = 5.0  # a pong younger than this is not asked again
 PING_WAIT_S = 1.0  # ranking waits at most this long for pings
+WARM_PING_S = 2.0  # while a model is in use, its peers' pongs are renewed this often...
+WARM_PEERS = 16  # ...for this many of them, so a request ranks without waiting for a ping
 RETRY_LOOKUP_S = 2.0  # when every known peer has been tried, look again if the view is older
 # Chain costs (ms per token) for hops this requester has not measured yet: a whole model step
 # on a modest machine, shared by the blocks a hop holds, plus its round trip; a fixed cost per
@@ -136,6 +138,27 @@ class SwarmView:
                 try:
                     await self.find(spec, max_age=REFRESH_S / 2)
                 except Exception:  # noqa: BLE001, S110 (the next round tries again; requests look up themselves)
+                    pass
+
+    async def ping_forever(self) -> None:
+        """Keep pongs of the peers of models in use fresh, in the background: a request then
+        ranks from the view alone, without a round trip before its first token (a warm path,
+        as a server keeps its connections warm). Only peers already found, and at most
+        ``WARM_PEERS`` per model, so an idle requester or a huge swarm costs little."""
+        while True:
+            await trio.sleep(WARM_PING_S)
+            now = trio.current_time()
+            for spec in [s for s, t in self._used.items() if now - t < IN_USE_S]:
+                kept = self._lookups.get(f"model:{spec}")
+                if kept is None:
+                    continue
+                wall = time.time()
+                adverts = [self._reachable(a) for a in kept.adverts if a.live(wall) and not a.leaving][:WARM_PEERS]
+                try:
+                    await rank_peers(self.host, [a for a in adverts if a.addrs], self.store, weights=self.weights,
+                                     rng=self.rng, top=self.top, pongs=self.pongs,
+                                     pong_fresh_s=PONG_FRESH_S - WARM_PING_S, ping_wait_s=PING_WAIT_S)
+                except Exception:  # noqa: BLE001, S110 (a failed round is retried; requests ping for themselves)
                     pass
 
     # --- choosing ---------------------------------------------------------------------------
