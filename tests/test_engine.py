@@ -163,3 +163,29 @@ async def test_concurrent_jobs_share_the_batch_and_keep_their_own_answers(engine
         n.start_soon(one, "b", "Count from one to five.")
     assert results["a"] == alone
     assert results["b"] and results["b"] != alone
+
+
+async def test_a_cached_prefix_is_reused_and_answers_exactly_as_a_fresh_prefill(model_path):
+    """A second prompt sharing a long system prompt with the first skips its cached chunks,
+    and its answer is token for token what a slot with nothing cached computes: chunks end on
+    the same borders either way (wire.chunk_end)."""
+    from gputorrent.engine.llama import LlamaEngine
+
+    system = "You are a careful assistant who answers in full sentences. " * 12
+    first = [ChatMessage("system", system), ChatMessage("user", "Name a colour.")]
+    second = [ChatMessage("system", system), ChatMessage("user", "Name a large animal.")]
+    warm = LlamaEngine(model_path, slots=1, n_ctx=512)
+    cold = LlamaEngine(model_path, slots=1, n_ctx=512)
+    try:
+        await _run(warm, warm.encode_chat(first), max_tokens=4, temperature=0.0)
+        assert warm.reused_tokens == 0
+        ids = warm.encode_chat(second)
+        reused_answer = (await _run(warm, ids, max_tokens=24, temperature=0.0))[:2]
+        fresh_answer = (await _run(cold, ids, max_tokens=24, temperature=0.0))[:2]
+        assert warm.reused_tokens >= 128 and cold.reused_tokens == 0
+        assert reused_answer == fresh_answer and len(reused_answer[0]) > 4
+        seeded = {"max_tokens": 24, "temperature": 0.9, "seed": 7}
+        assert (await _run(warm, ids, **seeded))[:2] == (await _run(cold, cold.encode_chat(second), **seeded))[:2]
+    finally:
+        warm.close()
+        cold.close()

@@ -141,9 +141,13 @@ class _LocalChain:
     def run(self, ids: list[int], max_tokens: int, kill: tuple[int, int] | None = None, spare=None) -> list[int]:
         """Greedy tokens; with ``kill=(hop, step)``, that hop is replaced by ``spare`` before the
         step and caught up by replaying every step before it."""
-        for at in range(0, len(ids), 512):
-            chunk = ids[at:at + 512]
-            self.steps.append((at, len(chunk), chunk, at + 512 >= len(ids), -1))
+        from gputorrent.wire import chunk_end
+
+        at = 0
+        while at < len(ids):  # the engines' own chunk borders
+            end = chunk_end(at, len(ids))
+            self.steps.append((at, end - at, ids[at:end], end >= len(ids), -1))
+            at = end
         out: list[int] = []
         i = 0
         while True:

@@ -8,8 +8,9 @@ a cancelled one leaves at the next step and its KV cells are freed. Each slot ha
 context window (``n_ctx`` tokens), so one long answer never squeezes another.
 
 Failover resumes are token-identical by construction: the shapes of the computation never
-depend on what else is running (a prompt is cut into the same ``N_BATCH`` chunks whatever
-else waits; every answer token is its own row of a decode step), and a resumed request
+depend on what else is running or what is cached (a prompt is cut on the same borders,
+``wire.chunk_end``, whatever else waits and whatever prefix a slot still holds from an earlier
+answer; every answer token is its own row of a decode step), and a resumed request
 replays the tokens it was handed as forced samples, one decode step each, exactly as the
 first peer computed them. Its sampler still draws at every step, so a seeded sampler's state
 matches too.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..wire import ChatMessage
+from ..wire import ChatMessage, chunk_end, reusable_prefix
 from .base import EngineError, Failed, Finished, Job, Load, Tokens
 
 N_BATCH = 512
@@ -194,6 +195,11 @@ class LlamaEngine(LlamaRuntime):
         self._pending: deque[Job] = deque()
         self._active: dict[int, _Seq] = {}
         self._free = list(range(self.slots - 1, -1, -1))
+        # Per slot, the prompt whose chunks are in its KV cells (kept after the answer): a new
+        # prompt sharing a prefix with it skips those chunks (a shared system prompt, or a
+        # failover resume's prompt on the peer that served it before).
+        self._cached: dict[int, list[int]] = {}
+        self.reused_tokens = 0  # prompt positions taken from the cache (metrics, tests)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
@@ -262,11 +268,16 @@ class LlamaEngine(LlamaRuntime):
             if job.cancelled:
                 job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
                 continue
-            seq_id = self._free.pop()
+            # The free slot whose cache gives the longest prefix; else the lowest (see _release).
+            reuse, seq_id = max((reusable_prefix(self._cached.get(s, []), job.prompt_ids), -s) for s in self._free)
+            seq_id = -seq_id
+            self._free.remove(seq_id)
+            self._ctx.kv_cache_seq_rm(seq_id, reuse, -1)
+            self.reused_tokens += reuse
             job.admitted = True
             self._active[seq_id] = _Seq(
-                job=job, seq_id=seq_id, sampler=self._sampler(job.params), feed=list(job.prompt_ids),
-                stops=tuple(job.params.stop), t_submit=time.perf_counter(), forced=list(job.forced),
+                job=job, seq_id=seq_id, sampler=self._sampler(job.params), feed=list(job.prompt_ids[reuse:]),
+                stops=tuple(job.params.stop), t_submit=time.perf_counter(), forced=list(job.forced), pos=reuse,
             )
 
     def _run(self) -> None:
@@ -294,12 +305,15 @@ class LlamaEngine(LlamaRuntime):
         running = [s for s in self._active.values() if s.pos >= len(s.job.prompt_ids)]
         if running:
             self._decode_safely(running, 1)
-        # Each prompt's next chunk is always N_BATCH tokens (or what is left): chunk borders
-        # never depend on what else waits, so a resumed prompt is computed as the first was.
+        # A prompt's chunks end on wire.chunk_end's borders, never on what else waits or what
+        # was cached: a resumed or cached prompt is computed as the first was.
         budget = N_BATCH
         for seq in sorted(self._active.values(), key=lambda s: s.seq_id):
-            if seq.pos < len(seq.job.prompt_ids) and budget > 0 and seq.seq_id in self._active:
-                budget -= self._decode_safely([seq], N_BATCH)
+            while seq.pos < len(seq.job.prompt_ids) and budget > 0 and seq.seq_id in self._active:
+                fed = self._decode_safely([seq], chunk_end(seq.pos, len(seq.job.prompt_ids)) - seq.pos)
+                if fed == 0:
+                    break
+                budget -= fed
 
     def _decode_safely(self, seqs: list[_Seq], limit: int) -> int:
         """``_decode``, and when llama.cpp fails, fail only the sequence that caused it: the
@@ -312,7 +326,7 @@ class LlamaEngine(LlamaRuntime):
                 s.pos, s.feed = pos, feed
                 self._ctx.kv_cache_seq_rm(s.seq_id, pos, -1)
             if len(seqs) == 1:
-                self._release(seqs[0])
+                self._release(seqs[0], keep=False)
                 seqs[0].job.emit(Failed(f"decode failed: {exc}"))
                 return 0
             return sum(self._decode_safely([s], limit) for s in seqs)
@@ -400,9 +414,16 @@ class LlamaEngine(LlamaRuntime):
             queue_ms=max(0.0, seq.t_submit - seq.job.created) * 1000,
         ))
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: _Seq, keep: bool = True) -> None:
+        """Free the slot. Its KV cells stay (``keep``) for a later prompt with the same prefix:
+        only the prompt's chunks computed in full count (``_cached``), and the next admission
+        cuts the cells after what it reuses."""
         self._active.pop(seq.seq_id, None)
-        self._ctx.kv_cache_seq_rm(seq.seq_id, -1, -1)
+        if keep:
+            self._cached[seq.seq_id] = list(seq.job.prompt_ids[:seq.pos])
+        else:
+            self._cached.pop(seq.seq_id, None)
+            self._ctx.kv_cache_seq_rm(seq.seq_id, -1, -1)
         seq.sampler.close()
         with self._cond:
             # Lowest free slot first, and batches in slot order. Measured with one KV stream

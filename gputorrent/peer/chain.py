@@ -393,10 +393,10 @@ class _ChainRun:
 
     def _prompt_steps(self) -> None:
         ids, pos = self.prompt_ids, 0
-        for at in range(0, len(ids), wire.MAX_STEP):
-            chunk = ids[at:at + wire.MAX_STEP]
-            self.state.steps.append(_Step(pos, len(chunk), at + wire.MAX_STEP >= len(ids), chunk))
-            pos += len(chunk)
+        while pos < len(ids):  # the engines' own chunk borders: a chain computes what one peer does
+            end = wire.chunk_end(pos, len(ids))
+            self.state.steps.append(_Step(pos, end - pos, end >= len(ids), ids[pos:end]))
+            pos = end
 
     def _next_step(self, chain: list[_Link]) -> bool:
         """Append the decode step of the last token; False when the context is full."""

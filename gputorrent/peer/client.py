@@ -1,4 +1,4 @@
-"""The asking side of ``/gputorrent/infer/2``: one attempt against one peer.
+"""The asking side of ``/gputorrent/infer/3``: one attempt against one peer.
 
 Every frame is verified (signature, sequence, transcript) before its text is used, so what
 reaches the caller is exactly what the peer signed.

@@ -1,8 +1,10 @@
 """Protocol ids and the error codes both sides agree on."""
 
-INFER = "/gputorrent/infer/2"  # 2: resume_ids replayed within max_tokens; Queued frames
+# 3: prompts are computed on wire.chunk_end's borders (32 positions below 512), so that peers
+# of version 2 (512-position chunks) and 3 never resume each other's answers: their logits differ.
+INFER = "/gputorrent/infer/3"
 PING = "/gputorrent/ping/1"
-SHARD = "/gputorrent/shard/1"  # one session on blocks [first, end) of a model
+SHARD = "/gputorrent/shard/2"  # one session on blocks [first, end) of a model; 2: chunk_end's borders
 
 # Error codes in a signed ``Error`` frame. A requester may try another peer after the
 # "peer" kind; the "request" kind would fail anywhere, so it stops.

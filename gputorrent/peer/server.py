@@ -1,4 +1,4 @@
-"""The serving side of ``/gputorrent/infer/2``: one handler per libp2p stream.
+"""The serving side of ``/gputorrent/infer/3``: one handler per libp2p stream.
 
 Every reply is signed (``wire.ReplySigner``). Nothing a requester sends can take the process
 down: a malformed, oversized or invalid frame gets a signed ``Error`` and the stream closes,

@@ -1,4 +1,4 @@
-"""The serving side of ``/gputorrent/shard/1``: one stream is one session on this shard.
+"""The serving side of ``/gputorrent/shard/2``: one stream is one session on this shard.
 
 The requester opens a session (``ShardOpen``), then sends steps one at a time and reads each
 step's signed output. The session's KV cache lives in its own sequence slot of the shard engine
