@@ -315,7 +315,7 @@ def decode_inbound(payload: bytes) -> InferRequest | Cancel | Ping | ShardOpen |
         raise ProtocolError(f"malformed frame: {exc}") from exc
 
 
-class RequestTooLarge(ValueError):
+class RequestTooLarge(GputorrentError, ValueError):
     """A request that could not be sent in one frame: the asker's fault, not any peer's."""
 
 
@@ -372,10 +372,9 @@ def _signed_message(protocol: bytes, request_id: bytes, seq: int, body: bytes) -
 class ReplySigner:
     """Server side of one request: numbers, chains and signs every reply frame."""
 
-    __slots__ = ("_identity", "_key", "_protocol", "_request_id", "_seq", "transcript")
+    __slots__ = ("_key", "_protocol", "_request_id", "_seq", "transcript")
 
     def __init__(self, identity: Identity, protocol: str, request_id: bytes, digest: bytes) -> None:
-        self._identity = identity
         self._key = identity.signing_key
         self._protocol = protocol.encode()
         self._request_id = request_id

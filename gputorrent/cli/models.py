@@ -235,7 +235,8 @@ def offered(max_vram_mb: int | None) -> tuple[Device, int]:
     return device, offered_memory_mb(device, max_vram_mb)
 
 
-def describe_choice(choice: Any) -> list[str]:
+def describe_choice(choice: Any) -> str:
+    """The quantizations of a ``--model DIR``, what each needs, and which one was chosen."""
     from ..models.quant import tier
 
     lines = [f"{'':2}{'quantization':13} {'tier':>4} {'file MB':>8} {'needs MB':>8}  file"]
@@ -244,7 +245,7 @@ def describe_choice(choice: Any) -> list[str]:
         lines.append(f"{mark:2}{c.quantization:13} {tier(c.quantization):>4} {est.weights_mb:>8} {est.total_mb:>8}  "
                      f"{Path(c.path).name}")
     lines.append(f"* chosen: the best quality that fits the {choice.offered_mb} MB offered")
-    return lines
+    return "\n".join(lines)
 
 
 def info(args: argparse.Namespace) -> int:
@@ -265,7 +266,7 @@ def info(args: argparse.Namespace) -> int:
         out(result)
         return 0
     if choice:
-        print("\n".join(describe_choice(choice)) + "\n")
+        print(describe_choice(choice) + "\n")
     d = model.to_dict()
     for key in ("alias", "name", "architecture", "blocks", "context_length", "embedding_length", "head_count",
                 "head_count_kv", "vocab_size", "quantization", "size_bytes", "has_chat_template", "model_id", "path"):

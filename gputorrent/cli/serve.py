@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     device, offered_mb = offered(args.max_vram_mb)
     info, choice = pick(args.model, settings, offered_mb, args.ctx, args.slots, alias=args.alias, quiet=json_log)
     if choice and not json_log:
-        note("\n".join(describe_choice(choice)))
+        note(describe_choice(choice))
     allow = frozenset(args.allow) if args.allow else None
     if fault and fault.kind.startswith("dht-"):
         node_opts.dht_fault = fault.kind.removeprefix("dht-")

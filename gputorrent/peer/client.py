@@ -14,11 +14,12 @@ from typing import Any
 import trio
 
 from .. import wire
+from ..errors import GputorrentError
 from ..net.host import finish_stream, new_stream
 from . import protocol
 
 
-class AttemptFailed(Exception):
+class AttemptFailed(GputorrentError):
     """One peer did not finish the answer. ``retry`` says whether another peer may."""
 
     outcome = "failed"
