@@ -155,7 +155,12 @@ async def test_forged_replayed_and_expired_adverts_are_refused_by_remote_peers(d
         forger = Identity.generate()
         body = records.sign_advert(forger, advert(forger, seq=2**62, name="forged"))  # signed by another key
         expired_self = records.sign_advert(forger, advert(forger, issued=time.time() - 600, ttl=60))
+        latest = await node.get_advert_value(victim.peer_id)
+        assert records.open_advert(key, latest).seq > first_seq
         for target in targets:
+            # Each target holds the newest copy first (a peer outside the advert's replicas may
+            # hold none, and then an older copy would rightly be the best it has).
+            await store._store_at_peer(target, key.encode(), latest)
             assert not await store._store_at_peer(target, key.encode(), body)  # forged
             assert not await store._store_at_peer(target, key.encode(), first)  # replayed, lower sequence
             assert not await store._store_at_peer(target, records.advert_key(forger.peer_id).encode(), expired_self)
