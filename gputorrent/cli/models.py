@@ -88,6 +88,9 @@ def pull(args: argparse.Namespace) -> int:
         if not is_remote(args.model):
             pull_catalog(args.model, settings.models_dir)  # raises the "unknown model" error with its hints
         got = pull_remote(args.model, settings.models_dir, sha256=args.sha256, quiet=args.json)
+        from ..models.gguf_info import remember_model_id
+
+        remember_model_id(got.path, settings.cache_dir, got.sha256)  # hashed once, while verifying
         model = _add(settings, got.path, args.alias, quiet=args.json)
         result = {"alias": model.alias, "path": str(got.path), "fetched": got.fetched, "verified": got.verified,
                   "sha256": got.sha256, "model_id": model.model_id}

@@ -104,32 +104,52 @@ def read_info(path: Path, cache_dir: Path | None = None, progress: Progress | No
     )
 
 
+def _id_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _known_ids(cache: Path | None) -> dict[str, str]:
+    if cache and cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            return {}  # a damaged cache only costs a re-hash
+    return {}
+
+
+def remember_model_id(path: Path, cache_dir: Path, digest: str) -> None:
+    """Record a sha256 computed elsewhere (a verified download) so ``model_id`` need not hash
+    the file again: for a 70 GB model that is minutes."""
+    _save_id(cache_dir / "model-ids.json", _id_key(Path(path).resolve()), digest)
+
+
+def _save_id(cache: Path, key: str, value: str) -> None:
+    known = _known_ids(cache)
+    known[key] = value
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=0))
+    os.replace(tmp, cache)
+
+
 def model_id(path: Path, cache_dir: Path | None = None, progress: Progress | None = None) -> str:
     """sha256 of the file, cached by (path, size, mtime) in ``cache_dir/model-ids.json``."""
     path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = _id_key(path)
     cache = cache_dir / "model-ids.json" if cache_dir else None
-    known: dict[str, str] = {}
-    if cache and cache.is_file():
-        try:
-            known = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            known = {}  # a damaged cache only costs a re-hash
+    known = _known_ids(cache)
     if key in known:
         return known[key]
+    size = path.stat().st_size
     digest, done = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(4 << 20):
             digest.update(chunk)
             done += len(chunk)
             if progress:
-                progress(done, st.st_size)
+                progress(done, size)
     value = digest.hexdigest()
     if cache:
-        known[key] = value
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=0))
-        os.replace(tmp, cache)
+        _save_id(cache, key, value)
     return value
