@@ -6,8 +6,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GT := $(VENV)/bin/gputorrent
 PYTEST_ARGS ?=
+# GPU=cuda (or hip, metal, vulkan): llama.cpp built with that offload. Each kind builds into its
+# own pip cache, so the CPU wheel is never reused for a GPU build (pip keys its cache by the sdist,
+# not by CMAKE_ARGS) and switching back and forth costs no rebuild. docs/gpu.md has the details.
+GPU ?=
+GPU_CMAKE_cuda := -DGGML_CUDA=on
+GPU_CMAKE_hip := -DGGML_HIP=on
+GPU_CMAKE_metal := -DGGML_METAL=on
+GPU_CMAKE_vulkan := -DGGML_VULKAN=on
+LLAMA_CPP_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
-.PHONY: install model demo lint test bench bench-anchor clean
+.PHONY: install model demo lint test nat-deps bench bench-anchor clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.gpu-%: $(VENV)/.installed
+	@test -n "$(GPU_CMAKE_$*)" || { echo "GPU=$* is not one of: cuda hip metal vulkan" >&2; exit 2; }
+	CMAKE_ARGS="$(GPU_CMAKE_$*)" PIP_CACHE_DIR="$(HOME)/.cache/pip-$*" \
+		$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps $(LLAMA_CPP_PIN)
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 'built without GPU offload')"
+	rm -f $(VENV)/.gpu-*
+	touch $@
+
+install: $(VENV)/.installed $(if $(GPU),$(VENV)/.gpu-$(GPU))
 
 model: install
 	$(GT) models pull smollm2
@@ -27,7 +44,13 @@ lint: install
 	$(VENV)/bin/ruff check gputorrent tests benchmarks
 	$(VENV)/bin/mypy
 
-test: model lint
+# The NAT lab (tests/test_nat_*.py) needs root, iproute2 and nftables; as root, install them.
+nat-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null; then \
+		(apt-get install -y -qq nftables iproute2 >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq nftables iproute2 >/dev/null)) && echo "installed nftables"; fi
+
+test: model lint nat-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: model

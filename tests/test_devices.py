@@ -8,6 +8,7 @@ import json
 import os
 import stat
 
+import msgspec
 import numpy as np
 import pytest
 import trio
@@ -20,7 +21,8 @@ from gputorrent.models.quant import choose_quantization, estimate_memory, tier
 from gputorrent.net.host import connect, running_host
 from gputorrent.peer.asker import new_request_id
 from gputorrent.peer.client import ping, run_attempt
-from gputorrent.peer.device import detect_device, parse_smi
+from gputorrent.dht.records import Device
+from gputorrent.peer.device import computing_device, detect_device, parse_smi
 
 from .conftest import QUESTION
 
@@ -126,13 +128,31 @@ def peers(swarm, model_path, tmp_path_factory):
     return swarm.peers
 
 
-def test_a_gpu_host_announces_its_card_capped_and_offloads_every_layer(peers):
+def test_a_gpu_host_with_a_cpu_build_says_so_before_loading_and_announces_its_cpu(peers):
+    """This machine's llama-cpp-python is a CPU build: a host with a GPU says so, with the command
+    that fixes it, before it loads the model, and its advert is a CPU's (requesters rank by it)."""
     gpu = peers["gpu"]
-    assert gpu.info["device"] == {"kind": "gpu", "name": "NVIDIA H100 80GB HBM3", "cores": os.cpu_count(),
-                                  "ram_mb": gpu.info["device"]["ram_mb"], "vram_total_mb": 3000,
-                                  "vram_free_mb": 3000, "compute": "9.0"}
-    # This machine's llama-cpp-python is a CPU build: serve says so instead of pretending.
-    assert "runs on the CPU only" in gpu.stderr()
+    dev = gpu.info["device"]
+    assert (dev["kind"], dev["vram_total_mb"], dev["vram_free_mb"], dev["gpu_layers"]) == ("cpu", 0, 0, 0)
+    assert dev["cores"] == os.cpu_count() and dev["name"] != "NVIDIA H100 80GB HBM3"
+    err = gpu.stderr()
+    assert "computes on the CPU only" in err and "make install GPU=cuda" in err
+    assert err.index("computes on the CPU only") < err.index('"event":"ready"'), err[:3000]
+
+
+def test_the_advert_offers_a_gpu_only_when_layers_run_on_it():
+    card = Device(kind="gpu", name="NVIDIA H100 80GB HBM3", cores=16, ram_mb=128000, vram_total_mb=3000,
+                  vram_free_mb=3000, compute="9.0")
+    assert computing_device(card, 31) == msgspec.structs.replace(card, gpu_layers=31)
+    on_cpu = computing_device(card, 0)
+    assert (on_cpu.kind, on_cpu.vram_total_mb, on_cpu.vram_free_mb, on_cpu.ram_mb) == ("cpu", 0, 0, 128000)
+
+
+def test_id_json_says_what_this_build_can_offload(cli):
+    done = cli("id", "--json")
+    assert done.returncode == 0, done.stderr
+    build = json.loads(done.stdout)["build"]
+    assert build["gpu_offload"] is False and "CPU" in build["system_info"]
 
 
 async def test_tokens_per_s_follows_real_answers_and_each_answer_is_logged(peers):

@@ -18,7 +18,7 @@ from ..config import load_settings
 from ..identity import Identity
 from ..limits import check_options
 from ..models import CATALOG, ModelError, ModelInfo, pull
-from ..peer.device import detect_device, offered_memory_mb
+from ..peer.device import computing_device, detect_device, offered_memory_mb
 from ..peer.node import NodeOptions
 from ..peer.serve import ServeOptions, load_engine, pick_model, serve
 from .guest import Hosted
@@ -35,6 +35,9 @@ class Peer(Hosted):
                  max_vram_mb: int | None = None, n_gpu_layers: int | None = None,
                  allow: Sequence[str] | None = None, rate_limit: int = 120,
                  announce_interval: float = 30.0) -> None:
+        from ..engine.native import load_llama
+
+        load_llama()  # before this module's own work can import numpy: engine/native.py says why
         check_options(slots=slots, queue=queue, ctx=ctx, rate_limit=rate_limit, announce_interval=announce_interval)
         self._settings = load_settings().with_overrides(
             bootstrap=list(bootstrap) if bootstrap else None, mdns=mdns,
@@ -70,6 +73,7 @@ class Peer(Hosted):
             self._engine = await trio.to_thread.run_sync(load_engine, info, self._opts, device)
         except Exception as exc:
             raise ModelError(str(exc)) from exc
+        device = computing_device(device, self._engine.offloaded_layers)
         self.model = info
         self._stop = trio.Event()
         ready = trio.Event()

@@ -12,7 +12,8 @@ from .common import Parents, identity_of, out, settings_of
 def register(sub: Any, parents: Parents) -> None:
     s = sub.add_parser("id", parents=[parents.identity], help="print this node's peer id",
                        description="Print this node's peer id (creating its key on first run).")
-    s.add_argument("--json", action="store_true", help="print peer id, public key and key file as JSON")
+    s.add_argument("--json", action="store_true",
+                   help="print peer id, public key, key file and what this llama.cpp build can offload as JSON")
     s.set_defaults(func=run)
 
 
@@ -20,8 +21,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     ident = identity_of(args)
     if args.json:
+        from ..engine.native import build_info
+
         out({"peer_id": ident.peer_id, "public_key": ident.public_key.hex(),
-             "identity_file": str(settings.identity_path)})
+             "identity_file": str(settings.identity_path), "build": build_info()})
     else:
         print(ident.peer_id)
         print(f"public key  {ident.public_key.hex()}", file=sys.stderr)

@@ -137,6 +137,9 @@ def _metrics_server(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine.native import load_llama
+
+    load_llama()  # before anything imports numpy (gguf, libp2p): engine/native.py says why
     import trio
 
     from ..logs import configure, json_event
@@ -164,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
         with ByteBar(f"fetching {args.model}", quiet=json_log) as progress:
             pull(args.model, settings.models_dir, progress=progress)
     device, offered_mb = offered(args.max_vram_mb)
+    if device.kind == "gpu" and _check_offload(device, args.n_gpu_layers).kind == "cpu":
+        from ..peer.device import offered_memory_mb
+
+        device = _check_offload(device, args.n_gpu_layers, quiet=True)
+        offered_mb = offered_memory_mb(device, args.max_vram_mb)  # RAM, not the card's VRAM
     info, choice = pick(args.model, settings, offered_mb, args.ctx, args.slots, alias=args.alias, quiet=json_log)
     if choice and not json_log:
         note(describe_choice(choice))
@@ -181,12 +189,9 @@ def run(args: argparse.Namespace) -> int:
                         ready_extra={"metrics": metrics_server.url + "/metrics"} if metrics_server else {})
     ident = identity_of(args)
     engine = _load(info, opts, device, settings, quiet=json_log)
-    if device.kind == "gpu" and engine.n_gpu_layers != 0 and not engine.gpu_offload:
-        import logging
+    from ..peer.device import computing_device
 
-        logging.getLogger("gputorrent").warning(
-            "found a GPU, but this llama-cpp-python build runs on the CPU only; reinstall it with "
-            "CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall --no-cache-dir llama-cpp-python")
+    device = computing_device(device, engine.offloaded_layers)
     from ..liveview import StatusView
 
     view = StatusView(json_log=json_log, live=sys.stderr.isatty())
@@ -232,6 +237,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         note(f"stopped: {s.served} answers, {s.tokens} tokens, {s.refused} refused, {s.failed} failed")
     return 0
+
+
+def _check_offload(device: Any, n_gpu_layers: int | None, *, quiet: bool = False) -> Any:
+    """A GPU is offered only when this build can put layers on it: said before loading, with the
+    command that fixes it; the advert then says CPU, which is what the peer computes on."""
+    from ..engine.native import GPU_INSTALL_HINT, gpu_offload
+    from ..peer.device import computing_device
+
+    if device.kind != "gpu" or n_gpu_layers == 0:
+        return computing_device(device, 0) if device.kind == "gpu" else device
+    if not gpu_offload():
+        if quiet:
+            return computing_device(device, 0)
+        import logging
+
+        logging.getLogger("gputorrent").warning(
+            "found %s, but this llama-cpp-python build computes on the CPU only, so this peer serves and "
+            "announces itself as a CPU; to donate the GPU, %s", device.name, GPU_INSTALL_HINT)
+        return computing_device(device, 0)
+    return device
 
 
 def _load(info: ModelInfo, opts: Any, device: Any, settings: Any, *, quiet: bool) -> Any:

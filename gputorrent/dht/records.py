@@ -38,6 +38,7 @@ class Device(msgspec.Struct, kw_only=True, frozen=True):
     vram_total_mb: int = 0
     vram_free_mb: int = 0
     compute: str = ""
+    gpu_layers: int = 0  # layers the engine really runs on the GPU (kind "gpu" only then)
 
 
 class ServedModel(msgspec.Struct, kw_only=True, frozen=True):
@@ -78,6 +79,9 @@ class Advert(msgspec.Struct, kw_only=True, frozen=True):
     tokens_per_s: float = 0.0
     version: str = ""
     leaving: bool = False
+    # "public", "private" (behind NAT: ``addrs`` are circuits through relays, none if it holds no
+    # reservation), "unknown". What the peer says; requesters still only dial what they can.
+    reachability: str = "unknown"
 
     def serves(self, spec: str) -> ServedModel | None:
         """The served model named by alias or model id (a prefix of 8+ hex digits counts)."""

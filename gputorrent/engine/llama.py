@@ -87,8 +87,11 @@ class LlamaRuntime:
         verbose: bool = False,
         n_threads_batch: int | None = None,
     ) -> None:
-        import llama_cpp
         from llama_cpp import _internals, _logger
+
+        from .native import load_llama
+
+        llama_cpp = load_llama()
 
         _logger.set_verbose(verbose)
         llama_cpp.llama_backend_init()
@@ -109,6 +112,10 @@ class LlamaRuntime:
             self._model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=verbose)
         except ValueError as exc:
             raise EngineError(f"llama.cpp could not load {path}: {exc}") from exc
+        layers = int(llama_cpp.llama_model_n_layer(self._model.model)) + 1  # the blocks and the output layer
+        # What really runs on the GPU: nothing on a CPU-only build, whatever was asked.
+        self.offloaded_layers = (min(layers, n_gpu_layers if n_gpu_layers >= 0 else layers)
+                                 if self.gpu_offload else 0)
         self.n_ctx_train = self._model.n_ctx_train()
         self.n_ctx = min(n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx
         self.n_embd = int(self._model.n_embd())

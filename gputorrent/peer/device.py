@@ -15,6 +15,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from msgspec.structs import replace
+
 from ..dht.records import Device
 
 
@@ -127,6 +129,17 @@ def detect_device(max_vram_mb: int | None = None) -> Device:
                       vram_total_mb=_capped(sum(x.total_mb for x in gpus), max_vram_mb),
                       vram_free_mb=_capped(sum(x.free_mb for x in gpus), max_vram_mb), compute=g.compute)
     return Device(kind="cpu", name=_cpu_name(), cores=cores, ram_mb=ram)
+
+
+def computing_device(device: Device, offloaded_layers: int) -> Device:
+    """The device as the engine uses it: a GPU only when layers really run on it (a CPU-only
+    llama.cpp build, or ``--n-gpu-layers 0``, computes on the CPU, and a requester must rank it
+    as one), with how many; VRAM is offered only then."""
+    if device.kind != "gpu":
+        return device
+    if offloaded_layers <= 0:
+        return Device(kind="cpu", name=_cpu_name(), cores=device.cores, ram_mb=device.ram_mb)
+    return replace(device, gpu_layers=offloaded_layers)
 
 
 def offered_memory_mb(device: Device, max_vram_mb: int | None = None) -> int:
