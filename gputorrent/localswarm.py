@@ -96,8 +96,8 @@ class LocalSwarm:
         self.peers: dict[str, PeerProcess] = {}
 
     def start(self, name: str, *extra: str, timeout: float = 120.0, command: str = "serve",
-              env: dict | None = None) -> PeerProcess:
-        peer = self.spawn(name, *extra, command=command, env=env)
+              env: dict | None = None, wrap: list[str] | None = None, listen: str | None = None) -> PeerProcess:
+        peer = self.spawn(name, *extra, command=command, env=env, wrap=wrap, listen=listen)
         try:
             peer.wait_ready(timeout)
         except BaseException:
@@ -105,14 +105,16 @@ class LocalSwarm:
             raise
         return peer
 
-    def spawn(self, name: str, *extra: str, command: str = "serve", env: dict | None = None) -> PeerProcess:
+    def spawn(self, name: str, *extra: str, command: str = "serve", env: dict | None = None,
+              wrap: list[str] | None = None, listen: str | None = None) -> PeerProcess:
         """Start a serve (or bootstrap) process without waiting for it: start several, then
-        wait on each. Loopback only, mDNS off: nothing leaves this machine."""
+        wait on each. Loopback only, mDNS off: nothing leaves this machine. ``wrap`` prefixes
+        the command (``ip netns exec NS``: a NAT lab's host, listening on ``listen`` there)."""
         ready = self.workdir / f"{name}.ready.json"
         ident = self.workdir / f"{name}.key"
         model = ["--model", self.model] if command == "serve" else []
-        listen = ["--port", "0"] if command == "gateway" else ["--listen", "/ip4/127.0.0.1/tcp/0"]
-        cmd = [sys.executable, "-m", "gputorrent.cli", command, *model, "--no-mdns", *listen,
+        listen_args = ["--port", "0"] if command == "gateway" else ["--listen", listen or "/ip4/127.0.0.1/tcp/0"]
+        cmd = [*(wrap or []), sys.executable, "-m", "gputorrent.cli", command, *model, "--no-mdns", *listen_args,
                "--ready-file", str(ready), "--identity", str(ident), *extra]
         log = self.workdir / f"{name}.stderr"
         with open(log, "w") as err:

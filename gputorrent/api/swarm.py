@@ -218,6 +218,7 @@ class _Core:
     async def open(self) -> None:
         from ..dht.node import swarm_node
         from ..net.host import running_host
+        from ..net.relay import hole_punching, punch_listen
         from ..peer.view import SwarmView
         from ..swarmkey import load
 
@@ -232,8 +233,9 @@ class _Core:
         try:
             self.store = await trio.to_thread.run_sync(ReputationStore, s.data_dir / "reputation.sqlite")
             stack.callback(self.store.close)
-            self.host = await stack.enter_async_context(running_host(self.identity, mdns=s.mdns and not self.direct,
-                                                                     psk=psk))
+            self.host = await stack.enter_async_context(running_host(self.identity, punch_listen(s.bootstrap),
+                                                                     mdns=s.mdns and not self.direct, psk=psk))
+            await stack.enter_async_context(hole_punching(self.host))
             if not self.direct:
                 self.node = await stack.enter_async_context(swarm_node(self.host, self.identity, server=False))
                 if s.bootstrap and not await self.node.join(s.bootstrap):
@@ -314,6 +316,12 @@ class _Core:
             if held:
                 raise AskFailed(_uncovered(model, [c.advert for c in held]), [], kind="unavailable")
         if not considered:
+            stranded = [a for a in await self.view.find(model) if not a.addrs]
+            if stranded:
+                raise AskFailed(f"{len(stranded)} peer(s) serve {model!r} but none can be reached: "
+                                f"{stranded[0].name or stranded[0].peer_id} is behind NAT and no relay holds a "
+                                "reservation for it, so it advertises no address (a public peer with the relay "
+                                "service on would give it one)", [], kind="unavailable")
             if not await self.view.overview():
                 raise AskFailed(await self._nothing_found("no peer in the swarm serves any model yet; "
                                                           "start one with: gputorrent serve"), [], kind="no_peers")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import Parents, identity_of, listening, node_options, note, settings_of
+from .common import Parents, identity_of, listening, node_options, note, print_addrs, settings_of
 
 
 def register(sub: Any, parents: Parents) -> None:
@@ -25,8 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     def on_ready(info: dict) -> None:
         note(f"bootstrap node {info['peer_id']} (DHT only, serves no model)")
-        for a in info["addrs"]:
-            print(a, flush=True)
+        print_addrs(info)
         note("give one of these to other peers with --bootstrap; press Ctrl-C to stop")
 
     trio.run(lambda: run_node(identity_of(args), opts, on_ready=on_ready))

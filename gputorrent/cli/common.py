@@ -79,7 +79,8 @@ def node_options(args: argparse.Namespace, settings: Settings) -> NodeOptions:
     check_listen(listen)
     return NodeOptions(listen=listen, bootstrap=list(settings.bootstrap), mdns=settings.mdns,
                        ready_file=args.ready_file, announce_interval=interval, advert_ttl=ttl,
-                       psk=_psk(settings))
+                       psk=_psk(settings), reachability=getattr(args, "reachability", "auto"),
+                       relay_service=not getattr(args, "no_relay_service", False))
 
 
 def check_listen(addrs: list[str]) -> None:
@@ -193,10 +194,28 @@ class Parents:
                                      "make one with: gputorrent keys new-swarm-key")
 
 
+def print_addrs(ready: dict[str, Any]) -> None:
+    """A listening node's addresses on stdout, one a line (scripts read the first). Behind NAT
+    with no relay a node has none anyone could dial: it prints its bare ``/p2p/<peer id>``, and
+    says on stderr why."""
+    addrs = ready["addrs"] or [f"/p2p/{ready['peer_id']}"]
+    if not ready["addrs"]:
+        note("behind NAT and no relay took a reservation: nobody outside this network can reach this node yet "
+             "(it keeps trying the swarm's relays)")
+    for a in addrs:
+        print(a, flush=True)
+
+
 def listening(sp: argparse.ArgumentParser) -> None:
     """The flags of a command that listens for peers."""
     sp.add_argument("--listen", action="append", metavar="MULTIADDR", type=types.listen_addr,
                     help="address to listen on (repeatable); /ip4/0.0.0.0/tcp/4001 accepts other machines "
                          "[default: /ip4/127.0.0.1/tcp/0]")
+    sp.add_argument("--reachability", choices=("auto", "public", "private"), default="auto",
+                    help="auto: ask peers to dial this node back; private (behind NAT): reach peers through relays, "
+                         "run the DHT as a client, advertise relayed addresses only [default: auto]")
+    sp.add_argument("--no-relay-service", action="store_true",
+                    help="do not relay connections for peers behind NAT (a public node does by default, bounded: "
+                         "docs/architecture.md, Reachability)")
     sp.add_argument("--ready-file", type=Path, metavar="PATH",
                     help="write {peer_id, addrs, …} as JSON here once ready; removed on stop")

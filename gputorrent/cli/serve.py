@@ -19,6 +19,7 @@ from .common import (
     listening,
     node_options,
     note,
+    print_addrs,
     settings_of,
     swarm_of,
 )
@@ -222,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
                           f"tokens/s measured; announced every {opts.node.announce_interval:g}s"
                           + (f"\n  metrics at {metrics_server.url}/metrics" if metrics_server else "")
                           + "\npress Ctrl-C to stop")
-        for a in ready["addrs"]:
-            print(a, flush=True)
+        print_addrs(ready)
 
     try:
         server = trio.run(partial(serve, ident, info, engine, opts, device, on_ready, on_event=on_event, watch=watch))

@@ -89,6 +89,7 @@ class SwarmNode:
         self._closest: dict[bytes, tuple[float, list[Any]]] = {}  # key -> (when walked, closest peers)
         self.last_walk: Walked | None = None  # what the latest walk did (benchmarks read its hops)
         self.on_timing: Callable[[str, float], None] = lambda what, seconds: None  # "announce"/"lookup" (metrics)
+        self.reach: Any = None  # peer.node.Reach of a listening node: what its adverts may say
 
     def _known_addrs(self, peer: Any) -> list[Any]:
         try:

@@ -19,6 +19,7 @@ import trio
 from ..errors import GputorrentError
 from ..identity import Identity
 
+RELAYED_DIAL_S = 5.0  # a dial through a relay: the relay's own dial, then Noise and yamux end to end
 MAX_DIAL_ADDRS = 8  # addresses tried per peer: an advert listing hundreds costs no more
 
 
@@ -199,33 +200,109 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
     before a restart), and after a failure refuses every dial to that peer for 60 s (its
     negative cache), however fresh the address. Measured in test_dht_workarounds.py.
     """
+    from .relay import RelayError, dial_relayed, is_relayed
+
     given = [addr] if isinstance(addr, str) else list(addr)
-    addrs = [a for a in given if dialable(a)][:MAX_DIAL_ADDRS]
+    usable = [a for a in given if dialable(a)]
+    # Direct addresses first, relayed ones (through a relay, for a peer behind NAT) after.
+    addrs = ([a for a in usable if not is_relayed(a)] + [a for a in usable if is_relayed(a)])[:MAX_DIAL_ADDRS]
     if not addrs:
         raise DialError(f"no address to dial ({', '.join(given[:3]) or 'none given'}: unspecified, multicast, "
                         "link-local or reserved addresses are never dialed)" if given else "no address to dial")
-    infos = [parse_peer_addr(a) for a in addrs]
+    infos = [_target_of(a) for a in addrs]
     peer = infos[0].peer_id
     if any(i.peer_id != peer for i in infos):
         raise DialError(f"these addresses name different peers: {', '.join(addrs)}")
     network = host.get_network()
     if network.connections.get(peer):
         if network._filter_valid_connections(network.get_connections(peer)):
-            await host.connect(infos[0])  # already connected: waits until it is ready
-            return peer.to_base58()
+            if not is_relayed(_paths(host).get(peer.to_base58(), "")) or _paths(host)[peer.to_base58()] in addrs:
+                await host.connect(infos[0])  # already connected: waits until it is ready
+                return peer.to_base58()
+            # Connected through a relay the caller no longer offers (it failed): a new path.
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                try:
+                    await host.disconnect(peer)
+                except Exception:  # noqa: BLE001, S110 (already gone: all the better)
+                    pass
         # Only closed connections left (the other side went away): py-libp2p would keep
         # answering "no valid connections" without dialing again.
         network.connections.pop(peer, None)
     errors = []
     for a, info in zip(addrs, infos, strict=False):
+        if is_relayed(a):
+            try:
+                with trio.fail_after(RELAYED_DIAL_S):
+                    got = await dial_relayed(host, a)
+                _paths(host)[got] = a
+                return got
+            except (RelayError, DialError, trio.TooSlowError) as exc:
+                errors.append(f"{a}: {exc or 'timed out'}")
+                continue
+            except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed upgrade; the next address is tried)
+                errors.append(f"{a}: {exc or type(exc).__name__}")
+                continue
         host.get_peerstore().clear_addrs(peer)
         network.unblock_peer(peer)
         try:
             await host.connect(info)
+            _paths(host)[peer.to_base58()] = a
             return peer.to_base58()
         except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed dial; the next address is tried)
             errors.append(f"{a}: {exc or type(exc).__name__}")
     raise DialError(f"cannot reach peer {peer.to_base58()} ({'; '.join(errors)}); is it running?")
+
+
+def _paths(host: Any) -> dict[str, str]:
+    """The address each peer was last dialed at by ``connect``, kept on the host."""
+    paths = getattr(host, "_gt_paths", None)
+    if paths is None:
+        paths = host._gt_paths = {}
+    return paths
+
+
+def path_of(host: Any, peer_id: str) -> str:
+    """How this host reaches a peer now: "relayed" (through a relay), "hole-punched" (dialed
+    through a relay, then a direct connection made by DCUtR, which new streams take), "direct",
+    or "" when not connected."""
+    from libp2p.peer.id import ID
+
+    conns = host.get_network().get_connections(ID.from_base58(peer_id))
+    if not conns:
+        return ""
+    from libp2p.connection_types import ConnectionType
+
+    from .relay import is_relayed
+
+    relayed = is_relayed(_paths(host).get(peer_id, ""))
+    direct = any(getattr(c, "get_connection_type", lambda: None)() == ConnectionType.DIRECT for c in conns)
+    if relayed and direct:
+        return "hole-punched"  # dialed through a relay, then upgraded to a direct connection
+    return "relayed" if relayed else "direct"
+
+
+def dialed_addr(host: Any, peer_id: str) -> str:
+    """The address ``connect`` last reached ``peer_id`` at ("" if none)."""
+    return _paths(host).get(peer_id, "")
+
+
+def _target_of(addr: str) -> Any:
+    """The ``PeerInfo`` of the peer an address reaches: for a circuit address
+    (``<relay>/p2p-circuit/p2p/<peer>``) the peer behind the relay, not the relay."""
+    from .relay import is_relayed
+
+    if not is_relayed(addr):
+        return parse_peer_addr(addr)
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+
+    parse_peer_addr(addr.split("/p2p-circuit", 1)[0])  # the relay's part must be a full address too
+    try:
+        return PeerInfo(ID.from_base58(addr.rsplit("/p2p/", 1)[1]), [])
+    except Exception as exc:
+        raise DialError(f"{addr!r} is not a relayed peer address; expected <relay address>/p2p-circuit/p2p/PEER_ID"
+                        ) from exc
 
 
 async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:

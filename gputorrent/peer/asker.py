@@ -20,7 +20,8 @@ import trio
 from .. import wire
 from ..errors import GputorrentError
 from ..identity import short_id
-from ..net.host import DialError, connect
+from ..net.host import DialError, connect, dialed_addr, path_of
+from ..net.relay import is_relayed, relay_part
 from .client import AttemptFailed, AttemptResult, PeerBusy, Stalled, run_attempt
 
 
@@ -30,6 +31,7 @@ class Attempt:
     outcome: str  # "ok", or an AttemptFailed outcome: busy, error, dropped, stalled, integrity
     tokens: int = 0
     error: str = ""
+    path: str = ""  # how the peer was reached: direct, relayed, hole-punched ("" if not at all)
 
 
 @dataclass(slots=True)
@@ -89,6 +91,9 @@ class FixedCandidates:
         return next((c for c in self._order if peer_id_of(c) not in tried), None)
 
 
+NO_ADDRESS = ("it advertises no address: it is behind NAT and no relay holds a reservation for it "
+              "(a public peer with the relay service on would give it one)")
+NO_PATH = "every relay to it failed in this request"
 BUSY_WAIT_MAX_S = 2.0
 BUSY_ROUNDS = 1  # when everyone was busy: wait once, ask once more, then say the swarm is busy
 
@@ -133,6 +138,7 @@ async def ask(
     t_first: float | None = None
     t_last: float | None = None
     tried: set[str] = set()
+    lost_relays: dict[str, set[str]] = {}  # peer -> relays whose circuit to it died in this request
     busy_until: dict[str, float] = {}
     busy_rounds = 0
     last: AttemptResult | None = None
@@ -186,15 +192,18 @@ async def ask(
         tried.add(res.peer_id)
         before_attempt(res.peer_id)
         peer_id, error = "", f"no connection within {min(dial_timeout, left):g}s"
+        addrs = _paths_left(addr, lost_relays.get(res.peer_id, set()))
         with trio.move_on_after(min(dial_timeout, left)):
             try:
-                peer_id = await connect(host, addr)
+                peer_id = await connect(host, addrs) if addrs else ""
+                error = error if addrs else NO_PATH if _paths_left(addr, set()) else NO_ADDRESS
             except DialError as exc:
                 error = str(exc)
         if not peer_id:
             attempts.append(Attempt(res.peer_id, "unreachable", error=error))
             after_attempt(attempts[-1], res)
             continue
+        path, via = path_of(host, peer_id), dialed_addr(host, peer_id)
         try:
             with trio.fail_after(max(left, 0.001)):
                 await run_attempt(host, peer_id, request, on_token, stall_timeout=stall_timeout,
@@ -203,10 +212,16 @@ async def ask(
             failure = exc if isinstance(exc, AttemptFailed) else \
                 Stalled(f"the request's deadline passed ({deadline_s:g}s)")
             model_id = model_id or res.model_id
-            attempts.append(Attempt(peer_id, failure.outcome, len(res.ids), str(failure)))
+            attempts.append(Attempt(peer_id, failure.outcome, len(res.ids), str(failure), path))
             after_attempt(attempts[-1], res)
             if res.ids:
                 last = res
+            if path == "relayed" and failure.outcome in ("dropped", "stalled") and is_relayed(via):
+                # The circuit died, not necessarily the peer: it may be asked again through
+                # another of its relays (then it is the same computation, resumed).
+                lost_relays.setdefault(peer_id, set()).add(relay_part(via))
+                if _paths_left(addr, lost_relays[peer_id]):
+                    tried.discard(peer_id)
             if isinstance(failure, PeerBusy):
                 busy_until[peer_id] = trio.current_time() + failure.retry_after_ms / 1000
             if not failure.retry:
@@ -214,7 +229,7 @@ async def ask(
             continue
         done = res.done
         assert done is not None
-        attempts.append(Attempt(peer_id, "ok", len(res.ids)))
+        attempts.append(Attempt(peer_id, "ok", len(res.ids), path=path))
         after_attempt(attempts[-1], res)
         usage = {"prompt_tokens": done.usage.prompt_tokens, "completion_tokens": done.usage.completion_tokens}
         return answer(res, done.finish_reason, usage, done.transcript)
@@ -223,6 +238,12 @@ async def ask(
         "no attempt left" if max_attempts is not None and len(attempts) >= max_attempts else "no peer left to ask")
     raise AskFailed(f"no peer finished the answer ({why}) after {len(attempts)} attempt(s): {tried_text}",
                     attempts, "".join(text_parts))
+
+
+def _paths_left(addr: str | Sequence[str], lost: set[str]) -> list[str]:
+    """A peer's addresses less the circuits through relays that failed it in this request."""
+    addrs = [addr] if isinstance(addr, str) else list(addr)
+    return [a for a in addrs if not (is_relayed(a) and relay_part(a) in lost)]
 
 
 def _summary(attempts: list[Attempt]) -> str:

@@ -21,7 +21,8 @@ import trio
 from ..dht import records
 from ..dht.node import SwarmNode, swarm_node
 from ..identity import Identity
-from ..net.host import full_addrs, running_host
+from ..net import relay
+from ..net.host import DialError, connect, full_addrs, running_host
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,116 @@ class NodeOptions:
     psk: str | None = None
     dht_fault: str = ""  # fault injection: "silent" (never answer DHT requests), "fake-providers"
     on_timing: Callable[[str, float], None] | None = None  # DHT timings ("announce", "lookup"), for metrics
+    reachability: str = "auto"  # "auto" (dial-back), "public", "private" (behind NAT: relays)
+    relay_service: bool = True  # relay for peers behind NAT when this node is public
+
+
+@dataclass(slots=True)
+class Reach:
+    """How this node can be reached: "public" (its own addresses), "private" (behind NAT: through
+    the relays it holds reservations on), "unknown" (nobody could tell: acts as public)."""
+
+    status: str = "unknown"
+    relays: dict[str, float] = field(default_factory=dict)  # relay's full address -> reservation expiry
+
+    def addrs(self, host: Any) -> list[str]:
+        """What to advertise. A private node never advertises its own addresses (nobody outside
+        its LAN can dial them): only circuits through its relays, none while it holds none."""
+        if self.status != "private":
+            return full_addrs(host)
+        me = host.get_id().to_base58()
+        return [f"{r}{relay.CIRCUIT}/p2p/{me}" for r in self.relays]
+
+
+async def _reachability(host: Any, opts: NodeOptions) -> str:
+    """``--reachability``, or with "auto" what bootstrap peers see when they dial us back."""
+    if opts.reachability != "auto":
+        return opts.reachability
+    if not opts.bootstrap:
+        return "unknown"
+    peers: list[Any] = []
+
+    async def one(addr: str) -> None:
+        from libp2p.peer.id import ID
+
+        with trio.move_on_after(relay.DIALBACK_S):
+            try:
+                peers.append(ID.from_base58(await connect(host, addr)))
+            except DialError as exc:
+                log.debug("reachability: %s", exc)
+
+    async with trio.open_nursery() as n:
+        for addr in opts.bootstrap[:relay.DIALBACK_PEERS]:
+            n.start_soon(one, addr)
+    return await relay.probe_reachability(host, peers)
+
+
+def _relay_candidates(node: SwarmNode, bootstrap: list[str]) -> list[str]:
+    """Relays to try: the bootstrap peers, then peers this node knows that run the relay service
+    (their identify says so)."""
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP
+
+    out = [a for a in bootstrap if not relay.is_relayed(a)]
+    store = node.host.get_peerstore()
+    for pid in node.dht.routing_table.get_peer_ids():
+        try:
+            if HOP not in store.get_protocols(pid):
+                continue
+            tcp = [str(a) for a in store.addrs(pid) if "/tcp/" in str(a) and not relay.is_relayed(str(a))]
+        except Exception:  # noqa: BLE001 (a peer the peerstore forgot: not a candidate)
+            continue
+        if tcp:
+            out.append(f"{tcp[0]}/p2p/{pid.to_base58()}")
+    return list(dict.fromkeys(out))
+
+
+async def keep_reservations(node: SwarmNode, bootstrap: list[str],
+                            make_advert: Callable[[SwarmNode, bool], records.Advert] | None,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Hold reservations on ``relay.RELAYS_WANTED`` relays: a relay whose connection is gone is
+    replaced, one close to expiry renewed, and the advert re-published at once when the set
+    changes (requesters dial what the advert says). Reports started after the first round, so
+    the first advert already carries relayed addresses."""
+    import time
+
+    reach: Reach = node.reach
+    started = False
+    while True:
+        network = node.host.get_network()
+        changed = False
+        for addr, expires in list(reach.relays.items()):
+            rid = _peer_of(addr)
+            if rid is None or not network.connections.get(rid) or expires - time.time() < relay.RESERVATION_RENEW_S:
+                del reach.relays[addr]
+                changed = True
+        for addr in _relay_candidates(node, bootstrap):
+            if len(reach.relays) >= relay.RELAYS_WANTED:
+                break
+            if addr in reach.relays:
+                continue
+            try:
+                reach.relays[addr] = await relay.reserve(node.host, addr)
+                changed = True
+                log.info("reserved a slot on relay %s", addr)
+            except relay.RelayError as exc:
+                log.debug("%s", exc)
+        if not reach.relays and not started:
+            log.warning("behind NAT and no relay took a reservation: requesters cannot reach this node")
+        if changed and started and make_advert is not None:
+            await node._publish_logged(make_advert(node, False), provide=False)
+        if not started:
+            started = True
+            task_status.started()
+        await trio.sleep(relay.RELAY_CHECK_S)
+
+
+def _peer_of(addr: str) -> Any:
+    from libp2p.peer.id import ID
+
+    try:
+        return ID.from_base58(addr.rsplit("/p2p/", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def write_ready_file(path: Path, info: dict[str, Any]) -> None:
@@ -68,7 +179,14 @@ async def run_node(
         async with running_host(identity, opts.listen, mdns=opts.mdns, psk=opts.psk) as host:
             for proto, handler in (handlers or {}).items():
                 host.set_stream_handler(proto, handler)
-            async with swarm_node(host, identity, server=True, fault=opts.dht_fault) as node:
+            host.set_stream_handler(relay.DIALBACK, relay.handle_dialback)
+            reach = Reach(await _reachability(host, opts))
+            if reach.status == "private":
+                log.warning("this node is not reachable from the internet (behind NAT); serving through relays")
+            public = reach.status != "private"
+            async with (relay.circuit_relay(host, hop=public and opts.relay_service), relay.hole_punching(host),
+                        swarm_node(host, identity, server=public, fault=opts.dht_fault) as node):
+                node.reach = reach
                 if opts.on_timing is not None:
                     node.on_timing = opts.on_timing
                 if opts.bootstrap:
@@ -76,10 +194,12 @@ async def run_node(
                     if not joined:
                         log.warning("no bootstrap peer answered; waiting for peers to find us")
                 async with trio.open_nursery() as nursery:
+                    if not public:
+                        await nursery.start(keep_reservations, node, opts.bootstrap, make_advert)
                     if make_advert is not None:
                         await nursery.start(node.announce_forever, lambda: make_advert(node, False),
                                             opts.announce_interval)
-                    info = {"peer_id": identity.peer_id, "addrs": full_addrs(host)}
+                    info = {"peer_id": identity.peer_id, "addrs": reach.addrs(host), "reachability": reach.status}
                     info |= ready_info(node) if ready_info else {}
                     if opts.ready_file:
                         write_ready_file(opts.ready_file, info)

@@ -169,11 +169,13 @@ async def serve(
         load = engine.load()
         from ..net.host import full_addrs
 
+        addrs = node.reach.addrs(node.host) if node.reach is not None else full_addrs(node.host)
         return records.Advert(
             peer_id=identity.peer_id, seq=int(now * 1000), issued_at=now,
-            expires_at=now + opts.node.advert_ttl, addrs=full_addrs(node.host), name=name, device=device,
+            expires_at=now + opts.node.advert_ttl, addrs=addrs, name=name, device=device,
             models=[model], load=records.Load(active=load.active, queued=load.queued, slots=load.slots),
             tokens_per_s=server.tokens_per_s, version=__version__, leaving=leaving,
+            reachability=node.reach.status if node.reach is not None else "unknown",
         )
 
     async with trio.open_nursery() as nursery:

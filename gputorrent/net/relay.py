@@ -1,0 +1,306 @@
+"""Peers behind NAT: is this host reachable, and if not, relays that carry its connections.
+
+Most volunteers sit behind a home router: nobody outside can open a connection to them. Three
+pieces, all on py-libp2p 0.8.1's circuit relay v2 (``libp2p.relay.circuit_v2``), which nothing
+in ``new_host`` switches on:
+
+- **Dial-back** (``/gputorrent/dialback/1``, AutoNAT's idea in one round trip): a node asks a peer
+  it is connected to to open a TCP connection back to it, at the IP the asking connection came
+  from (never an address the asker names: the answer cannot be aimed at a third party) and the
+  ports it listens on. Any success makes the node public; answers that all failed make it
+  private. Asked of up to ``DIALBACK_PEERS`` peers at once, each within ``DIALBACK_S``.
+- **Relay service** (hop): a public node relays circuits for private ones, bounded by
+  ``RELAY_LIMITS`` (docs/architecture.md, "Reachability", says why these numbers).
+- **Reservations and relayed dials**: a private node reserves a slot on relays and is reached at
+  ``<relay addr>/p2p-circuit/p2p/<its id>``; the circuit carries an ordinary Noise + yamux
+  connection end to end, so streams, signatures and the requester's identity are the same as
+  over a direct one. py-libp2p's swarm drops ``/p2p-circuit`` addresses from every dial, so
+  ``dial_relayed`` speaks the hop protocol itself and upgrades the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import trio
+
+from ..errors import GputorrentError
+
+log = logging.getLogger("gputorrent.net")
+
+DIALBACK = "/gputorrent/dialback/1"
+DIALBACK_S = 2.0  # one dial-back: a TCP connect across the internet, with the peer's own round trip
+DIALBACK_PEERS = 3
+DIALBACK_PORTS = 4  # ports one request may ask to be dialed at (an advert lists a few)
+RESERVE_S = 3.0  # one reservation round trip
+RELAYS_WANTED = 2  # reservations a private node keeps: one relay may die mid-answer
+RESERVATION_RENEW_S = 15 * 60.0  # renewed well inside the relay's one-hour reservation
+RELAY_CHECK_S = 5.0  # how often a private node checks that its relays are still connected
+
+CIRCUIT = "/p2p-circuit"
+
+
+class RelayError(GputorrentError):
+    """A relayed dial or reservation that failed; the message says where."""
+
+
+def relay_limits() -> Any:
+    """What a relay gives each reservation and circuit. Token streams are small (a frame of a
+    few tokens is ~150 bytes, a request at most 1 MiB), so a circuit may carry 64 MiB and live
+    an hour: enough for the longest answer, bounded so one peer cannot turn a volunteer's
+    relay into its uplink. go-libp2p's public relays stop at 2 min / 128 KiB because they only
+    set up hole punches; these carry answers when punching fails (a symmetric NAT)."""
+    from libp2p.relay.circuit_v2.resources import RelayLimits
+
+    return RelayLimits(duration=3600, data=64 << 20, max_circuit_conns=16, max_reservations=128,
+                       reservation_ttl=3600)
+
+
+def is_relayed(addr: str) -> bool:
+    return CIRCUIT in addr
+
+
+def relay_part(addr: str) -> str:
+    """The relay's own full address in a circuit address."""
+    return addr.split(CIRCUIT, 1)[0]
+
+
+# --- dial-back -----------------------------------------------------------------------------
+
+
+class _DialbackAsk(msgspec.Struct, array_like=True):
+    ports: list[int]
+
+
+class _DialbackAnswer(msgspec.Struct, array_like=True):
+    reachable: bool
+    observed: str  # the IP the ask came from, as the answering peer saw it
+
+
+def _ports(host: Any) -> list[int]:
+    ports = []
+    for a in host.get_addrs():
+        parts = str(a).split("/")
+        if "tcp" in parts and not is_relayed(str(a)):
+            ports.append(int(parts[parts.index("tcp") + 1]))
+    return list(dict.fromkeys(ports))[:DIALBACK_PORTS]
+
+
+async def _read_all(stream: Any, limit: int = 4096) -> bytes:
+    """Everything until the other side closes (py-libp2p signals that by raising StreamEOF)."""
+    from libp2p.network.stream.exceptions import StreamEOF
+
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = await stream.read(limit - len(data))
+        except StreamEOF:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def handle_dialback(stream: Any) -> None:
+    """Answer a dial-back: TCP-connect to the asker's observed IP at the ports it asked for."""
+    from .host import finish_stream
+
+    try:
+        with trio.fail_after(DIALBACK_S * 2):
+            ask = msgspec.msgpack.decode(await _read_all(stream), type=_DialbackAsk)
+            remote = stream.get_remote_address()
+            ip = remote[0] if remote else ""
+            ok = False
+            for port in ask.ports[:DIALBACK_PORTS]:
+                if not ip or not 0 < port < 65536:
+                    break
+                with trio.move_on_after(DIALBACK_S):
+                    try:
+                        conn = await trio.open_tcp_stream(ip, port)
+                        await conn.aclose()
+                        ok = True
+                    except OSError:
+                        pass
+                if ok:
+                    break
+            await stream.write(msgspec.msgpack.encode(_DialbackAnswer(ok, ip)))
+    except Exception as exc:  # noqa: BLE001 (a malformed or vanished asker: nothing to answer)
+        log.debug("dial-back failed: %s", exc)
+    finally:
+        await finish_stream(stream)
+
+
+async def _ask_dialback(host: Any, peer: Any, ports: list[int]) -> bool | None:
+    from .host import finish_stream
+
+    with trio.move_on_after(DIALBACK_S * 2):
+        stream = await host.new_stream(peer, [DIALBACK])
+        try:
+            await stream.write(msgspec.msgpack.encode(_DialbackAsk(ports)))
+            await stream.close()  # half-close: the answer still comes back
+            answer = msgspec.msgpack.decode(await _read_all(stream), type=_DialbackAnswer)
+            return answer.reachable
+        finally:
+            await finish_stream(stream, reset=True)
+    return None
+
+
+async def probe_reachability(host: Any, peers: Sequence[Any]) -> str:
+    """"public" if a peer could dial us back, "private" if every peer that answered could not,
+    "unknown" if none answered (then we act as before: public)."""
+    ports = _ports(host)
+    if not ports or not peers:
+        return "unknown"
+    results: list[bool] = []
+
+    async def one(peer: Any) -> None:
+        try:
+            got = await _ask_dialback(host, peer, ports)
+        except Exception as exc:  # noqa: BLE001 (a peer without the protocol, or gone: no vote)
+            log.debug("dial-back ask to %s failed: %s", peer, exc)
+            return
+        if got is not None:
+            results.append(got)
+
+    async with trio.open_nursery() as n:
+        for peer in list(peers)[:DIALBACK_PEERS]:
+            n.start_soon(one, peer)
+    if not results:
+        return "unknown"
+    return "public" if any(results) else "private"
+
+
+# --- relay service and relayed connections ---------------------------------------------------
+
+
+@asynccontextmanager
+async def circuit_relay(host: Any, *, hop: bool) -> AsyncIterator[Any]:
+    """Circuit relay v2 on ``host``: always the stop side (accept relayed connections), and with
+    ``hop`` the relay service for others, bounded by ``relay_limits``."""
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+    from libp2p.tools.anyio_service.context import background_trio_service
+
+    proto = CircuitV2Protocol(host, limits=relay_limits(), allow_hop=hop)
+    async with background_trio_service(proto):
+        await proto.event_started.wait()
+        yield proto
+
+
+@asynccontextmanager
+async def hole_punching(host: Any) -> AsyncIterator[Any]:
+    """DCUtR (``/libp2p/dcutr``) on ``host``: over a relayed connection both sides exchange the
+    addresses the internet sees them at (their NAT's address, their listen port), then dial each
+    other at once from their listen ports (a TCP simultaneous open); when it works, new streams
+    take the direct connection (py-libp2p prefers direct ones) and the relayed one is closed
+    after a grace period. Both sides need a listen port: requesters listen on the address they
+    reach the swarm from (``punch_listen``)."""
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+    from libp2p.tools.anyio_service.context import background_trio_service
+
+    proto = DCUtRProtocol(host, dial_timeout=int(RESERVE_S) + 2)
+    async with background_trio_service(proto):
+        yield proto
+
+
+def punch_listen(bootstrap: Sequence[str]) -> list[str]:
+    """Where a requester listens so hole punching can work: a free port on the local address its
+    packets to the first IPv4 bootstrap peer leave from (loopback for a swarm on this machine,
+    the LAN address at home), never every interface."""
+    import socket
+
+    for addr in bootstrap:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4":
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.connect((parts[2], 9))  # no packet is sent: this only asks the routing table
+                    return [f"/ip4/{s.getsockname()[0]}/tcp/0"]
+            except OSError:
+                continue
+    return []
+
+
+async def reserve(host: Any, relay_addr: str) -> int:
+    """Reserve a slot on the relay at ``relay_addr`` (a full address); returns when it expires
+    (unix time). Raises ``RelayError``."""
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId, Status
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    from .host import DialError, connect, finish_stream
+
+    try:
+        with trio.fail_after(RESERVE_S):
+            relay = await connect(host, relay_addr)
+            stream = await host.new_stream(_id(relay), [PROTOCOL_ID])
+            try:
+                await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE,
+                                                             peer=PeerId(id=host.get_id().to_bytes())))
+                resp = await read_delimited_msg(stream, HopMessage)
+            finally:
+                await finish_stream(stream)
+    except (trio.TooSlowError, DialError) as exc:
+        raise RelayError(f"relay {relay_addr} did not take a reservation: {exc or 'timed out'}") from exc
+    except Exception as exc:
+        raise RelayError(f"relay {relay_addr} did not take a reservation: {exc}") from exc
+    if resp.HasField("status") and resp.status != Status.OK:
+        raise RelayError(f"relay {relay_addr} refused a reservation (status {resp.status})")
+    return int(resp.reservation.expire) if resp.HasField("reservation") else int(time.time() + 3600)
+
+
+async def dial_relayed(host: Any, addr: str) -> str:
+    """Connect to the peer at a circuit address through its relay; returns the peer id.
+
+    The relay's stream becomes a raw connection that is secured (Noise, checked against the
+    peer id in the address) and multiplexed like a TCP one, then registered with the swarm, so
+    ``host.new_stream`` uses it."""
+    import multiaddr
+    from libp2p.connection_types import ConnectionType
+    from libp2p.network.connection.raw_connection import RawConnection
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId, Status
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+    from libp2p.security.pnet.protector import new_protected_conn
+
+    from .host import DialError, connect, finish_stream
+
+    target_b58 = addr.rsplit("/p2p/", 1)[-1]
+    target = _id(target_b58)
+    relay_addr = relay_part(addr)
+    try:
+        relay = await connect(host, relay_addr)
+    except DialError as exc:
+        raise RelayError(f"relay of {target_b58} unreachable: {exc}") from exc
+    stream = await host.new_stream(_id(relay), [PROTOCOL_ID])
+    try:
+        await write_delimited_msg(stream, HopMessage(type=HopMessage.CONNECT, peer=PeerId(id=target.to_bytes())))
+        resp = await read_delimited_msg(stream, HopMessage)
+        if resp.HasField("status") and resp.status != Status.OK:
+            raise RelayError(f"relay {relay} could not connect to {target_b58} (status {resp.status}: "
+                             f"{'no reservation there' if resp.status == Status.NO_RESERVATION else 'refused'})")
+        circuit = multiaddr.Multiaddr(f"/p2p/{relay}{CIRCUIT}/p2p/{target_b58}")
+        raw: Any = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
+                                 addresses=[circuit])
+        network = host.get_network()
+        if getattr(network, "psk", None):
+            raw = new_protected_conn(raw, network.psk)
+        conn = await network.upgrade_outbound_raw_conn(raw, target)
+        # Marked as relayed (the generic upgrade calls it direct, at the relay's address): hole
+        # punching looks for relayed connections to upgrade, and path_of reports them.
+        conn.set_transport_info([circuit], ConnectionType.RELAYED)
+    except BaseException:
+        await finish_stream(stream, reset=True)
+        raise
+    return target_b58
+
+
+def _id(peer_id: str) -> Any:
+    from libp2p.peer.id import ID
+
+    return ID.from_base58(peer_id)
