@@ -233,7 +233,8 @@ class _Core:
         try:
             self.store = await trio.to_thread.run_sync(ReputationStore, s.data_dir / "reputation.sqlite")
             stack.callback(self.store.close)
-            self.host = await stack.enter_async_context(running_host(self.identity, punch_listen(s.bootstrap),
+            self.host = await stack.enter_async_context(running_host(self.identity,
+                                                                     punch_listen([*s.bootstrap, *self.direct]),
                                                                      mdns=s.mdns and not self.direct, psk=psk))
             await stack.enter_async_context(hole_punching(self.host))
             if not self.direct:

@@ -1,6 +1,6 @@
 """Stream one answer and print every event as a JSON line, for tests that act mid-answer.
 
-``python -m gputorrent.lab.streamer --bootstrap ADDR --identity KEY "prompt" [--max-tokens N]``
+``python -m gputorrent.lab.streamer (--bootstrap ADDR | --peer ADDR) --identity KEY "prompt"``
 prints ``{"text": …}`` per piece, ``{"failover": peer, "outcome": …}`` per failover and
 ``{"answer": {…}}`` at the end (or ``{"error": …}``), flushed at once: a test reading stdout can
 kill a relay or a peer while the answer is still streaming, and needs no sleeps to do so.
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gputorrent.lab.streamer")
     p.add_argument("prompt")
     p.add_argument("--bootstrap", action="append", default=[])
+    p.add_argument("--peer", action="append", default=[], help="ask this peer (full or circuit address), no DHT")
     p.add_argument("--identity", required=True)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> int:
         from gputorrent.net.host import path_of
 
-        async with gputorrent.Swarm(args.bootstrap, mdns=False, identity=args.identity) as swarm:
+        async with gputorrent.Swarm(args.bootstrap, mdns=False, identity=args.identity,
+                                    peers=args.peer) as swarm:
             for i in range(args.asks):
                 try:
                     async for ev in swarm.stream(args.prompt, model=args.model, temperature=0,

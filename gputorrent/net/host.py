@@ -282,6 +282,15 @@ def path_of(host: Any, peer_id: str) -> str:
     return "relayed" if relayed else "direct"
 
 
+def is_relayed_stream(stream: Any) -> bool:
+    """Whether a stream runs over a relayed connection (either side: py-libp2p marks inbound
+    circuits, ``relay.dial_relayed`` outbound ones)."""
+    from libp2p.connection_types import ConnectionType
+
+    conn = getattr(stream, "swarm_conn", None)
+    return conn is not None and getattr(conn, "get_connection_type", lambda: None)() == ConnectionType.RELAYED
+
+
 def dialed_addr(host: Any, peer_id: str) -> str:
     """The address ``connect`` last reached ``peer_id`` at ("" if none)."""
     return _paths(host).get(peer_id, "")

@@ -179,14 +179,72 @@ async def probe_reachability(host: Any, peers: Sequence[Any]) -> str:
 # --- relay service and relayed connections ---------------------------------------------------
 
 
+def _relay_protocol() -> type:
+    """py-libp2p's ``CircuitV2Protocol`` with its byte pump replaced.
+
+    py-libp2p files each circuit's streams under the *peer id* of each end, and a pump that ends
+    closes whatever is filed there now: when a requester that had a circuit to a donor left, its
+    pump closed the circuit of the next requester of that donor (measured in the NAT lab: 2 of 8
+    requester processes in a row lost their answer, "no stream within 5s" or "closed the stream
+    before finishing"; tests/test_relay_workarounds.py shows the raw failure). Here a pump closes
+    only its own two streams, and still applies the circuit's duration and byte limits."""
+    import math
+    import time as _time
+
+    from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.relay.circuit_v2.protocol import MAX_READ_LEN, CircuitV2Protocol
+
+    from .host import finish_stream
+
+    class Protocol(CircuitV2Protocol):
+        async def _relay_data(self, src_stream: Any, dst_stream: Any, peer_id: Any, deadline: float | None = None,
+                              circuit_data_limit: list[int] | None = None) -> None:
+            async def pump() -> bool:
+                """Copy until the source ends (True) or the circuit's byte budget is spent (False)."""
+                while True:
+                    try:
+                        data = await src_stream.read(MAX_READ_LEN)
+                    except StreamEOF:
+                        return True
+                    if not data:
+                        return True
+                    if circuit_data_limit is not None:
+                        circuit_data_limit[0] -= len(data)
+                        if circuit_data_limit[0] < 0:
+                            return False
+                    with trio.fail_after(FRAME_WRITE_S):
+                        await dst_stream.write(data)
+
+            clean = False
+            left = deadline - _time.monotonic() if deadline is not None else math.inf
+            try:
+                with trio.move_on_after(max(0.0, left)):
+                    clean = await pump()
+            except Exception as exc:  # noqa: BLE001 (either end gone: this circuit ends, nothing else does)
+                log.debug("circuit for %s ended: %s", peer_id, exc)
+            finally:
+                # Only this circuit's streams. A clean end is passed on as one (the other
+                # direction finishes by itself); a limit, a timeout or an error resets both.
+                await finish_stream(dst_stream, reset=not clean)
+                if not clean:
+                    await finish_stream(src_stream, reset=True)
+                for key, pair in list(self._active_relays.items()):
+                    if src_stream in pair or dst_stream in pair:
+                        del self._active_relays[key]
+
+    return Protocol
+
+
+FRAME_WRITE_S = 10.0  # one write of relayed bytes: a destination that takes longer is gone
+
+
 @asynccontextmanager
 async def circuit_relay(host: Any, *, hop: bool) -> AsyncIterator[Any]:
     """Circuit relay v2 on ``host``: always the stop side (accept relayed connections), and with
     ``hop`` the relay service for others, bounded by ``relay_limits``."""
-    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.tools.anyio_service.context import background_trio_service
 
-    proto = CircuitV2Protocol(host, limits=relay_limits(), allow_hop=hop)
+    proto = _relay_protocol()(host, limits=relay_limits(), allow_hop=hop)
     async with background_trio_service(proto):
         await proto.event_started.wait()
         yield proto

@@ -25,6 +25,7 @@ from ..engine import EngineError, Failed, Finished, Tokens
 from ..engine.streaming import EventChannel
 from ..identity import Identity
 from ..models import ModelInfo
+from ..net.host import is_relayed_stream
 from . import protocol
 from .device import free_memory_mb
 from .faults import Fault
@@ -38,6 +39,10 @@ FIRST_FRAME_TIMEOUT = 10.0
 # (1,000+ tokens/s) one frame per token would cost more than the decode.
 COALESCE_S = 0.020
 COALESCE_MAX_S = 0.250
+# Through a relay every frame costs three processes (the relay decrypts and re-encrypts it, and
+# both ends run Noise twice, inside and outside the circuit): frames wait up to 100 ms there.
+# Measured in the NAT lab on 2 cores: 20 ms windows gave 0.72x direct decode (docs/benchmarks.md).
+RELAYED_COALESCE_S = 0.100
 # The announced tokens/s follows real answers: an exponential average over answers of at
 # least MIN_MEASURED tokens (shorter ones time mostly the first token, not decoding).
 SPEED_ALPHA = 0.3
@@ -314,7 +319,8 @@ class InferServer:
             if fault and fault.kind == "stall-after-tokens" and sent >= fault.n:
                 await trio.sleep_forever()
 
-        window = COALESCE_S
+        base = RELAYED_COALESCE_S if is_relayed_stream(stream) else COALESCE_S
+        window = base
         while True:
             ev = None
             # Only the wait sits under the coalescing deadline: a write cut short would leave
@@ -332,7 +338,7 @@ class InferServer:
                 text.append(ev.text)
                 if trio.current_time() < last_write + window:
                     continue
-                window = min(COALESCE_MAX_S, COALESCE_S * max(1, self.engine.load().active))
+                window = min(COALESCE_MAX_S, base * max(1, self.engine.load().active))
             await flush()  # a token after a quiet spell, the window closing, or the end
             if isinstance(ev, Finished):
                 self.stats.served += 1
