@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..identity import short_id
 from .swarm import PeerStatus
 
-COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "rep", "breaker")
+COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "reach", "rep", "breaker")
 
 
 def device(status: PeerStatus) -> str:
@@ -21,6 +21,17 @@ def vram(status: PeerStatus) -> str:
     return f"{d.vram_free_mb}/{d.vram_total_mb}" if d.kind == "gpu" else "-"
 
 
+def reach(status: PeerStatus) -> str:
+    """How the peer is reached: the connection this requester holds (direct, relayed,
+    hole-punched), else what its advert allows (relayed: behind NAT; none: no address at all)."""
+    if status.path:
+        return status.path
+    addrs = status.advert.addrs
+    if not addrs:
+        return "none"
+    return "relayed" if all("/p2p-circuit" in a for a in addrs) else "direct"
+
+
 def breaker(status: PeerStatus) -> str:
     return status.breaker + (" (banned)" if status.banned else "")
 
@@ -32,4 +43,5 @@ def cells(status: PeerStatus) -> dict[str, str]:
             "models": ",".join(m.alias if m.whole else f"{m.alias}[{m.blocks}]" for m in a.models),
             "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
             "tok/s": f"{a.tokens_per_s:.0f}", "RTT ms": "-" if status.rtt_ms is None else f"{status.rtt_ms:.0f}",
+            "reach": reach(status),
             "rep": f"{status.reputation:.2f}", "breaker": breaker(status)}

@@ -77,6 +77,7 @@ class PeerStatus:
     rtt_ms: float | None = None
     banned: bool = False
     observed: dict[str, Any] = field(default_factory=dict)  # what this requester saw it do
+    path: str = ""  # how this requester is connected to it now: direct, relayed, hole-punched ("" if not)
 
     @property
     def peer_id(self) -> str:
@@ -85,7 +86,8 @@ class PeerStatus:
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self.advert) | {"reputation": round(self.reputation, 3),
                                                    "breaker": self.breaker, "rtt_ms": self.rtt_ms,
-                                                   "banned": self.banned, "observed": self.observed}
+                                                   "banned": self.banned, "observed": self.observed,
+                                                   "path": self.path}
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,10 @@ class _Core:
         observed = {"successes": round(rec.successes, 3), "failures": round(rec.failures, 3),
                     "timeouts": round(rec.timeouts, 3), "integrity_failures": round(rec.integrity, 3),
                     "tokens_per_s": rec.tokens_per_s, "ttft_ms": rec.ttft_ms}
-        return PeerStatus(ad, rec.reputation, rec.breaker.current(now), rtt_ms, rec.breaker.banned, observed)
+        from ..net.host import path_of
+
+        path = path_of(self.host, ad.peer_id) if self.host is not None else ""
+        return PeerStatus(ad, rec.reputation, rec.breaker.current(now), rtt_ms, rec.breaker.banned, observed, path)
 
     async def peers(self, model: str | None = None, ping: bool = False) -> list[PeerStatus]:
         if self.node is None:

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import Text
     from ..api.swarm import answer_of, params_from
+    from ..identity import short_id
     from ..peer.asker import AskFailed
     from ..peer.choose import explain
     from ..scoring import Weights
@@ -135,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         out(answer.to_dict())
     else:
         print()
+        if args.explain:
+            print("reached " + ", then ".join(f"{short_id(a.peer_id)} {a.path or 'not at all'} ({a.outcome})"
+                                             for a in answer.attempts), file=sys.stderr)
         if answer.spot_check:
             print(describe_check(answer.spot_check), file=sys.stderr)
     return 0
