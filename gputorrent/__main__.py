@@ -1,7 +1,5 @@
 """``python -m gputorrent``: the same as the ``gputorrent`` command."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

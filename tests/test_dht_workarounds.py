@@ -201,3 +201,25 @@ async def test_writes_cancelled_midway_leave_the_connection_working():
             await stream.write(b"y" * 1000)
             while sum(got) < before + 1000:
                 await trio.sleep(0.01)
+
+
+async def test_an_expired_advert_is_not_served():
+    """py-libp2p keeps a value for its own time to live, far past the advert's expiry: a node
+    that missed the renewals went on answering with the dead advert."""
+    import time
+
+    import trio
+
+    async with AsyncExitStack() as stack:
+        nodes, asker = await _swarm(stack, 2)
+        owner = Identity.generate()
+        key = records.advert_key(owner.peer_id)
+        value = records.sign_advert(owner, advert(owner, ttl=0.5))
+        nodes[1].dht.value_store.put(key.encode(), value)
+        _, validity = nodes[1].dht.value_store.store[key.encode()]
+        assert validity is None or validity > time.time() + 60  # py-libp2p's own idea: far past expiry
+        peer = nodes[1].host.get_id()
+        assert await asker.dht.value_store._get_from_peer(peer, key.encode()) == value
+        await trio.sleep(0.6)  # the advert's own expiry passing (wall clock), not synchronisation
+        assert await asker.dht.value_store._get_from_peer(peer, key.encode()) is None
+        assert key.encode() not in nodes[1].dht.value_store.store

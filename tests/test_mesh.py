@@ -42,7 +42,7 @@ def test_ask_answers_paris_with_a_verified_receipt(peers, cli):
     assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["completion_tokens"] > 0
     assert out["ttft_ms"] > 0 and out["tokens_per_s"] > 0
     assert out["attempts"] == [{"peer_id": peers["good"].peer_id, "outcome": "ok",
-                                "tokens": out["attempts"][0]["tokens"], "error": ""}]
+                                "tokens": out["attempts"][0]["tokens"], "error": "", "path": "direct"}]
 
 
 def test_ask_streams_plain_text_and_reads_stdin(peers, cli):

@@ -259,6 +259,11 @@ class _Core:
 
     async def close(self) -> None:
         if self._stack is not None:
+            from ..net.host import drop_connections
+
+            # Connections first: a background task blocked writing to a slow peer (a ping, a
+            # refresh) then fails at once instead of holding the close for its write's 10 s.
+            await drop_connections(self.host)
             self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
             for ch in self._subscribers:
                 ch.close()

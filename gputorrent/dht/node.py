@@ -552,6 +552,28 @@ def _guard_providers(dht: Any) -> None:
     store.get_providers = get_providers
 
 
+def _guard_values(dht: Any) -> None:
+    """Serve an advert only while it is valid. py-libp2p keeps a stored value for its own time
+    to live (hours), whatever the record says, so a node that missed a peer's renewals (it
+    joined after the peer's last walk) went on answering with that peer's expired advert:
+    requesters threw it away, but paid a round trip and an answer slot for dead data."""
+    store = dht.value_store
+    original = store.get
+    prefix = f"/{records.NAMESPACE}/".encode()
+
+    def get(key: bytes) -> Any:
+        rec = original(key)
+        if rec is not None and key.startswith(prefix):
+            try:
+                records.open_advert(key.decode(), rec.value)
+            except (RecordError, UnicodeDecodeError):
+                store.remove(key)
+                return None
+        return rec
+
+    store.get = get
+
+
 def _fake_providers(dht: Any, n: int = 2000) -> None:
     """Fault injection: every GET_PROVIDERS answer from this node also names ``n`` made-up
     providers (ids of keys nobody holds, at a closed port)."""
@@ -580,6 +602,7 @@ async def swarm_node(host: Any, identity: Identity, *, server: bool, fault: str 
     dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False)
     dht.register_validator(records.NAMESPACE, _validator())
     _guard_providers(dht)
+    _guard_values(dht)
     if fault == "fake-providers":
         _fake_providers(dht)
     if server:

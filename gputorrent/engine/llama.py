@@ -32,6 +32,7 @@ from typing import Any
 
 from ..wire import ChatMessage, chunk_end, reusable_prefix
 from .base import EngineError, Failed, Finished, Job, Load, Tokens
+from .threads import ThreadTuner
 
 N_BATCH = 512
 
@@ -128,6 +129,7 @@ class LlamaRuntime:
         cparams.kv_unified = False  # a fixed window per slot
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = n_threads_batch or self.n_threads  # prompt chunks (and batched steps)
+        self._n_threads_batch = cparams.n_threads_batch
         cparams.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=verbose)
         self._batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=verbose)
@@ -207,6 +209,8 @@ class LlamaEngine(LlamaRuntime):
         # failover resume's prompt on the peer that served it before).
         self._cached: dict[int, list[int]] = {}
         self.reused_tokens = 0  # prompt positions taken from the cache (metrics, tests)
+        self.tuner = ThreadTuner(self.n_threads)  # decode threads by measured speed (engine/threads.py)
+        self._threads_set: tuple[int, int] = (self.n_threads, self._n_threads_batch)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
@@ -311,7 +315,13 @@ class LlamaEngine(LlamaRuntime):
         """
         running = [s for s in self._active.values() if s.pos >= len(s.job.prompt_ids)]
         if running:
+            n = self.tuner.choose()
+            self._use_threads(n, n)  # a step of several rows runs on the batch threads: both
+            t = time.perf_counter()
             self._decode_safely(running, 1)
+            self.tuner.record(n, time.perf_counter() - t, len(running))
+        if any(s.pos < len(s.job.prompt_ids) for s in self._active.values()):
+            self._use_threads(self.n_threads, self._n_threads_batch)
         # A prompt's chunks end on wire.chunk_end's borders, never on what else waits or what
         # was cached: a resumed or cached prompt is computed as the first was.
         budget = N_BATCH
@@ -321,6 +331,11 @@ class LlamaEngine(LlamaRuntime):
                 if fed == 0:
                     break
                 budget -= fed
+
+    def _use_threads(self, n: int, n_batch: int) -> None:
+        if self._threads_set != (n, n_batch):
+            self._ll.llama_set_n_threads(self._ctx.ctx, n, n_batch)
+            self._threads_set = (n, n_batch)
 
     def _decode_safely(self, seqs: list[_Seq], limit: int) -> int:
         """``_decode``, and when llama.cpp fails, fail only the sequence that caused it: the

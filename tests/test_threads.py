@@ -1,0 +1,81 @@
+"""Decode threads follow what they measure (engine/threads.py), and the answer never depends on them."""
+
+from __future__ import annotations
+
+import trio
+
+from gputorrent.engine import Finished, Tokens
+from gputorrent.engine.llama import LlamaEngine
+from gputorrent.engine.streaming import EventChannel
+from gputorrent.engine.threads import EXPLORE_EVERY, ThreadTuner
+from gputorrent.wire import Params
+
+
+def drive(tuner: ThreadTuner, cost_of, steps: int) -> list[int]:
+    used = []
+    for _ in range(steps):
+        n = tuner.choose()
+        used.append(n)
+        tuner.record(n, cost_of(n), rows=2)
+    return used
+
+
+def test_the_tuner_follows_a_change_of_load_both_ways():
+    tuner = ThreadTuner(2)
+    assert tuner.options == [1, 2]
+    idle = {1: 0.014, 2: 0.010}  # two threads faster, as on a quiet machine
+    used = drive(tuner, idle.__getitem__, 4 * EXPLORE_EVERY)
+    assert tuner.best == 2 and used[-EXPLORE_EVERY:].count(2) > 0.9 * EXPLORE_EVERY
+    busy = {1: 0.020, 2: 0.300}  # other processes on the cores: the barrier spins
+    used = drive(tuner, busy.__getitem__, 4 * EXPLORE_EVERY)
+    assert tuner.best == 1 and used[-EXPLORE_EVERY:].count(1) > 0.9 * EXPLORE_EVERY
+    used = drive(tuner, idle.__getitem__, 6 * EXPLORE_EVERY)
+    assert tuner.best == 2
+
+
+def test_one_core_has_nothing_to_choose():
+    tuner = ThreadTuner(1)
+    assert drive(tuner, lambda n: 0.01, 100) == [1] * 100
+
+
+class Flip(ThreadTuner):
+    """A new thread count every step: the worst a tuner could do to an answer."""
+
+    def choose(self) -> int:
+        self._step += 1
+        return 1 + self._step % 2
+
+
+def test_answers_do_not_depend_on_the_thread_count(model_path):
+    prompts = ["The quick brown fox", "Once upon a time", "List three colours:", "def fib(n):"]
+
+    def answers(tuner: ThreadTuner | None) -> dict[str, list[int]]:
+        eng = LlamaEngine(model_path, slots=4, n_ctx=512, n_threads=2)
+        if tuner is not None:
+            eng.tuner = tuner
+        out: dict[str, list[int]] = {}
+
+        async def one(p: str) -> None:
+            ch, ids = EventChannel(), []
+            eng.submit(eng.make_job(eng.encode_prompt(p), Params(max_tokens=40, temperature=0.0), ch.emit))
+            async for ev in ch:
+                if isinstance(ev, Tokens):
+                    ids += ev.ids
+                if isinstance(ev, Finished):
+                    break
+            out[p] = ids
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                for p in prompts:
+                    n.start_soon(one, p)
+
+        try:
+            trio.run(main)
+        finally:
+            eng.close()
+        return out
+
+    steady = answers(None)
+    assert all(len(ids) > 10 for ids in steady.values())
+    assert answers(Flip(2)) == steady
