@@ -16,7 +16,7 @@ GPU_CMAKE_metal := -DGGML_METAL=on
 GPU_CMAKE_vulkan := -DGGML_VULKAN=on
 LLAMA_CPP_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
-.PHONY: install model demo lint test nat-deps bench bench-anchor clean
+.PHONY: install model demo lint test nat-deps bench bench-anchor gpu-bundle clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,20 @@ bench: model
 # The mesh beside llama.cpp's own server; builds llama-server once (~12 min on 2 cores).
 bench-anchor: model
 	$(PY) benchmarks/anchor.py
+
+# The GPU check (benchmarks/gpu/README.md): .gpu-kit/ (ignored by git) holds the kit's scripts, the
+# llama.cpp sources of the pinned llama-cpp-python, the demo model's tokenizer and the wheels the
+# GPU machine (no network) installs. Then: the device tool runs `bash .gpu-kit/run.sh` with carry
+# [".gpu-kit"]. Wheels that cannot be downloaded (fastecdsa for cp312) are taken from a kit already
+# on this machine (../shared/gpu-kit/whl) when there is one.
+gpu-bundle: model
+	rm -rf .gpu-kit && mkdir -p .gpu-kit/whl && cp -r benchmarks/gpu/. .gpu-kit/
+	if [ -d ../shared/gpu-kit/whl ]; then cp -n ../shared/gpu-kit/whl/*.whl .gpu-kit/whl/ 2>/dev/null || true; fi
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: $(LLAMA_CPP_PIN) -d .gpu-kit/.sdist
+	$(PY) .gpu-kit/remake_llama.py .gpu-kit/.sdist/*.tar.gz
+	$(PY) .gpu-kit/extract_tokenizer.py "$$($(GT) models info smollm2 --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["path"])')" .gpu-kit/tokenizer-smollm2.json.gz
+	rm -rf .gpu-kit/.sdist
+	bash .gpu-kit/prepare.sh --prune
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
