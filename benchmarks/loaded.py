@@ -71,7 +71,24 @@ def load_worker(serve_a: str, serve_b: str) -> None:
             except gputorrent.AskFailed:
                 await trio.sleep(0.1)
 
-    async def main() -> None:
+    async def three_node(env: dict, n: int) -> list[float]:
+    """``n`` fresh 3-node swarms: a bootstrap B1, a serve joined at B1, a second bootstrap B2
+    joined at B1, and an ask joining at B2 (it must find the serve through B1); ask totals."""
+    totals = []
+    for i in range(n):
+        with LocalSwarm() as s:
+            b1 = s.bootstrap("b1")
+            srv = s.spawn("serve", "--bootstrap", b1.addr)
+            b2 = s.start("b2", "--bootstrap", b1.addr, command="bootstrap")
+            srv.wait_ready(120)
+            a = timed([sys.executable, "-m", "gputorrent.cli", "ask", QUESTION, "--bootstrap", b2.addr, "--no-mdns",
+                       "--max-tokens", "8", "--json"], {**env, "XDG_DATA_HOME": f"{env['XDG_DATA_HOME']}-3n{i}"})
+            totals.append(a["total"] if a["rc"] == 0 else float("inf"))
+            print(f"3-node swarm {i + 1}/{n}: ask {a['total']:.2f}s {'' if a['rc'] == 0 else 'FAILED'}", flush=True)
+    return totals
+
+
+def main() -> None:
         async with gputorrent.Swarm(mdns=False, peers=[serve_a], identity=Identity.generate()) as swarm:
             async with trio.open_nursery() as n:
                 for _ in range(4):
@@ -117,6 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=30, help="peers+ask pairs per condition")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--swarms", type=int, default=12, help="fresh 3-node swarms, each asked once, twice over")
     ap.add_argument("--load-worker", nargs=2, metavar=("SERVE_A", "SERVE_B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load_worker:
@@ -126,6 +144,7 @@ def main() -> None:
     env = {**os.environ, "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
            "GPUTORRENT_MDNS": "no", "PYTHONUNBUFFERED": "1"}
     results = {}
+    rounds = [three_node(env, args.swarms) for _ in range(2)]
     with LocalSwarm() as mine, LocalSwarm() as busy:
         boot = mine.bootstrap("boot")
         mine.start("serve", "--bootstrap", boot.addr)
@@ -156,7 +175,10 @@ at one, fuzz frames at the other). Seconds, p50 / p95 / max.
 |---|---|---|---|---|---|
 {rows}
 
-Targets: loaded ask total p95 <= 3 s, max <= 5 s; answer to exit p95 <= 0.5 s."""
+{args.swarms} fresh 3-node swarms (bootstrap B1, a serve joined at B1, bootstrap B2 joined at B1, the ask
+joining at B2), twice: {", ".join(f"{sum(t <= 5 for t in r)} of {len(r)} within 5 s (max {max(r):.2f} s)" for r in rounds)}.
+
+Targets: loaded ask total p95 <= 3 s, max <= 5 s; answer to exit p95 <= 0.5 s; every 3-node ask within 5 s."""
     print(body)
     if not args.no_write:
         write_section("loaded", body)
