@@ -71,24 +71,7 @@ def load_worker(serve_a: str, serve_b: str) -> None:
             except gputorrent.AskFailed:
                 await trio.sleep(0.1)
 
-    async def three_node(env: dict, n: int) -> list[float]:
-    """``n`` fresh 3-node swarms: a bootstrap B1, a serve joined at B1, a second bootstrap B2
-    joined at B1, and an ask joining at B2 (it must find the serve through B1); ask totals."""
-    totals = []
-    for i in range(n):
-        with LocalSwarm() as s:
-            b1 = s.bootstrap("b1")
-            srv = s.spawn("serve", "--bootstrap", b1.addr)
-            b2 = s.start("b2", "--bootstrap", b1.addr, command="bootstrap")
-            srv.wait_ready(120)
-            a = timed([sys.executable, "-m", "gputorrent.cli", "ask", QUESTION, "--bootstrap", b2.addr, "--no-mdns",
-                       "--max-tokens", "8", "--json"], {**env, "XDG_DATA_HOME": f"{env['XDG_DATA_HOME']}-3n{i}"})
-            totals.append(a["total"] if a["rc"] == 0 else float("inf"))
-            print(f"3-node swarm {i + 1}/{n}: ask {a['total']:.2f}s {'' if a['rc'] == 0 else 'FAILED'}", flush=True)
-    return totals
-
-
-def main() -> None:
+    async def main() -> None:
         async with gputorrent.Swarm(mdns=False, peers=[serve_a], identity=Identity.generate()) as swarm:
             async with trio.open_nursery() as n:
                 for _ in range(4):
@@ -128,6 +111,23 @@ def summary(rows: list[dict]) -> dict:
 
     return {"n": len(rows), "failed": len(rows) - len(ok), "ask": stats("ask_s", rows), "ttft": stats("ttft_s", ok),
             "exit": stats("out_to_exit_s", rows), "peers": stats("peers_s", rows)}
+
+
+def three_node(env: dict, n: int) -> list[float]:
+    """``n`` fresh 3-node swarms: a bootstrap B1, a serve joined at B1, a second bootstrap B2
+    joined at B1, and an ask joining at B2 (it must find the serve through B1); ask totals."""
+    totals = []
+    for i in range(n):
+        with LocalSwarm() as s:
+            b1 = s.bootstrap("b1")
+            srv = s.spawn("serve", "--bootstrap", b1.addr)
+            b2 = s.start("b2", "--bootstrap", b1.addr, command="bootstrap")
+            srv.wait_ready(120)
+            a = timed([sys.executable, "-m", "gputorrent.cli", "ask", QUESTION, "--bootstrap", b2.addr, "--no-mdns",
+                       "--max-tokens", "8", "--json"], {**env, "XDG_DATA_HOME": f"{env['XDG_DATA_HOME']}-3n{i}"})
+            totals.append(a["total"] if a["rc"] == 0 else float("inf"))
+            print(f"3-node swarm {i + 1}/{n}: ask {a['total']:.2f}s {'' if a['rc'] == 0 else 'FAILED'}", flush=True)
+    return totals
 
 
 def main() -> None:
