@@ -169,3 +169,43 @@ async def test_forged_replayed_and_expired_adverts_are_refused_by_remote_peers(d
         assert await node.get_advert(forger.peer_id) is None
         with pytest.raises(records.RecordError):  # local puts run the same validator
             await node.dht.put_value(key, body)
+
+
+def test_request_deadlines_follow_the_measured_round_trips():
+    """A quiet machine keeps the 1 s floor; answers measured at ~1.5 s (a loaded machine) stretch
+    the deadline past them, so slow but live peers are not cut off and marked suspect; never past
+    the ceiling."""
+    from gputorrent.dht.walk import RoundTrips
+
+    rt = RoundTrips(floor=1.0, ceiling=5.0)
+    assert rt.timeout == 1.0
+    for _ in range(20):
+        rt.add(0.005)
+    assert rt.timeout == 1.0
+    for _ in range(20):
+        rt.add(1.5)
+    assert 1.5 < rt.timeout <= 5.0
+    for _ in range(20):
+        rt.add(30.0)
+    assert rt.timeout == 5.0
+
+
+async def test_a_walk_keeps_peers_slower_than_the_floor_once_slowness_is_measured(autojump_clock):
+    """In virtual time: peers answering in 1.5 s are lost to a fixed 1 s deadline and kept by the
+    measured one."""
+    import trio
+
+    from gputorrent.dht.walk import RoundTrips, walk
+
+    async def slow(peer):
+        await trio.sleep(1.5)
+        return []
+
+    fixed = await walk(list(range(5)), slow, sorted, query_timeout=1.0, lookup_timeout=4.0)
+    assert fixed.responded == [] and len(fixed.timed_out) == 5
+    rt = RoundTrips(floor=1.0, ceiling=5.0)
+    for _ in range(3):
+        rt.add(1.5)
+    adaptive = await walk(list(range(5)), slow, sorted, query_timeout=rt.timeout,
+                          lookup_timeout=4.0 * rt.timeout, on_answer=rt.add)
+    assert sorted(adaptive.responded) == list(range(5))

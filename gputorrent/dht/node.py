@@ -1,7 +1,8 @@
 """Swarm membership over py-libp2p's Kademlia DHT: join, announce, look up.
 
 Every network wait here has its own short deadline and keeps what it already has: one DHT
-request waits ``QUERY_TIMEOUT_S``, one lookup ``LOOKUP_TIMEOUT_S``, one store ``STORE_TIMEOUT_S``.
+request waits ``QUERY_TIMEOUT_S`` (more when this node measures slower answers: walk.RoundTrips),
+one lookup ``LOOKUP_TIMEOUT_S``, one store ``STORE_TIMEOUT_S``.
 py-libp2p's own lookups wait up to 10 s for each peer and throw away what they had received
 when cut short, so one hung peer (a laptop gone to sleep) hid the whole swarm: every lookup,
 put and provide here is our own walk (``_walk``) over py-libp2p's single-peer requests.
@@ -38,11 +39,12 @@ import trio
 from ..identity import Identity
 from . import records
 from .records import Advert, RecordError
-from .walk import K, Walked, walk
+from .walk import K, RoundTrips, Walked, walk
 
 log = logging.getLogger("gputorrent.dht")
 
-QUERY_TIMEOUT_S = 1.0  # one peer's answer to one request (loopback: ~5 ms; a continent: ~300 ms)
+QUERY_TIMEOUT_S = 1.0  # one peer's answer to one request, at least (loopback: ~5 ms; a continent: ~300 ms)
+QUERY_TIMEOUT_MAX_S = 5.0  # at most, however slow the measured round trips (walk.RoundTrips)
 SLOW_QUERY_TIMEOUT_S = 3.0  # the same, once more, when no peer at all answered within the first
 LOOKUP_TIMEOUT_S = 4.0  # one whole walk; what it found by then is kept
 STORE_TIMEOUT_S = 2.0  # one PUT_VALUE or ADD_PROVIDER to one peer
@@ -90,6 +92,7 @@ class SwarmNode:
         self.last_walk: Walked | None = None  # what the latest walk did (benchmarks read its hops)
         self.on_timing: Callable[[str, float], None] = lambda what, seconds: None  # "announce"/"lookup" (metrics)
         self.reach: Any = None  # peer.node.Reach of a listening node: what its adverts may say
+        self.round_trips = RoundTrips(QUERY_TIMEOUT_S, QUERY_TIMEOUT_MAX_S)  # request deadlines follow them
 
     def _known_addrs(self, peer: Any) -> list[Any]:
         try:
@@ -275,11 +278,12 @@ class SwarmNode:
         peer: one of those still leaves the others), once more, with a longer deadline."""
         t = trio.current_time()
         timed_out: list[Any] = []
-        responded = await self._walk_once(key_bytes, query, enough, QUERY_TIMEOUT_S, timed_out)
+        first = self.round_trips.timeout
+        responded = await self._walk_once(key_bytes, query, enough, first, timed_out)
         if not responded and timed_out:
             for peer in timed_out:
                 self._suspect.pop(peer, None)
-            responded = await self._walk_once(key_bytes, query, enough, SLOW_QUERY_TIMEOUT_S, [])
+            responded = await self._walk_once(key_bytes, query, enough, max(first, SLOW_QUERY_TIMEOUT_S), [])
         self.on_timing("lookup", trio.current_time() - t)
         return responded
 
@@ -296,7 +300,8 @@ class SwarmNode:
             known = [p for p in self.host.get_connected_peers() if p != me]
         walked = await walk(known, query, functools.partial(sort_peer_ids_by_distance, key_bytes), me=me,
                             enough=enough, is_suspect=self._is_suspect, query_timeout=query_timeout,
-                            lookup_timeout=LOOKUP_TIMEOUT_S)
+                            lookup_timeout=LOOKUP_TIMEOUT_S * query_timeout / QUERY_TIMEOUT_S,
+                            on_answer=self.round_trips.add)
         for peer in walked.timed_out:
             self._suspect[peer] = trio.current_time() + SUSPECT_S
         timed_out.extend(walked.timed_out)
@@ -365,7 +370,7 @@ class SwarmNode:
             # The owner holds its own newest advert; ask it too (when we know its address),
             # alongside the walk: a copy that missed the closest peers is still found.
             nonlocal copies
-            with trio.move_on_after(QUERY_TIMEOUT_S):
+            with trio.move_on_after(self.round_trips.timeout):
                 try:
                     copies += consider(await self.dht.value_store._get_from_peer(owner, key_bytes))
                 except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed get; the other copies count)
@@ -407,7 +412,7 @@ class SwarmNode:
             if ad is not None:
                 out.append(ad)
 
-        with trio.move_on_after(FETCH_TIMEOUT_S):
+        with trio.move_on_after(FETCH_TIMEOUT_S * self.round_trips.timeout / QUERY_TIMEOUT_S):
             async with trio.open_nursery() as n:
                 for pid in dict.fromkeys(peer_ids):
                     n.start_soon(one, pid)
