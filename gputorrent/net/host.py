@@ -274,12 +274,7 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
                 await host.connect(infos[0])  # already connected: waits until it is ready
                 return peer.to_base58()
             # Connected through a relay the caller no longer offers (it failed): a new path.
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                try:
-                    await host.disconnect(peer)
-                except Exception:  # noqa: BLE001, S110 (already gone: all the better)
-                    pass
+            await _disconnect(host, peer)
         # Only closed connections left (the other side went away): py-libp2p would keep
         # answering "no valid connections" without dialing again.
         network.connections.pop(peer, None)
@@ -382,14 +377,20 @@ async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:
     except Exception as exc:
         if not _connection_dead(host, pid, exc):
             raise  # e.g. a protocol negotiation that timed out: other streams on it are fine
-        with trio.move_on_after(1) as cleanup:
-            cleanup.shield = True
-            try:
-                await host.disconnect(pid)
-            except Exception:  # noqa: BLE001, S110 (already gone: all the better)
-                pass
+        await _disconnect(host, pid)
         host.get_network().connections.pop(pid, None)
         return await host.new_stream(pid, list(protocols))
+
+
+async def _disconnect(host: Any, pid: Any) -> None:
+    """Drop the connection to ``pid``, even while the caller is being cancelled, for at most 1 s;
+    one already gone is no error."""
+    with trio.move_on_after(1) as cleanup:
+        cleanup.shield = True
+        try:
+            await host.disconnect(pid)
+        except Exception:  # noqa: BLE001, S110 (already gone: all the better)
+            pass
 
 
 def _connection_dead(host: Any, pid: Any, exc: BaseException) -> bool:
