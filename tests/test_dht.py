@@ -209,3 +209,50 @@ async def test_a_walk_keeps_peers_slower_than_the_floor_once_slowness_is_measure
     adaptive = await walk(list(range(5)), slow, sorted, query_timeout=rt.timeout,
                           lookup_timeout=4.0 * rt.timeout, on_answer=rt.add)
     assert sorted(adaptive.responded) == list(range(5))
+
+
+async def test_late_answers_count_and_only_silence_is_a_timeout(autojump_clock):
+    """In virtual time: a request past its deadline frees its place in the walk but is still
+    waited for, so peers answering at 1.5 s (a loaded machine, before any slowness is measured)
+    are kept and not reported timed out; a peer silent past the late deadline is."""
+    import trio
+
+    from gputorrent.dht.walk import walk
+
+    async def query(peer):
+        await trio.sleep(1.5 if peer < 5 else 100)
+        return []
+
+    t = trio.current_time()
+    walked = await walk(list(range(6)), query, sorted, query_timeout=1.0, late_timeout=2.0, lookup_timeout=8.0)
+    assert sorted(walked.responded) == list(range(5)) and walked.timed_out == [5]
+    assert trio.current_time() - t <= 3.5  # the silent one cost its late deadline, not the lookup's
+
+
+def test_one_timeout_is_not_enough_to_leave_a_peer_out():
+    """A fresh requester on a loaded machine waited 2-3 s for its first answers and its first walk
+    made every peer a suspect for 30 s; a suspect now takes two timeouts in a row."""
+    import trio
+
+    from gputorrent.dht.node import SwarmNode
+
+    async def main():
+        node = SwarmNode(None, Identity.generate(), None)
+        node._strike("a")
+        assert not node._is_suspect("a")
+        node._strike("a")
+        assert node._is_suspect("a")
+
+    trio.run(main)
+
+
+async def test_an_advert_is_asked_of_its_owner_first(dht_swarm):
+    """One request to the owner instead of a walk: fetching a lookup's adverts by walks sent
+    ~70 requests at once and slowed a loaded swarm past every deadline."""
+    boot, peers = dht_swarm
+    async with Requester(boot.addr) as node:
+        assert {p.peer_id for p in peers} <= set(await node.find_providers(records.provider_key("alias", "smollm2")))
+        node.last_walk = None
+        ad = await node.get_advert(peers[1].peer_id)
+        assert ad is not None and ad.peer_id == peers[1].peer_id
+        assert node.last_walk is None  # no walk was needed

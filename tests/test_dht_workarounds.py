@@ -223,3 +223,74 @@ async def test_an_expired_advert_is_not_served():
         await trio.sleep(0.6)  # the advert's own expiry passing (wall clock), not synchronisation
         assert await asker.dht.value_store._get_from_peer(peer, key.encode()) is None
         assert key.encode() not in nodes[1].dht.value_store.store
+
+
+async def test_askers_stay_out_of_the_routing_tables_of_the_peers_they_ask():
+    """py-libp2p adds every peer that sends a DHT request to its routing table; requesters are
+    DHT clients that come and go, so each one that ever asked stayed in the tables, dead once it
+    left, and walks and crawls spent requests on a growing list of gone askers."""
+    key = records.provider_key("alias", "client-test")
+    async with AsyncExitStack() as stack:
+        nodes, _ = await _swarm(stack, 3)
+        ident = Identity.generate()  # a requester that listens (as `ask` does, for hole punching)
+        host = await stack.enter_async_context(running_host(ident, ["/ip4/127.0.0.1/tcp/0"]))
+        asker = await stack.enter_async_context(swarm_node(host, ident, server=False))
+        assert await asker.join([full_addrs(nodes[0].host)[0]]) == 1
+        await nodes[1].provide(key)
+        assert nodes[1].identity.peer_id in await asker.find_providers(key)
+        assert set(asker.last_walk.responded) >= {n.host.get_id() for n in nodes}  # it asked every one
+        for node in nodes:
+            assert not node.dht.routing_table.peer_in_table(host.get_id())
+        for node in nodes[1:]:  # servers are still added
+            assert nodes[0].dht.routing_table.peer_in_table(node.host.get_id())
+
+
+async def test_a_peer_known_before_its_dht_ran_is_added_once_it_serves():
+    """A serving peer connects to its bootstrap peers (reachability probes) before its DHT
+    runs, so what identify told them lacks the DHT protocol; they must look again when it
+    sends DHT requests, or it stays out of every table and nobody's walk finds it."""
+    from gputorrent.net.host import connect
+
+    async with AsyncExitStack() as stack:
+        nodes, _ = await _swarm(stack, 1)
+        ident = Identity.generate()
+        host = await stack.enter_async_context(running_host(ident, ["/ip4/127.0.0.1/tcp/0"]))
+        import trio
+
+        await connect(host, full_addrs(nodes[0].host)[0])
+        await nodes[0].host._identify_peer(host.get_id(), reason="test")  # as a dial-back does: no DHT yet
+        assert "/ipfs/kad/1.0.0" not in nodes[0].host.get_peerstore().get_protocols(host.get_id())
+        late = await stack.enter_async_context(swarm_node(host, ident, server=True))
+        assert await late.join([full_addrs(nodes[0].host)[0]]) == 1
+        with trio.fail_after(5):  # added after its first DHT stream
+            while not nodes[0].dht.routing_table.peer_in_table(host.get_id()):
+                await trio.sleep(0.05)
+
+
+async def test_many_requests_to_one_peer_at_once_all_get_their_answer():
+    """A DHT server serves 8 streams per peer and resets the rest, which py-libp2p reports as an
+    empty answer ("no copy"): fetching a lookup's adverts sent one peer 14 requests at once and
+    half came back empty. Ours keep at most 4 open at one peer."""
+    import trio
+
+    async with AsyncExitStack() as stack:
+        nodes, asker = await _swarm(stack, 1)
+        target = nodes[0]
+        ad = advert(target.identity)
+        key = records.advert_key(ad.peer_id).encode()
+        await target.put_value(key.decode(), records.sign_advert(target.identity, ad))
+        peer = target.host.get_id()
+
+        async def burst(ask) -> int:
+            got = []
+
+            async def one():
+                got.append(await ask(lambda p: asker.dht.value_store._get_from_peer(p, key)))
+
+            async with trio.open_nursery() as n:
+                for _ in range(14):
+                    n.start_soon(one)
+            return sum(bool(v) for v in got)
+
+        assert await burst(lambda request: request(peer)) < 14  # raw: some are reset, reported empty
+        assert await burst(lambda request: asker._ask(peer, request)) == 14

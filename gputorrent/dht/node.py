@@ -16,7 +16,9 @@ Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht_workarounds.py:
 - ``get_value`` likewise returns a local copy without asking the network; advert lookups go to
   the network and keep the local copy only if nothing newer is found.
 - Inbound DHT streams: py-libp2p serves 12 at once for everyone and never times one out, so
-  12 idle streams silenced a node; ours budget per peer and bound each stream's life.
+  12 idle streams silenced a node; ours budget per peer and bound each stream's life. It also
+  adds every sender to the routing table, DHT clients included (askers that come and go);
+  ours add only peers that identify shows serving the protocol.
 - Provider records: py-libp2p keeps the first 20 per key for 48 h (sybils sent first keep an
   honest provider out; the dead linger two days); ours keep 200, expire after 30 min without
   renewal, and answer with a random sample of 20.
@@ -26,11 +28,12 @@ Workarounds for py-libp2p 0.8.1, each tested in tests/test_dht_workarounds.py:
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -46,6 +49,8 @@ log = logging.getLogger("gputorrent.dht")
 QUERY_TIMEOUT_S = 1.0  # one peer's answer to one request, at least (loopback: ~5 ms; a continent: ~300 ms)
 QUERY_TIMEOUT_MAX_S = 5.0  # at most, however slow the measured round trips (walk.RoundTrips)
 SLOW_QUERY_TIMEOUT_S = 3.0  # the same, once more, when no peer at all answered within the first
+DIAL_TIMEOUT_S = 5.0  # a request that must connect first: dial, Noise, yamux, then the request
+LATE_FACTOR = 2.0  # a request past its deadline frees its place in the walk, and is waited for this many times as long
 LOOKUP_TIMEOUT_S = 4.0  # one whole walk; what it found by then is kept
 STORE_TIMEOUT_S = 2.0  # one PUT_VALUE or ADD_PROVIDER to one peer
 FETCH_TIMEOUT_S = 6.0  # fetching all the adverts of one lookup
@@ -58,7 +63,8 @@ PROVIDE_INTERVAL_S = 600.0
 # and walk again only every REWALK_S (simulated at 10,000 peers: docs/benchmarks.md).
 ADVERT_REPLICAS = 10
 REWALK_S = 600.0
-SUSPECT_S = 30.0  # a peer that let a request time out is left out of walks this long
+SUSPECT_S = 30.0  # a peer that let requests time out (STRIKES in a row) is left out of walks this long
+STRIKES = 2
 PROVIDERS_PER_KEY = 200  # provider records a DHT server keeps per key
 PROVIDER_TTL_S = 3 * PROVIDE_INTERVAL_S  # a provider that missed three renewals is gone
 
@@ -88,11 +94,13 @@ class SwarmNode:
         self.dht = dht
         self.server = server
         self._suspect: dict[Any, float] = {}  # peer -> trio time until which walks skip it
+        self._strikes: dict[Any, int] = {}  # peer -> requests it let time out since it last answered
         self._closest: dict[bytes, tuple[float, list[Any]]] = {}  # key -> (when walked, closest peers)
         self.last_walk: Walked | None = None  # what the latest walk did (benchmarks read its hops)
         self.on_timing: Callable[[str, float], None] = lambda what, seconds: None  # "announce"/"lookup" (metrics)
         self.reach: Any = None  # peer.node.Reach of a listening node: what its adverts may say
         self.round_trips = RoundTrips(QUERY_TIMEOUT_S, QUERY_TIMEOUT_MAX_S)  # request deadlines follow them
+        self._to_peer: dict[Any, trio.Semaphore] = {}  # our requests open at each peer (OUTBOUND_PER_PEER)
 
     def _known_addrs(self, peer: Any) -> list[Any]:
         try:
@@ -108,6 +116,47 @@ class SwarmNode:
             del self._suspect[peer]
             return False
         return True
+
+    @asynccontextmanager
+    async def _request_slot(self, peer: Any) -> AsyncIterator[None]:
+        """Hold one of our ``OUTBOUND_PER_PEER`` places at ``peer`` for one request. A DHT server
+        serves ``INBOUND_PER_PEER`` streams per peer and resets the rest, and py-libp2p turns a
+        reset into an empty answer: fetching a lookup's adverts (16 at once, each asking 5 peers)
+        sent one peer 14 requests at once, and half came back "no copy" in 60 ms."""
+        slot = self._to_peer.get(peer)
+        if slot is None:
+            slot = self._to_peer[peer] = trio.Semaphore(OUTBOUND_PER_PEER)
+        async with slot:
+            yield
+        if slot.value == OUTBOUND_PER_PEER and self._to_peer.get(peer) is slot:
+            del self._to_peer[peer]
+
+    def _late_for(self, query_timeout: float, peer: Any) -> float:
+        """How long a request to ``peer`` is waited for in all: past its deadline, and longer when
+        the request must dial first. On a loaded machine a fresh requester's first connections
+        took 2-3 s to set up, and its first walk marked every peer of the swarm suspect."""
+        try:
+            connected = bool(self.host.get_network().get_connections(peer))
+        except Exception:  # noqa: BLE001 (py-libp2p raises for a peer it has no record of)
+            connected = False
+        return _late(query_timeout) if connected else max(_late(query_timeout), DIAL_TIMEOUT_S)
+
+    async def _ask(self, peer: Any, request: Callable[[Any], Awaitable[Any]]) -> Any:
+        async with self._request_slot(peer):
+            return await request(peer)
+
+    def _strike(self, peer: Any) -> None:
+        """A request to ``peer`` timed out; the second in a row, with no answer between, makes
+        it a suspect for ``SUSPECT_S``. One strike is not enough: a fresh requester on a loaded
+        machine waited 2-3 s for its first answers (new connections), and its first walk made
+        every peer of the swarm a suspect, left out of walks for 30 s."""
+        self._strikes[peer] = self._strikes.get(peer, 0) + 1
+        if self._strikes[peer] >= STRIKES:
+            self._suspect[peer] = trio.current_time() + SUSPECT_S
+            del self._strikes[peer]
+        if len(self._strikes) > 4 * K * K:  # a rate limit, not a record: forget the oldest half
+            for old in list(self._strikes)[: len(self._strikes) // 2]:
+                del self._strikes[old]
 
     # --- joining ---------------------------------------------------------------------------
 
@@ -216,7 +265,7 @@ class SwarmNode:
             nonlocal stored
             with trio.move_on_after(STORE_TIMEOUT_S):
                 try:
-                    stored += bool(await store_one(peer))
+                    stored += bool(await self._ask(peer, store_one))
                 except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed store; one peer failing must not stop the rest)
                     log.debug("store at %s failed: %s", peer, exc)
 
@@ -234,7 +283,7 @@ class SwarmNode:
         async def store_at(peer: Any) -> None:
             with trio.move_on_after(STORE_TIMEOUT_S):
                 try:
-                    await self.dht.value_store._store_at_peer(peer, key_bytes, value)
+                    await self._ask(peer, lambda p: self.dht.value_store._store_at_peer(p, key_bytes, value))
                 except Exception as exc:  # noqa: BLE001 (best effort on the way out)
                     log.debug("goodbye to %s failed: %s", peer, exc)
 
@@ -273,44 +322,54 @@ class SwarmNode:
     # --- looking up ------------------------------------------------------------------------
 
     async def _walk(self, key_bytes: bytes, query: Callable[[Any], Any],
-                    enough: Callable[[], bool] = lambda: False) -> list[Any]:
+                    enough: Callable[[], bool] = lambda: False) -> Walked:
         """``_walk_once``; when nobody at all answered in time (a loaded machine, not a hung
         peer: one of those still leaves the others), once more, with a longer deadline."""
         t = trio.current_time()
         timed_out: list[Any] = []
         first = self.round_trips.timeout
-        responded = await self._walk_once(key_bytes, query, enough, first, timed_out)
-        if not responded and timed_out:
+        walked = await self._walk_once(key_bytes, query, enough, first, timed_out)
+        if not walked.responded and timed_out:
             for peer in timed_out:
                 self._suspect.pop(peer, None)
-            responded = await self._walk_once(key_bytes, query, enough, max(first, SLOW_QUERY_TIMEOUT_S), [])
+            walked = await self._walk_once(key_bytes, query, enough, max(first, SLOW_QUERY_TIMEOUT_S), [])
         self.on_timing("lookup", trio.current_time() - t)
-        return responded
+        return walked
 
     async def _walk_once(self, key_bytes: bytes, query: Callable[[Any], Any], enough: Callable[[], bool],
-                         query_timeout: float, timed_out: list[Any]) -> list[Any]:
+                         query_timeout: float, timed_out: list[Any]) -> Walked:
         """One walk (``dht/walk.py``) from this node's routing table; returns the closest peers
-        that answered, closest first. A peer that let its request time out (asleep, hung) is
-        left out of walks for ``SUSPECT_S``."""
+        that answered, closest first. A peer silent until its requests' late deadline twice in a
+        row (asleep, hung) is left out of walks for ``SUSPECT_S``."""
         from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 
         me = self.host.get_id()
         known = [p for p in self.dht.routing_table.find_local_closest_peers(key_bytes, K) if p != me]
         if not known:
             known = [p for p in self.host.get_connected_peers() if p != me]
-        walked = await walk(known, query, functools.partial(sort_peer_ids_by_distance, key_bytes), me=me,
+        by_distance = functools.partial(sort_peer_ids_by_distance, key_bytes)
+        walked = await walk(known, functools.partial(self._ask, request=query), by_distance, me=me,
                             enough=enough, is_suspect=self._is_suspect, query_timeout=query_timeout,
+                            late_timeout=functools.partial(self._late_for, query_timeout),
                             lookup_timeout=LOOKUP_TIMEOUT_S * query_timeout / QUERY_TIMEOUT_S,
                             on_answer=self.round_trips.add)
         for peer in walked.timed_out:
-            self._suspect[peer] = trio.current_time() + SUSPECT_S
+            self._strike(peer)
+        for peer in walked.responded:
+            self._strikes.pop(peer, None)
         timed_out.extend(walked.timed_out)
         self.last_walk = walked
-        return walked.responded
+        return walked
 
     async def closest_peers(self, key_bytes: bytes) -> list[Any]:
         """The ``K`` peers closest to a key that answered (FIND_NODE walk)."""
-        return await self._walk(key_bytes, lambda peer: self.dht.peer_routing._query_peer_for_closest(peer, key_bytes))
+        return (await self._walk_to(key_bytes)).responded
+
+    async def _walk_to(self, key_bytes: bytes) -> Walked:
+        return await self._walk(key_bytes, self._find_node(key_bytes))
+
+    def _find_node(self, key_bytes: bytes) -> Callable[[Any], Awaitable[Any]]:
+        return lambda peer: self.dht.peer_routing._query_peer_for_closest(peer, key_bytes)
 
     async def find_providers(self, key: str) -> list[str]:
         """Peer ids (base58) providing ``key``, deduplicated, ours and local records included,
@@ -338,9 +397,10 @@ class SwarmNode:
         return sorted(named, key=lambda p: -named[p])[:MAX_PROVIDERS]
 
     async def get_advert_value(self, peer_id: str) -> bytes | None:
-        """The newest valid signed advert of ``peer_id``: asked of the peers closest to its key
-        (a walk on GET_VALUE that ends once ``ENOUGH_ADVERTS`` of them returned a valid copy),
-        and the local copy; the highest sequence number wins."""
+        """The newest valid signed advert of ``peer_id``: asked of its owner when we know its
+        address, else (or when it does not answer) of the peers closest to its key (a walk on
+        GET_VALUE that ends once ``ENOUGH_ADVERTS`` of them returned a valid copy); the local
+        copy counts too, and the highest sequence number wins."""
         key = records.advert_key(peer_id)
         key_bytes = key.encode()
         now = time.time()
@@ -365,23 +425,21 @@ class SwarmNode:
             return closer
 
         owner = _id(peer_id)
-
-        async def from_owner() -> None:
-            # The owner holds its own newest advert; ask it too (when we know its address),
-            # alongside the walk: a copy that missed the closest peers is still found.
-            nonlocal copies
-            with trio.move_on_after(self.round_trips.timeout):
-                try:
-                    copies += consider(await self.dht.value_store._get_from_peer(owner, key_bytes))
-                except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed get; the other copies count)
-                    log.debug("advert from its owner %s failed: %s", peer_id, exc)
-
         local = self.dht.value_store.store.get(key_bytes)
         consider(local[0].value if local else None)
-        async with trio.open_nursery() as n:
-            if peer_id != self.identity.peer_id and self._known_addrs(owner) and not self._is_suspect(owner):
-                n.start_soon(from_owner)
-            await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)
+        if peer_id != self.identity.peer_id and self._known_addrs(owner) and not self._is_suspect(owner):
+            # The owner holds its own newest advert: one request instead of a walk. Fetching
+            # the adverts of a lookup walked for each (5 requests at once, 16 adverts at once)
+            # flooded a loaded machine's swarm, and answers slowed past every deadline.
+            with trio.move_on_after(self._late_for(self.round_trips.timeout, owner)) as timer:
+                try:
+                    if consider(await self._ask(owner, lambda p: self.dht.value_store._get_from_peer(p, key_bytes))):
+                        return best[0][1]
+                except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed get; the replicas have copies)
+                    log.debug("advert from its owner %s failed: %s", peer_id, exc)
+            if timer.cancelled_caught:
+                self._strike(owner)
+        await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)
         return best[0][1] if best else None
 
     async def get_advert(self, peer_id: str) -> Advert | None:
@@ -426,10 +484,11 @@ class SwarmNode:
         return [a for a in await self.get_adverts(ids) if a.live(now) and a.serves(spec)]
 
     async def crawl(self, rounds: int = 3) -> list[str]:
-        """Peer ids reachable through the DHT: the routing table, then lookups of random keys."""
+        """Peer ids reachable through the DHT: the routing table, then lookups of random keys
+        (every peer they named, asked or not: the advert fetch that follows checks each)."""
         seen = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
-        found = await _gather([lambda: self.closest_peers(os.urandom(32)) for _ in range(rounds)])
-        seen.update(p.to_base58() for peers in found for p in peers)
+        found = await _gather([functools.partial(self._walk_to, os.urandom(32)) for _ in range(rounds)])
+        seen.update(p.to_base58() for walked in found for p in walked.seen)
         seen.discard(self.identity.peer_id)
         return sorted(seen)
 
@@ -440,6 +499,11 @@ class SwarmNode:
         ids = providers + crawled
         now = time.time()
         return sorted((a for a in await self.get_adverts(ids) if a.live(now)), key=lambda a: a.peer_id)
+
+
+def _late(query_timeout: float) -> float:
+    """How long a request past its deadline is still waited for (``walk``'s ``late_timeout``)."""
+    return max(query_timeout, min(LATE_FACTOR * query_timeout, QUERY_TIMEOUT_MAX_S))
 
 
 def _id(peer_id: str) -> Any:
@@ -466,6 +530,9 @@ def _looks_like_id(spec: str) -> bool:
 
 
 INBOUND_PER_PEER = 8  # DHT streams one peer may hold open on us at once
+IDENTIFY_S = 2.0  # identifying a peer that sent us a DHT request, before adding it to the table
+REIDENTIFY_S = 300.0  # a DHT client is identified again at most this often
+OUTBOUND_PER_PEER = 4  # our DHT requests open at one peer at once: within its INBOUND_PER_PEER, with room to spare
 INBOUND_TOTAL = 64  # DHT streams open on us at once, all peers together
 INBOUND_STREAM_S = 10.0  # one inbound DHT stream's whole life: requests are one round trip
 
@@ -484,6 +551,8 @@ def _guard_inbound(host: Any, dht: Any, *, silent: bool = False) -> None:
     per_peer: dict[Any, int] = {}
     total = trio.CapacityLimiter(INBOUND_TOTAL)
     dht.gt_inbound = per_peer  # streams held per peer, for tests and status
+    identified: dict[Any, float] = {}  # peer -> when we last identified it (_identified_as_server)
+    _table_only_servers(host, dht)
 
     async def never_answer(stream: Any) -> None:  # fault injection: a node that hangs every lookup
         try:
@@ -501,15 +570,75 @@ def _guard_inbound(host: Any, dht: Any, *, silent: bool = False) -> None:
         try:
             async with total:
                 with trio.move_on_after(INBOUND_STREAM_S) as timer:
-                    await dht._do_handle_stream(stream)
+                    token = _inbound.set(True)
+                    try:
+                        await dht._do_handle_stream(stream)
+                    finally:
+                        _inbound.reset(token)
                 if timer.cancelled_caught:
                     await _reset_quietly(stream)
+            if not dht.routing_table.peer_in_table(peer) and await _identified_as_server(host, peer, identified):
+                await dht.add_peer(peer, skip_server_mode_check=True)
         finally:
             per_peer[peer] -= 1
             if not per_peer[peer]:
                 del per_peer[peer]
 
     host.set_stream_handler(PROTOCOL_ID, never_answer if silent else handle)
+
+
+_inbound: contextvars.ContextVar[bool] = contextvars.ContextVar("gt_dht_inbound", default=False)
+
+
+def _speaks_kad(host: Any, peer: Any) -> bool:
+    """Whether identify says ``peer`` serves the DHT (a server; clients do not offer it)."""
+    from libp2p.kad_dht.kad_dht import PROTOCOL_ID
+
+    try:
+        return str(PROTOCOL_ID) in (host.get_peerstore().get_protocols(peer) or ())
+    except Exception:  # noqa: BLE001 (py-libp2p raises for a peer it has no record of)
+        return False
+
+
+async def _identified_as_server(host: Any, peer: Any, asked: dict[Any, float]) -> bool:
+    """``_speaks_kad``, after identifying ``peer`` again when what we know does not say so (at
+    most once per ``REIDENTIFY_S``; ``asked`` holds when). What identify said can be stale: a
+    serving peer connects to its bootstrap peers (reachability probes) before its DHT runs, so
+    they knew it without the protocol and never added it to their tables."""
+    if _speaks_kad(host, peer):
+        return True
+    now = trio.current_time()
+    if now - asked.get(peer, -REIDENTIFY_S) < REIDENTIFY_S:
+        return False
+    asked[peer] = now
+    if len(asked) > 4 * INBOUND_TOTAL:  # forget the oldest: this is a rate limit, not a record
+        for old in sorted(asked, key=asked.__getitem__)[: len(asked) // 2]:
+            del asked[old]
+    with trio.move_on_after(IDENTIFY_S):
+        try:
+            await host._identify_peer(peer, reason="gputorrent-dht-inbound")
+        except Exception as exc:  # noqa: BLE001 (a peer that cannot be identified is not added)
+            log.debug("identify of %s failed: %s", peer, exc)
+    return _speaks_kad(host, peer)
+
+
+def _table_only_servers(host: Any, dht: Any) -> None:
+    """Keep DHT clients out of the routing table.
+
+    py-libp2p adds every peer that sends it a DHT request ("they MUST support KAD server mode"),
+    but requesters (``ask``, ``peers``, the gateway) run the DHT as clients and come and go: each
+    one that asked stayed in the tables of the peers it asked, dead once it left, so walks and
+    crawls spent requests and advert fetches on a growing list of gone askers. A sender is added
+    here once identify shows it serves the protocol (the inbound handler checks after each
+    stream, when identify has had the time to run)."""
+    original = dht.add_peer
+
+    async def add_peer(peer: Any, *, skip_server_mode_check: bool = False) -> bool:
+        if _inbound.get() and not _speaks_kad(host, getattr(peer, "peer_id", peer)):
+            return False
+        return await original(peer, skip_server_mode_check=skip_server_mode_check)
+
+    dht.add_peer = add_peer
 
 
 def _guard_providers(dht: Any) -> None:

@@ -54,6 +54,7 @@ class Walked:
     (1: it was known before the walk)."""
 
     responded: list[Any] = field(default_factory=list)
+    seen: list[Any] = field(default_factory=list)  # every peer known by the end (asked or not)
     asked: int = 0
     hops: int = 0
     timed_out: list[Any] = field(default_factory=list)
@@ -69,6 +70,7 @@ async def walk(
     is_suspect: Callable[[Any], bool] = lambda _p: False,
     query_timeout: float,
     lookup_timeout: float,
+    late_timeout: float | Callable[[Any], float] | None = None,
     on_answer: Callable[[float], None] = lambda _seconds: None,
 ) -> Walked:
     """Keep ``ALPHA`` requests in flight to the closest peers not yet asked, learn closer peers
@@ -76,52 +78,75 @@ async def walk(
     ``enough()``). ``query(peer)`` returns the closer peers a peer names (and keeps whatever
     else it learns on the side); ``closest_first`` orders peers by distance to the key.
 
-    A sliding window, not rounds: one slow peer never holds up the others. Each request has
-    ``query_timeout`` and the walk ``lookup_timeout``, and whatever answered by then is kept:
-    a hung peer costs one short timeout. Peers for which ``is_suspect`` holds are asked only
-    when nobody else is known (a requester whose one contact is the bootstrap must ask it).
+    A sliding window, not rounds: one slow peer never holds up the others. A request past
+    ``query_timeout`` gives its place in the window to the next peer but stays open until
+    ``late_timeout`` (default: the same; a function of the peer, when peers differ: one not yet
+    connected to costs a dial first), and a late answer counts like any other: on a loaded
+    machine answers came in at 1-3 s, and cutting them off at the deadline lost the records
+    they held and marked live peers suspect (a lookup found 2 of 10 adverts). Only a peer
+    silent until ``late_timeout`` is reported timed out. The walk has ``lookup_timeout`` in
+    all; whatever answered by then is kept. Peers for which ``is_suspect`` holds are asked
+    only when nobody else is known (a requester whose one contact is the bootstrap must ask it).
     """
     known = [p for p in known if p != me]
     depth = {p: 1 for p in known}
     asked: set[Any] = set()
+    holding: set[Any] = set()  # requests that hold a place in the window
+    late: set[Any] = set()  # requests past query_timeout, still waited for
     out = Walked()
-    answered, answers = trio.open_memory_channel[None](math.inf)
+    changed, changes = trio.open_memory_channel[None](math.inf)
+
+    def hard_of(peer: Any) -> float:
+        late = late_timeout(peer) if callable(late_timeout) else late_timeout
+        return max(query_timeout, late or 0.0)
+
+    async def give_up_place(peer: Any) -> None:
+        await trio.sleep(query_timeout)
+        holding.discard(peer)
+        late.add(peer)
+        changed.send_nowait(None)
 
     async def ask(peer: Any) -> None:
+        hard = hard_of(peer)
         try:
-            with trio.move_on_after(query_timeout) as timer:
-                t = trio.current_time()
-                closer = await query(peer)
-                on_answer(trio.current_time() - t)
-                out.responded.append(peer)
-                for c in list(closer or ())[:K]:
-                    if c != me and c not in depth:
-                        depth[c] = depth[peer] + 1
-                        known.append(c)
+            async with trio.open_nursery() as inner:
+                if hard > query_timeout:
+                    inner.start_soon(give_up_place, peer)
+                with trio.move_on_after(hard) as timer:
+                    t = trio.current_time()
+                    closer = await query(peer)
+                    on_answer(trio.current_time() - t)
+                    out.responded.append(peer)
+                    for c in list(closer or ())[:K]:
+                        if c != me and c not in depth:
+                            depth[c] = depth[peer] + 1
+                            known.append(c)
+                inner.cancel_scope.cancel()
             if timer.cancelled_caught:
                 out.timed_out.append(peer)
         except Exception:  # noqa: BLE001, S110 (refused, unreachable, malformed: the walk goes on without it)
             pass
         finally:
-            answered.send_nowait(None)
+            holding.discard(peer)
+            late.discard(peer)
+            changed.send_nowait(None)
 
     avoid = any(not is_suspect(p) for p in known)
     with trio.move_on_after(lookup_timeout):
         async with trio.open_nursery() as nursery:
-            in_flight = 0
             while not enough():
                 known = closest_first(known)
                 fresh = [p for p in known[:K] if p not in asked and not (avoid and is_suspect(p))]
-                for peer in fresh[: ALPHA - in_flight]:
+                for peer in fresh[: ALPHA - len(holding)]:
                     asked.add(peer)
-                    in_flight += 1
+                    holding.add(peer)
                     nursery.start_soon(ask, peer)
-                if in_flight == 0:
+                if not holding and not late:
                     break
-                await answers.receive()
-                in_flight -= 1
+                await changes.receive()
             nursery.cancel_scope.cancel()
     out.responded = closest_first(out.responded)[:K]
+    out.seen = list(depth)
     out.asked = len(asked)
     out.hops = depth[out.responded[0]] if out.responded else 0
     return out
