@@ -294,3 +294,23 @@ async def test_many_requests_to_one_peer_at_once_all_get_their_answer():
 
         assert await burst(lambda request: request(peer)) < 14  # raw: some are reset, reported empty
         assert await burst(lambda request: asker._ask(peer, request)) == 14
+
+
+async def test_a_node_that_joins_after_a_walk_gets_the_next_renewal():
+    """Renewals store where the last walk found the closest peers (a walk every 10 min); a node
+    that joined since must still get the current advert at the next renewal, or it held none (or
+    an old one) for 10 minutes."""
+    async with AsyncExitStack() as stack:
+        nodes, _ = await _swarm(stack, 3)
+        owner = nodes[1]
+        key = records.advert_key(owner.identity.peer_id)
+        await owner.put_value(key, records.sign_advert(owner.identity, advert(owner.identity, seq=1)))
+        ident = Identity.generate()
+        host = await stack.enter_async_context(running_host(ident, ["/ip4/127.0.0.1/tcp/0"]))
+        newcomer = await stack.enter_async_context(swarm_node(host, ident, server=True))
+        assert await newcomer.join([full_addrs(owner.host)[0]]) == 1  # the owner's table learns it
+        assert owner.dht.routing_table.peer_in_table(host.get_id())
+        assert newcomer.dht.value_store.store.get(key.encode()) is None
+        await owner.put_value(key, records.sign_advert(owner.identity, advert(owner.identity, seq=2)))  # renewal
+        held = newcomer.dht.value_store.store.get(key.encode())
+        assert held is not None and records.open_advert(key, held[0].value).seq == 2

@@ -246,13 +246,23 @@ class SwarmNode:
 
     async def _store_near(self, key_bytes: bytes, replicas: int, store_one: Callable[[Any], Any]) -> int:
         """Store at the ``replicas`` closest peers. Renewals reuse the peers the last walk found
-        for the key, for ``REWALK_S``, while at least half of them still take the record: the
+        for the key (with closer ones our routing table has learned since), for ``REWALK_S``,
+        while at least half of them still take the record: the
         walk was most of an announce's traffic (benchmarks/simulate.py: at 10,000 peers a walk
         per put made adverts alone ~4 KB/s per peer)."""
         cached = self._closest.get(key_bytes)
         if cached is not None and trio.current_time() - cached[0] < REWALK_S:
-            stored = await self._store_at(cached[1], store_one)
-            if 2 * stored >= len(cached[1]):
+            # Follow the closest set as it changes: peers that joined near the key since the
+            # walk (they are in our table once they spoke to us) take the place of farther ones,
+            # or a node that joined after the walk held no copy, or an old one, for 10 minutes.
+            from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+
+            me = self.host.get_id()
+            near = [p for p in self.dht.routing_table.find_local_closest_peers(key_bytes, replicas) if p != me]
+            targets = sort_peer_ids_by_distance(key_bytes, list(dict.fromkeys([*cached[1], *near])))[:replicas]
+            stored = await self._store_at(targets, store_one)
+            if 2 * stored >= len(targets):
+                self._closest[key_bytes] = (cached[0], targets)
                 return stored
         peers = (await self.closest_peers(key_bytes))[:replicas]
         self._closest[key_bytes] = (trio.current_time(), peers)
