@@ -86,3 +86,28 @@ async def test_a_requester_that_leaves_is_not_counted_as_a_peer_failure(swarm, t
             break  # the consumer leaves: the stream is reset under the peer
         assert "Paris" in (await s.generate(QUESTION, temperature=0.0, max_tokens=16)).text
     assert "ExceptionGroup" not in peer.stderr() and "WARNING" not in peer.stderr()
+
+
+async def test_with_every_peer_gone_an_ask_fails_within_seconds_without_trying_each(swarm, tmp_path):
+    """Each peer failed only once, so no breaker is open: the ask must still give up within a few
+    seconds, not try the silent peers one after another (a long-lived Swarm took 30 s to fail
+    with 9 peers gone). Half crash (their dials are refused), half freeze (a laptop gone to
+    sleep: connections stay, nothing answers)."""
+    boot = swarm.bootstrap("gone-boot")
+    peers = [swarm.spawn(f"gone{i}", "--bootstrap", boot.addr, *PEER) for i in range(4)]
+    for p in peers:
+        p.wait_ready(180)
+    try:
+        async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path) as s:
+            found = {st.peer_id for st in await s.peers("smollm2")}
+            assert {p.peer_id for p in peers} <= found
+            await s.generate(QUESTION, model="smollm2", temperature=0.0, max_tokens=4)
+            for i, p in enumerate(peers):
+                Fault(0, p, signal.SIGKILL if i % 2 else signal.SIGSTOP).fire()
+            seconds, said = await time_to_give_up(s, QUESTION)
+            assert "unreachable" in said or "no peer left" in said, said
+            assert seconds < 10  # 5.6 s here under a concurrent test run; 19 s before (5 s per frozen peer)
+    finally:
+        for p in peers:
+            if p.proc.poll() is None:
+                os.kill(p.proc.pid, signal.SIGCONT)

@@ -482,6 +482,7 @@ class _Core:
                             self.host, candidates, messages=messages, prompt=text, model=model,
                             params=p, on_text=on_text, max_attempts=self.attempts, deadline_s=self.deadline,
                             stall_timeout=self.stall_timeout, before_attempt=before, after_attempt=after,
+                            accept_timeout=self.view.accept_timeout if self.view is not None else 5.0,
                         )
                     if verify or (spot_check and self.rng.random() < spot_check):
                         answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)

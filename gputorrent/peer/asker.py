@@ -110,7 +110,7 @@ async def ask(
     max_attempts: int | None = None,
     deadline_s: float = 600.0,
     stall_timeout: float = 10.0,
-    accept_timeout: float = 5.0,
+    accept_timeout: float | Callable[[str], float] = 5.0,
     dial_timeout: float = 3.0,
     before_attempt: Callable[[str], None] = lambda _peer_id: None,
     after_attempt: Callable[[Attempt, AttemptResult], None] = lambda _a, _r: None,
@@ -124,6 +124,7 @@ async def ask(
     fails as ``busy`` (a gateway answers 429) rather than waiting out its deadline.
     Attempts go on until the answer is done, no peer is left, ``deadline_s`` passes, or
     ``max_attempts`` (no cap by default). Raises ``AskFailed`` with every attempt.
+    ``accept_timeout`` may be a function of the peer id (``SwarmView.accept_timeout``).
     """
     source: Candidates = candidates if hasattr(candidates, "next") else FixedCandidates(candidates)
     base = wire.validate_request(wire.InferRequest(
@@ -207,7 +208,8 @@ async def ask(
         try:
             with trio.fail_after(max(left, 0.001)):
                 await run_attempt(host, peer_id, request, on_token, stall_timeout=stall_timeout,
-                                  accept_timeout=accept_timeout, result=res)
+                                  accept_timeout=accept_timeout(peer_id) if callable(accept_timeout)
+                                  else accept_timeout, result=res)
         except (AttemptFailed, trio.TooSlowError) as exc:
             failure = exc if isinstance(exc, AttemptFailed) else \
                 Stalled(f"the request's deadline passed ({deadline_s:g}s)")

@@ -18,7 +18,7 @@ from ..identity import short_id
 from ..net.host import DialError, connect
 from ..scoring import Candidate, Scored, Weights, choose, score
 from ..scoring.reputation import ReputationStore
-from .client import AttemptFailed, ping
+from .client import AttemptFailed, Stalled, ping
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +66,11 @@ async def rank_peers(
     Peers whose breaker is open are left out. The others are pinged (unless ``pongs`` holds
     one younger than ``pong_fresh_s``), all at once; once the first pong is in, the rest get
     three times its round trip more, at least 0.3 s and at most ``ping_wait_s`` (and
-    ``ping_timeout`` in all). Those that answered are scored, and those
-    that did not follow them, by reputation: still there for failover, never chosen ahead of a
-    peer that answered. A frozen peer so costs one ``ping_wait_s`` at most, while a slow,
+    ``ping_timeout`` in all). Those that answered are scored, and those that were only slower
+    follow them, by reputation: still there for failover, never chosen ahead of a peer that
+    answered. Peers whose dial or stream failed, and all of them when none answered within
+    ``ping_timeout``, are left out: with every peer gone an ask fails in seconds.
+    A frozen peer so costs one ``ping_wait_s`` at most, while a slow,
     loaded machine whose pongs all come late is still heard.
 
     What a pong claims is bounded by what can be checked: free memory by the advert's device,
@@ -81,6 +83,7 @@ async def rank_peers(
     considered: dict[str, Considered] = {}
     fresh: dict[str, tuple[float, Any]] = {}
     unanswered: dict[str, str] = {}
+    refused: set[str] = set()  # the dial or the stream failed outright: dead, not slow
 
     first_pong = trio.Event()
     first_rtt_ms = [ping_wait_s * 1000]
@@ -96,8 +99,11 @@ async def rank_peers(
             if not first_pong.is_set():
                 first_rtt_ms[0] = rtt
                 first_pong.set()
+        except Stalled as exc:
+            unanswered[ad.peer_id] = f"no ping: {exc}"
         except (DialError, AttemptFailed) as exc:
             unanswered[ad.peer_id] = f"no ping: {exc}"
+            refused.add(ad.peer_id)
         finally:
             outstanding -= 1
             if outstanding == 0:
@@ -153,6 +159,10 @@ async def rank_peers(
         rec = store.get(ad.peer_id, now)
         considered[ad.peer_id] = Considered(ad, rec.breaker.current(now), rec.reputation,
                                             skipped=unanswered.get(ad.peer_id, f"no pong within {ping_wait_s:g}s"))
+    # Kept for failover: only peers that were merely slower than the first pong. A peer whose
+    # dial or stream failed is dead, and when nobody answered at all each had the whole
+    # ping_timeout: trying them one by one cost 5 s each (30 s to fail with every peer gone).
+    silent = [ad for ad in silent if ad.peer_id not in refused and first_pong.is_set()]
     silent.sort(key=lambda ad: -store.get(ad.peer_id, now).reputation)
     order = [by_id[s.candidate.peer_id] for s in choose(scored, rng, top)] + silent
     return order, [considered[ad.peer_id] for ad in adverts if ad.peer_id in considered]

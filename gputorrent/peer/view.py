@@ -34,6 +34,8 @@ REFRESH_S = 10.0  # how often models in use are looked up again in the backgroun
 IN_USE_S = 300.0  # a model asked for within this long counts as in use
 PONG_FRESH_S = 5.0  # a pong younger than this is not asked again
 PING_WAIT_S = 1.0  # ranking waits at most this long for pings
+ACCEPT_RTTS = 20  # an attempt waits for its stream and first frame this many ping round trips...
+ACCEPT_MIN_S, ACCEPT_MAX_S = 1.5, 5.0  # ...at least and at most (5 s: the default for a peer never pinged)
 WARM_PING_S = 2.0  # while a model is in use, its peers' pongs are renewed this often...
 WARM_PEERS = 16  # ...for this many of them, so a request ranks without waiting for a ping
 RETRY_LOOKUP_S = 2.0  # when every known peer has been tried, look again if the view is older
@@ -160,6 +162,15 @@ class SwarmView:
                                      pong_fresh_s=PONG_FRESH_S - WARM_PING_S, ping_wait_s=PING_WAIT_S)
                 except Exception:  # noqa: BLE001, S110 (a failed round is retried; requests ping for themselves)
                     pass
+
+    def accept_timeout(self, peer_id: str) -> float:
+        """How long an attempt waits for ``peer_id``'s stream and first frame: a ping is that
+        same round trip, so ``ACCEPT_RTTS`` of the last one measured. A fixed 5 s made a peer
+        frozen since its last pong cost 5 s per attempt (every peer gone: 30 s to fail)."""
+        kept = self.pongs.get(peer_id)
+        if kept is None:
+            return ACCEPT_MAX_S
+        return min(ACCEPT_MAX_S, max(ACCEPT_MIN_S, ACCEPT_RTTS * kept[1] / 1000))
 
     # --- choosing ---------------------------------------------------------------------------
 
