@@ -56,6 +56,41 @@ class Params(msgspec.Struct, frozen=True, kw_only=True):
     stop: Stop = []
 
 
+class Link(msgspec.Struct, array_like=True, frozen=True):
+    """"Requester key ``member`` is mine", signed by the serving identity ``owner``: what the
+    owner's serve gave other peers is credited when its user asks (reciprocity). The member is
+    the peer id of the connection the request came on, so a link cannot be lent or replayed."""
+
+    owner: Annotated[str, Meta(max_length=64)]
+    member: Annotated[str, Meta(max_length=64)]
+    signature: Annotated[bytes, Meta(max_length=64)]
+
+
+class LinkError(GputorrentError):
+    """A link statement that does not hold."""
+
+
+def _link_message(owner: str, member: str) -> bytes:
+    return b"gputorrent-link/1\0" + owner.encode() + b"\0" + member.encode()
+
+
+def make_link(owner: Identity, member: str) -> Link:
+    return Link(owner.peer_id, member, owner.sign(_link_message(owner.peer_id, member)))
+
+
+def check_link(link: Link, sender: str) -> str:
+    """The owner whose credit a request from ``sender`` (the connection's peer id) carries."""
+    if link.member != sender:
+        raise LinkError(f"the link names requester {link.member}, but the request came from {sender}")
+    try:
+        ok = Verifier(link.owner).verify(_link_message(link.owner, link.member), link.signature)
+    except Exception as exc:
+        raise LinkError(f"the link's owner {link.owner[:16]!r} is not a peer id: {exc}") from exc
+    if not ok:
+        raise LinkError(f"the link is not signed by {link.owner}")
+    return link.owner
+
+
 class InferRequest(msgspec.Struct, tag="req", array_like=True, kw_only=True):
     request_id: RequestId
     model: Annotated[str, Meta(max_length=256)] = ""  # model id, alias or "" for whatever the peer serves
@@ -67,6 +102,7 @@ class InferRequest(msgspec.Struct, tag="req", array_like=True, kw_only=True):
     # what follows. ``params.max_tokens`` still counts the whole answer, these included.
     resume_ids: list[Annotated[int, Meta(ge=0, lt=1 << 31)]] = []
     deadline_ms: Annotated[int, Meta(ge=1, le=3_600_000)] = 600_000
+    link: Link | None = None  # the requester's serving identity, for reciprocity (make_link)
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):

@@ -49,7 +49,8 @@ class Peer(Hosted):
                            announce_interval=announce_interval, advert_ttl=max(120.0, 4 * announce_interval))
         self._opts = ServeOptions(node=node, slots=slots, queue=queue, n_ctx=ctx, n_threads=threads, name=name,
                                   allow=frozenset(allow) if allow else None, rate_limit=rate_limit,
-                                  n_gpu_layers=n_gpu_layers, max_vram_mb=max_vram_mb)
+                                  n_gpu_layers=n_gpu_layers, max_vram_mb=max_vram_mb,
+                                  ledger=self._settings.data_dir / "ledger.sqlite")
         self.addrs: list[str] = []
         self.peer_id = ""
         self.model: ModelInfo | None = None

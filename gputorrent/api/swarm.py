@@ -7,6 +7,7 @@ the gateway all choose peers, keep reputations and fail over the same way.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -28,6 +29,7 @@ from ..peer.asker import Answer, AskFailed, Attempt, ask, new_request_id, peer_i
 from ..peer.choose import Considered
 from ..peer.client import AttemptResult
 from ..scoring import Weights
+from ..scoring.ledger import Ledger
 from ..scoring.reputation import Outcome, ReputationStore
 from .guest import Hosted
 
@@ -170,6 +172,22 @@ _SAME_ID = ("this requester has the same peer id ({}) as a peer it would ask, so
             "requester or that peer another --identity (by default they use different keys)")
 
 
+def own_link(settings: Settings, requester: Identity) -> wire.Link | None:
+    """A link from this machine's serving identity (when it has one, and it is not the requester's
+    own key) to ``requester``: what this machine's serve gave other peers is then credited when its
+    user asks them. Never creates a serving key."""
+    from ..identity import IdentityError
+
+    path = settings.identity_path
+    if not path.exists():
+        return None
+    try:
+        owner = Identity.load(path)
+    except IdentityError:  # unreadable, or readable by others (refused): ask as a guest
+        return None
+    return None if owner.peer_id == requester.peer_id else wire.make_link(owner, requester.peer_id)
+
+
 async def answer_of(events: AsyncGenerator[StreamEvent, None],
                     on_text: Callable[[Text], None] | None = None) -> Answer:
     """Consume a stream to its ``Answer``, handing each ``Text`` to ``on_text``. A stream that
@@ -211,6 +229,8 @@ class _Core:
         self.node: Any = None
         self.view: Any = None  # peer.view.SwarmView, once joined
         self.store: ReputationStore | None = None
+        self.ledger: Ledger | None = None  # tokens received from each peer, given to each (reciprocity)
+        self.link: wire.Link | None = None  # this machine's serving identity vouching for our key
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self._subscribers: list[trio.MemorySendChannel] = []
@@ -235,6 +255,9 @@ class _Core:
         try:
             self.store = await trio.to_thread.run_sync(ReputationStore, s.data_dir / "reputation.sqlite")
             stack.callback(self.store.close)
+            self.ledger = await trio.to_thread.run_sync(Ledger, s.data_dir / "ledger.sqlite")
+            stack.callback(self.ledger.close)
+            self.link = own_link(s, self.identity)
             self.host = await stack.enter_async_context(running_host(self.identity,
                                                                      punch_listen([*s.bootstrap, *self.direct]),
                                                                      mdns=s.mdns and not self.direct, psk=psk))
@@ -462,6 +485,9 @@ class _Core:
         def after(a: Attempt, r: AttemptResult) -> None:
             current["open"] = False
             self._after_attempt(a, r, send)
+            if r.ids and self.ledger is not None:  # verified tokens this peer gave us: its credit here
+                self._nursery.start_soon(trio.to_thread.run_sync,  # type: ignore[union-attr]
+                                         functools.partial(self.ledger.add, a.peer_id, received=len(r.ids)))
 
         async def produce() -> None:
             async with send:
@@ -483,6 +509,7 @@ class _Core:
                             params=p, on_text=on_text, max_attempts=self.attempts, deadline_s=self.deadline,
                             stall_timeout=self.stall_timeout, before_attempt=before, after_attempt=after,
                             accept_timeout=self.view.accept_timeout if self.view is not None else 5.0,
+                            link=self.link,
                         )
                     if verify or (spot_check and self.rng.random() < spot_check):
                         answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)

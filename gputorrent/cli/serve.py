@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                         n_threads=args.threads, n_threads_batch=args.batch_threads, name=args.name or "",
                         allow=allow, rate_limit=args.rate_limit,
                         first_frame_timeout=args.first_frame_timeout, fault=fault, n_gpu_layers=args.n_gpu_layers,
-                        max_vram_mb=args.max_vram_mb, blocks=blocks,
+                        max_vram_mb=args.max_vram_mb, blocks=blocks, ledger=settings.data_dir / "ledger.sqlite",
                         ready_extra={"metrics": metrics_server.url + "/metrics"} if metrics_server else {})
     ident = identity_of(args)
     engine = _load(info, opts, device, settings, quiet=json_log)

@@ -55,6 +55,7 @@ class Job:
     max_new: int  # completion tokens allowed (forced ones included), clipped to the context
     forced: list[int] = field(default_factory=list)
     admitted: bool = False  # holds a slot (set by the engine's thread)
+    credit: float = 0.0  # what the requester's identity gave this machine: its place under contention
     created: float = field(default_factory=time.perf_counter)
     _cancel: threading.Event = field(default_factory=threading.Event)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..wire import ChatMessage, chunk_end, reusable_prefix
+from .admission import Admission
 from .base import EngineError, Failed, Finished, Job, Load, Tokens
 from .threads import ThreadTuner
 
@@ -209,6 +210,7 @@ class LlamaEngine(LlamaRuntime):
         # failover resume's prompt on the peer that served it before).
         self._cached: dict[int, list[int]] = {}
         self.reused_tokens = 0  # prompt positions taken from the cache (metrics, tests)
+        self.admission = Admission()  # who gets a free slot first (engine/admission.py)
         self.tuner = ThreadTuner(self.n_threads)  # decode threads by measured speed (engine/threads.py)
         self._threads_set: tuple[int, int] = (self.n_threads, self._n_threads_batch)
         self._closing = False
@@ -275,7 +277,9 @@ class LlamaEngine(LlamaRuntime):
 
     def _admit(self) -> None:
         while self._pending and self._free:
-            job = self._pending.popleft()
+            i = self.admission.pick([j.credit for j in self._pending])
+            job = self._pending[i]
+            del self._pending[i]
             if job.cancelled:
                 job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
                 continue

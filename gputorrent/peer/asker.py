@@ -114,6 +114,7 @@ async def ask(
     dial_timeout: float = 3.0,
     before_attempt: Callable[[str], None] = lambda _peer_id: None,
     after_attempt: Callable[[Attempt, AttemptResult], None] = lambda _a, _r: None,
+    link: wire.Link | None = None,
 ) -> Answer:
     """Stream an answer, failing over until a peer completes it.
 
@@ -124,7 +125,8 @@ async def ask(
     fails as ``busy`` (a gateway answers 429) rather than waiting out its deadline.
     Attempts go on until the answer is done, no peer is left, ``deadline_s`` passes, or
     ``max_attempts`` (no cap by default). Raises ``AskFailed`` with every attempt.
-    ``accept_timeout`` may be a function of the peer id (``SwarmView.accept_timeout``).
+    ``accept_timeout`` may be a function of the peer id (``SwarmView.accept_timeout``); ``link``
+    (``wire.make_link``) carries this requester's serving identity, for the peers' reciprocity.
     """
     source: Candidates = candidates if hasattr(candidates, "next") else FixedCandidates(candidates)
     base = wire.validate_request(wire.InferRequest(
@@ -187,7 +189,7 @@ async def ask(
         request = wire.InferRequest(
             request_id=new_request_id(), model=model_id or model, messages=base.messages,
             prompt=base.prompt, params=params, resume_ids=list(ids),
-            deadline_ms=max(1, min(int(left * 1000), 3_600_000)),
+            deadline_ms=max(1, min(int(left * 1000), 3_600_000)), link=link,
         )
         res = AttemptResult(peer_id_of(addr))
         tried.add(res.peer_id)

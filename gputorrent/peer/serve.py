@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class ServeOptions:
     fault: Fault | None = None
     blocks: tuple[int, int] | None = None  # serve only blocks [A, B) of the model (a shard)
     ready_extra: dict[str, Any] = field(default_factory=dict)  # more for the ready file (the metrics URL)
+    ledger: Path | None = None  # scoring/ledger.py's file: reciprocity under contention (None: first come first served)
 
 
 def pick_model(spec: str, models_dir: Path, cache_dir: Path, offered_mb: int, n_ctx: int, slots: int,
@@ -102,7 +103,8 @@ def status(server: InferServer, engine) -> dict[str, Any]:
     return {"served": s.served, "refused": s.refused, "failed": s.failed, "tokens": s.tokens,
             "active": load.active, "queued": load.queued, "slots": load.slots,
             "tokens_per_s_now": s.recent_tokens_per_s(trio.current_time()), "tokens_per_s": server.tokens_per_s,
-            "kv_cache_usage": round(engine.kv_usage(), 4) if hasattr(engine, "kv_usage") else 0.0}
+            "kv_cache_usage": round(engine.kv_usage(), 4) if hasattr(engine, "kv_usage") else 0.0,
+            **({"admissions": asdict(engine.admission)} if hasattr(engine, "admission") else {})}
 
 
 async def measure_tokens_per_s(engine, n: int = 16) -> float:
@@ -156,9 +158,14 @@ async def serve(
     else:
         tps = await measure_tokens_per_s(engine)
         cls = InferServer
+    ledger = None
+    if opts.ledger is not None:
+        from ..scoring.ledger import Ledger
+
+        ledger = await trio.to_thread.run_sync(Ledger, opts.ledger)
     server = cls(identity, engine, info, queue_limit=opts.queue, fault=opts.fault, tokens_per_s=tps,
                  allow=opts.allow, rate_limit=opts.rate_limit, first_frame_timeout=opts.first_frame_timeout,
-                 free_memory=lambda: free_memory_mb(device, opts.max_vram_mb), on_event=on_event)
+                 free_memory=lambda: free_memory_mb(device, opts.max_vram_mb), on_event=on_event, ledger=ledger)
     handlers = {protocol.SHARD: server.handle_shard} if shard else {protocol.INFER: server.handle}  # type: ignore[attr-defined]
     handlers[protocol.PING] = server.handle_ping
     model = served_model(info, engine.n_ctx, opts.blocks if shard else None)

@@ -9,6 +9,7 @@ the server learns that a requester left, which frees the slot at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -94,6 +95,7 @@ class InferServer:
     first_frame_timeout: float = FIRST_FRAME_TIMEOUT
     free_memory: Callable[[], int] = free_memory_mb
     on_event: Callable[[dict[str, Any]], None] = _ignore  # structured events, for logs and views
+    ledger: Any = None  # scoring.ledger.Ledger: whom this machine received from (reciprocity); None: FIFO
     stats: ServerStats = field(default_factory=ServerStats)
     _recent: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)  # least recent first
     _memory: tuple[float, int] = (-math.inf, 0)  # (trio time, MB) of the last free-memory reading
@@ -247,11 +249,20 @@ class InferServer:
         if (fault and fault.kind in ("busy", "sybil")) or load.active + load.queued >= load.slots + self.queue_limit:
             await self._busy(stream, signer, requester, 1000, f"{load.active} active, {load.queued} queued")
             return
+        owner = requester  # whose credit the request carries: its linked serving identity, else itself
+        if req.link is not None:
+            try:
+                owner = wire.check_link(req.link, requester)
+            except wire.LinkError as exc:
+                await self._refuse_signed(stream, signer, requester, protocol.BAD_REQUEST,
+                                          f"{exc}; ask without a link (as a guest), or link this key again")
+                return
         try:
             prompt_ids = await trio.to_thread.run_sync(self._prompt_ids, req)
         except ValueError as exc:
             await self._refuse_signed(stream, signer, requester, protocol.BAD_REQUEST, str(exc))
             return
+        credit = await trio.to_thread.run_sync(self.ledger.credit, owner) if self.ledger is not None else 0.0
         events = EventChannel()
         try:
             job = self.engine.make_job(prompt_ids, req.params, events.emit, forced=req.resume_ids)
@@ -259,15 +270,17 @@ class InferServer:
             code = protocol.CONTEXT_EXCEEDED if len(prompt_ids) >= self.engine.n_ctx else protocol.BAD_REQUEST
             await self._refuse_signed(stream, signer, requester, code, str(exc))
             return
+        job.credit = credit
         self.engine.submit(job)
         self._note("accepted", requester=requester, request_id=rid, prompt_tokens=len(prompt_ids),
-                   resumed_tokens=len(req.resume_ids), max_tokens=req.params.max_tokens)
+                   resumed_tokens=len(req.resume_ids), max_tokens=req.params.max_tokens,
+                   **({"owner": owner} if owner != requester else {}), credit=round(credit, 1))
         try:
             await stream.write(signer.seal(wire.Accepted(self.model.model_id, len(prompt_ids), self.engine.n_ctx)))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_requester, reader, job, nursery.cancel_scope)
                 with trio.move_on_after(req.deadline_ms / 1000) as deadline:
-                    await self._pump(stream, signer, events, requester, rid, job)
+                    await self._pump(stream, signer, events, requester, rid, job, owner)
                 if deadline.cancelled_caught:
                     job.cancel()
                     usage = wire.Usage(len(prompt_ids), 0)
@@ -290,7 +303,7 @@ class InferServer:
         await stream.write(signer.seal(wire.Busy(retry_after_ms=retry_after_ms, reason=reason)))
 
     async def _pump(self, stream: Any, signer: wire.ReplySigner, events: EventChannel, requester: str,
-                    rid: str, job: Any) -> None:
+                    rid: str, job: Any, owner: str = "") -> None:
         fault = self.fault
         ids: list[int] = []
         text: list[str] = []
@@ -342,6 +355,9 @@ class InferServer:
             await flush()  # a token after a quiet spell, the window closing, or the end
             if isinstance(ev, Finished):
                 self.stats.served += 1
+                if self.ledger is not None and ev.completion_tokens:
+                    await trio.to_thread.run_sync(functools.partial(self.ledger.add, owner or requester,
+                                                                    served=ev.completion_tokens))
                 rate = self._learn_speed(ev.completion_tokens, ev.decode_ms)
                 await stream.write(signer.seal(wire.Done(
                     ev.reason, wire.Usage(ev.prompt_tokens, ev.completion_tokens),  # type: ignore[arg-type]
