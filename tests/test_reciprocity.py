@@ -130,3 +130,14 @@ async def test_a_donor_is_served_before_guests_that_queued_first(swarm, tmp_path
         s._core.link = wire.make_link(Identity.generate(), "12D3KooWsomebodyElse")
         with pytest.raises(AskFailed, match="link"):
             await s.generate(QUESTION, temperature=0.0, max_tokens=4)
+
+
+def test_peers_show_what_each_peer_gave_and_got():
+    from gputorrent.api.rows import cells
+    from gputorrent.api.swarm import PeerStatus
+
+    from .test_records import advert
+
+    st = PeerStatus(advert(Identity.generate()), 1.0, "closed", got=16.4, gave=8.0)
+    assert cells(st)["got/gave"] == "16/8"
+    assert st.to_dict()["got_tokens"] == 16.4 and st.to_dict()["gave_tokens"] == 8.0

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..identity import short_id
 from .swarm import PeerStatus
 
-COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "reach", "rep", "breaker")
+COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "reach", "rep", "got/gave",
+           "breaker")
 
 
 def device(status: PeerStatus) -> str:
@@ -44,4 +45,5 @@ def cells(status: PeerStatus) -> dict[str, str]:
             "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
             "tok/s": f"{a.tokens_per_s:.0f}", "RTT ms": "-" if status.rtt_ms is None else f"{status.rtt_ms:.0f}",
             "reach": reach(status),
-            "rep": f"{status.reputation:.2f}", "breaker": breaker(status)}
+            "rep": f"{status.reputation:.2f}", "got/gave": f"{status.got:.0f}/{status.gave:.0f}",
+            "breaker": breaker(status)}

@@ -80,6 +80,8 @@ class PeerStatus:
     banned: bool = False
     observed: dict[str, Any] = field(default_factory=dict)  # what this requester saw it do
     path: str = ""  # how this requester is connected to it now: direct, relayed, hole-punched ("" if not)
+    got: float = 0.0  # tokens this machine received from it (its credit here), decayed (scoring/ledger.py)
+    gave: float = 0.0  # tokens this machine's serve gave its user, decayed
 
     @property
     def peer_id(self) -> str:
@@ -89,7 +91,8 @@ class PeerStatus:
         return msgspec.to_builtins(self.advert) | {"reputation": round(self.reputation, 3),
                                                    "breaker": self.breaker, "rtt_ms": self.rtt_ms,
                                                    "banned": self.banned, "observed": self.observed,
-                                                   "path": self.path}
+                                                   "path": self.path, "got_tokens": round(self.got, 1),
+                                                   "gave_tokens": round(self.gave, 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +298,7 @@ class _Core:
 
     # --- peers ------------------------------------------------------------------------------
 
-    def _status(self, ad: Advert, now: float, rtt_ms: float | None = None) -> PeerStatus:
+    def _status(self, ad: Advert, now: float, rtt_ms: float | None = None, ledger: Any = None) -> PeerStatus:
         rec = self.store.get(ad.peer_id, now)  # type: ignore[union-attr]
         observed = {"successes": round(rec.successes, 3), "failures": round(rec.failures, 3),
                     "timeouts": round(rec.timeouts, 3), "integrity_failures": round(rec.integrity, 3),
@@ -303,7 +306,9 @@ class _Core:
         from ..net.host import path_of
 
         path = path_of(self.host, ad.peer_id) if self.host is not None else ""
-        return PeerStatus(ad, rec.reputation, rec.breaker.current(now), rtt_ms, rec.breaker.banned, observed, path)
+        entry = (ledger or {}).get(ad.peer_id)
+        return PeerStatus(ad, rec.reputation, rec.breaker.current(now), rtt_ms, rec.breaker.banned, observed, path,
+                          entry.received if entry else 0.0, entry.served if entry else 0.0)
 
     async def peers(self, model: str | None = None, ping: bool = False) -> list[PeerStatus]:
         if self.node is None:
@@ -327,7 +332,10 @@ class _Core:
                 for ad in adverts:
                     n.start_soon(one, ad)
         now = time.time()
-        return [self._status(ad, now, rtts.get(ad.peer_id)) for ad in adverts]
+        ledger = {}
+        if self.ledger is not None:
+            ledger = {e.identity: e for e in await trio.to_thread.run_sync(self.ledger.entries)}
+        return [self._status(ad, now, rtts.get(ad.peer_id), ledger) for ad in adverts]
 
     async def rank(self, model: str | None = None) -> Plan:
         """Find the peers serving ``model`` (by default the one most peers serve) and order them."""

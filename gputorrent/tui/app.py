@@ -33,7 +33,7 @@ from ..api.rows import breaker, cells, short_id
 REPAINT_S = 0.1
 
 # tokens/s is in the header's total and the detail pane; the table keeps to what fits.
-COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "RTT ms", "reach", "rep", "breaker")
+COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "RTT ms", "reach", "rep", "got/gave", "breaker")
 
 
 def totals(peers: list[PeerStatus]) -> str:
