@@ -33,7 +33,7 @@ from ..api.rows import breaker, cells, short_id
 REPAINT_S = 0.1
 
 # tokens/s is in the header's total and the detail pane; the table keeps to what fits.
-COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "RTT ms", "reach", "rep", "got/gave", "breaker")
+COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "RTT ms", "reach", "rep", "breaker")
 
 
 def totals(peers: list[PeerStatus]) -> str:
@@ -65,7 +65,8 @@ def detail(p: PeerStatus) -> str:
             f"yours    reputation {p.reputation:.2f}, breaker {breaker(p)}, RTT "
             f"{'-' if p.rtt_ms is None else f'{p.rtt_ms:.0f} ms'}, "
             f"{seen.get('successes', 0):.0f} ok / {seen.get('failures', 0):.0f} failed / "
-            f"{seen.get('integrity_failures', 0):.0f} integrity")
+            f"{seen.get('integrity_failures', 0):.0f} integrity\n"
+            f"give     got {p.got:.0f} tokens from it (its credit here), gave {p.gave:.0f} to its user")
 
 
 class Answer(Static):
