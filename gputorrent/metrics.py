@@ -48,6 +48,9 @@ class ServeMetrics:
         self.queued = Gauge("gputorrent_requests_queued", "Requests waiting for a slot", registry=r)
         self.slots = Gauge("gputorrent_slots", "Slots (answers generated at once)", registry=r)
         self.kv_cache = Gauge("gputorrent_kv_cache_usage_ratio", "Share of the KV cache in use (0 to 1)", registry=r)
+        self.admissions = Gauge("gputorrent_contended_admissions", "Slots given with waiters to choose from, "
+                                "since start, by how (by_credit: reciprocity; optimistic: the share kept for "
+                                "requesters with no credit)", ["how"], registry=r)
         self.ttft = Histogram("gputorrent_time_to_first_token_seconds", "From taking a slot to the first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("gputorrent_inter_token_latency_seconds", "Mean time between tokens, one per answer",
@@ -106,6 +109,8 @@ class ServeMetrics:
             self.queued.set(st["queued"])
             self.slots.set(st["slots"])
             self.kv_cache.set(st.get("kv_cache_usage", 0.0))
+            for how in ("by_credit", "optimistic"):
+                self.admissions.labels(how).set(st.get("admissions", {}).get(how, 0))
             await trio.sleep(every)
 
     latest: dict[str, Any] = {}

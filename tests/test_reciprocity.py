@@ -141,3 +141,15 @@ def test_peers_show_what_each_peer_gave_and_got():
     st = PeerStatus(advert(Identity.generate()), 1.0, "closed", got=16.4, gave=8.0)
     assert cells(st)["got/gave"] == "16/8"
     assert st.to_dict()["got_tokens"] == 16.4 and st.to_dict()["gave_tokens"] == 8.0
+
+
+async def test_metrics_count_admissions_by_credit_and_optimistic():
+    from gputorrent.metrics import ServeMetrics, exposition
+
+    m = ServeMetrics()
+    snapshot = {"active": 1, "queued": 3, "slots": 1, "admissions": {"contended": 8, "by_credit": 6, "optimistic": 2}}
+    with trio.move_on_after(0.1):
+        await m.watch(lambda: snapshot, every=1.0)
+    text = exposition(m.registry)[0].decode()
+    assert 'gputorrent_contended_admissions{how="by_credit"} 6.0' in text
+    assert 'gputorrent_contended_admissions{how="optimistic"} 2.0' in text
