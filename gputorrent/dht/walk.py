@@ -97,8 +97,8 @@ async def walk(
     changed, changes = trio.open_memory_channel[None](math.inf)
 
     def hard_of(peer: Any) -> float:
-        late = late_timeout(peer) if callable(late_timeout) else late_timeout
-        return max(query_timeout, late or 0.0)
+        extra = late_timeout(peer) if callable(late_timeout) else late_timeout
+        return max(query_timeout, extra or 0.0)
 
     async def give_up_place(peer: Any) -> None:
         await trio.sleep(query_timeout)

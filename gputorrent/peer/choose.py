@@ -70,8 +70,8 @@ async def rank_peers(
     follow them, by reputation: still there for failover, never chosen ahead of a peer that
     answered. Peers whose dial or stream failed, and all of them when none answered within
     ``ping_timeout``, are left out: with every peer gone an ask fails in seconds.
-    A frozen peer so costs one ``ping_wait_s`` at most, while a slow,
-    loaded machine whose pongs all come late is still heard.
+    A frozen peer so costs one ``ping_wait_s`` at most, while a slow, loaded machine whose
+    pongs all come late (within ``ping_timeout``) is still heard.
 
     What a pong claims is bounded by what can be checked: free memory by the advert's device,
     slots by ``MAX_SLOTS``; speed counts only as this requester measured it (a peer never
