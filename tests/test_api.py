@@ -2,6 +2,7 @@
 trio and from asyncio (trio as a guest on the asyncio loop)."""
 
 import asyncio
+import os
 
 import pytest
 import trio
@@ -147,6 +148,9 @@ async def test_serve_from_code_and_fail_over_to_it(mesh, tmp_path, model_path):
             with trio.fail_after(20):
                 while peer.peer_id not in {p.peer_id for p in await s.peers()}:
                     await trio.sleep(0.2)
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [f for f in open_files if f.endswith("ledger.sqlite")]  # a stopped Peer (and Swarm) closed it
 
 
 def test_serve_and_ask_from_asyncio_sharing_one_guest_run(mesh, tmp_path, model_path):

@@ -185,16 +185,20 @@ async def serve(
             reachability=node.reach.status if node.reach is not None else "unknown",
         )
 
-    async with trio.open_nursery() as nursery:
-        if watch is not None:
-            nursery.start_soon(watch, lambda: status(server, engine))
-        await run_node(
-            identity, opts.node, handlers=handlers,
-            make_advert=make_advert,
-            ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps, "blocks": [model.first_block,
-                                                                                               model.end_block],
-                                     "device": msgspec.to_builtins(device)} | opts.ready_extra,
-            on_ready=on_ready, stop=stop,
-        )
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            if watch is not None:
+                nursery.start_soon(watch, lambda: status(server, engine))
+            await run_node(
+                identity, opts.node, handlers=handlers,
+                make_advert=make_advert,
+                ready_info=lambda node: {"models": [info.to_dict()], "tokens_per_s": tps,
+                                         "blocks": [model.first_block, model.end_block],
+                                         "device": msgspec.to_builtins(device)} | opts.ready_extra,
+                on_ready=on_ready, stop=stop,
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        if ledger is not None:  # an embedded Peer may serve and stop many times in one process
+            ledger.close()
     return server
