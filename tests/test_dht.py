@@ -256,3 +256,20 @@ async def test_an_advert_is_asked_of_its_owner_first(dht_swarm):
         ad = await node.get_advert(peers[1].peer_id)
         assert ad is not None and ad.peer_id == peers[1].peer_id
         assert node.last_walk is None  # no walk was needed
+
+
+async def test_a_live_provider_without_an_advert_costs_one_request_not_a_walk(dht_swarm):
+    """A made-up provider that answers (a DHT node serving nothing) is asked once: its answer
+    is final. A walk for each cost a requester 0.5-7 s per made-up provider."""
+    from gputorrent.net.host import connect, full_addrs
+
+    boot, peers = dht_swarm
+    fake = Identity.generate()
+    async with running_host(fake, ["/ip4/127.0.0.1/tcp/0"]) as host, swarm_node(host, fake, server=True) as node:
+        assert await node.join([boot.addr]) == 1
+        async with Requester(boot.addr) as asker:
+            await connect(asker.host, full_addrs(host))
+            asker.last_walk = None
+            assert await asker.get_advert(fake.peer_id) is None
+            assert asker.last_walk is None  # its answer was taken as final
+            assert (await asker.get_advert(peers[0].peer_id)).peer_id == peers[0].peer_id

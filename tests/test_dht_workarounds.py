@@ -314,3 +314,28 @@ async def test_a_node_that_joins_after_a_walk_gets_the_next_renewal():
         await owner.put_value(key, records.sign_advert(owner.identity, advert(owner.identity, seq=2)))  # renewal
         held = newcomer.dht.value_store.store.get(key.encode())
         assert held is not None and records.open_advert(key, held[0].value).seq == 2
+
+
+async def test_a_stopped_host_stops_listening():
+    """Raw: leaving py-libp2p's ``host.run`` leaves its TCP listener serving (a trio system
+    task), so a stopped peer still accepted dials and answered identify and ping."""
+    import trio
+    from libp2p import new_host
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from gputorrent.net.host import DialError, connect
+
+    raw = new_host(key_pair=Identity.generate().libp2p_key_pair())
+    listen = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with raw.run(listen):
+        raw_addr = full_addrs(raw)[0]
+    async with running_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as ours:
+        our_addr = full_addrs(ours)[0]
+    async with running_host(Identity.generate()) as dialer:
+        with trio.fail_after(20):
+            assert await connect(dialer, [raw_addr]) == info_from_p2p_addr(Multiaddr(raw_addr)).peer_id.to_base58()
+            with pytest.raises(DialError, match="cannot reach peer"):
+                await connect(dialer, [our_addr])
+    for listener in raw.get_network().listeners.values():
+        await listener.close()

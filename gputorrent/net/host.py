@@ -130,10 +130,23 @@ async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: 
             finally:
                 with trio.CancelScope(shield=True):  # bounded, also when the body was cancelled
                     await drop_connections(host)
+                    await _close_listeners(host)
     except BaseExceptionGroup as group:
         # host.run() runs our body inside its own nursery, which wraps whatever the body
         # raised; hand the caller back its own exception.
         raise _single(group) from None
+
+
+async def _close_listeners(host: Any) -> None:
+    """Stop accepting connections. py-libp2p 0.8.1 runs each TCP listener as a trio system
+    task that leaving ``host.run`` does not stop: a stopped host went on accepting dials and
+    answering identify and ping, so a stopped peer still looked alive to every DHT walk
+    that met it (a requester spent 7 s per made-up provider walking through them)."""
+    for listener in list(host.get_network().listeners.values()):
+        try:
+            await listener.close()
+        except Exception:  # noqa: BLE001, S110 (a listener that failed to close has nothing left to stop)
+            pass
 
 
 CLOSE_S = 0.5  # closing a host: every connection's goodbye together, then the rest are cut
