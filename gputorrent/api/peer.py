@@ -34,7 +34,7 @@ class Peer(Hosted):
                  name: str = "", slots: int = 4, queue: int = 8, ctx: int = 2048, threads: int | None = None,
                  max_vram_mb: int | None = None, n_gpu_layers: int | None = None,
                  allow: Sequence[str] | None = None, rate_limit: int = 120,
-                 announce_interval: float = 30.0) -> None:
+                 announce_interval: float = 30.0, seed: bool = True) -> None:
         from ..engine.native import load_llama
 
         load_llama()  # before this module's own work can import numpy: engine/native.py says why
@@ -50,7 +50,8 @@ class Peer(Hosted):
         self._opts = ServeOptions(node=node, slots=slots, queue=queue, n_ctx=ctx, n_threads=threads, name=name,
                                   allow=frozenset(allow) if allow else None, rate_limit=rate_limit,
                                   n_gpu_layers=n_gpu_layers, max_vram_mb=max_vram_mb,
-                                  ledger=self._settings.data_dir / "ledger.sqlite")
+                                  ledger=self._settings.data_dir / "ledger.sqlite", seed=seed,
+                                  cache_dir=self._settings.cache_dir)
         self.addrs: list[str] = []
         self.peer_id = ""
         self.model: ModelInfo | None = None

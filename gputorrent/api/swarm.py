@@ -32,6 +32,7 @@ from ..scoring import Weights
 from ..scoring.ledger import Ledger
 from ..scoring.reputation import Outcome, ReputationStore
 from .guest import Hosted
+from .pull import SwarmPull
 
 
 class SwarmError(GputorrentError):
@@ -656,6 +657,18 @@ class Swarm(Hosted):
     async def rank(self, model: str | None = None) -> Plan:
         """The peers to try for ``model``, best first, and how each was scored (``--explain``)."""
         return await self._call(self._core.rank, model)
+
+    async def pull(self, model: str, models_dir: str | Path | None = None, *,
+                   progress: Callable[[int, int, int], None] | None = None) -> SwarmPull:
+        """Fetch ``model``'s file (alias or model id) from the peers that seed it, several at
+        once, every piece checked, into ``models_dir`` [default: the user's model cache];
+        ``progress`` gets (bytes done, bytes total, peers sending). A cut-off pull resumes."""
+        from .pull import pull_from_swarm
+
+        if self._core.node is None:
+            raise SwarmError("this Swarm asks fixed peers (peers=[...]); pulling needs the DHT")
+        where = Path(models_dir) if models_dir is not None else self._core.settings.models_dir
+        return await self._call(pull_from_swarm, self._core, model, where, progress=progress)
 
     async def ban(self, peer_id: str) -> str:
         """Never choose ``peer_id`` again (kept across runs) until ``unban``; returns the breaker state."""

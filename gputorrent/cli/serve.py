@@ -76,6 +76,14 @@ def register(sub: Any, parents: Parents) -> None:
                    help="serve only these requesters (repeatable); others get a signed refusal")
     s.add_argument("--rate-limit", type=types.int_range(0), default=120, metavar="N",
                    help="requests per minute from one requester before 'busy' (0: no limit)")
+    s.add_argument("--no-seed", dest="seed", action="store_false",
+                   help="do not hand out the model file's pieces to peers fetching it (models pull swarm:MODEL); "
+                        "seeding is on by default, bounded, and slows down while this peer answers")
+    s.add_argument("--seed-streams", type=types.int_range(1, 64), default=4, metavar="N",
+                   help="piece streams served at once")
+    s.add_argument("--seed-rate", type=types.positive_float, metavar="MB/s",
+                   help="cap on upload for pieces, in MB/s [default: no cap while idle; 4 MB/s, one stream, "
+                        "while answering]")
     s.add_argument("--fault", help=argparse.SUPPRESS)  # test-only misbehaviour, see peer/faults.py
     s.add_argument("--first-frame-timeout", type=types.positive_float, default=10.0,
                    help=argparse.SUPPRESS)  # for tests
@@ -187,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
                         allow=allow, rate_limit=args.rate_limit,
                         first_frame_timeout=args.first_frame_timeout, fault=fault, n_gpu_layers=args.n_gpu_layers,
                         max_vram_mb=args.max_vram_mb, blocks=blocks, ledger=settings.data_dir / "ledger.sqlite",
+                        seed=args.seed, seed_streams=args.seed_streams,
+                        seed_rate=int(args.seed_rate * 1e6) if args.seed_rate else 0, cache_dir=settings.cache_dir,
                         ready_extra={"metrics": metrics_server.url + "/metrics"} if metrics_server else {})
     ident = identity_of(args)
     engine = _load(info, opts, device, settings, quiet=json_log)

@@ -49,6 +49,9 @@ class ServedModel(msgspec.Struct, kw_only=True, frozen=True):
     first_block: int = 0
     end_block: int = 0  # exclusive; end_block == total_blocks for a whole model
     total_blocks: int = 0
+    # The Merkle root of this peer's piece list for the model file (models/pieces.py); "" when it
+    # does not seed the file (serve --no-seed, or a shard).
+    seed_root: str = ""
 
     @property
     def whole(self) -> bool:

@@ -71,7 +71,7 @@ def pull_remote(spec: str, models_dir: Path, *, sha256: str | None = None, quiet
     expected = (sha256 or "").lower() or (published if _SHA256.match(published) else "")
     dest = models_dir / name
     if dest.is_file() and (meta.size is None or dest.stat().st_size == meta.size):
-        digest = _sha256(dest)
+        digest = sha256_file(dest)
         if not expected or digest == expected:
             return Pulled(dest, False, digest, bool(expected))
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def pull_remote(spec: str, models_dir: Path, *, sha256: str | None = None, quiet
         raise ModelError(f"download of {spec} failed: {exc}".splitlines()[0]) from exc
     except OSError as exc:
         raise ModelError(f"download of {spec} failed ({exc}); run the pull again to resume") from exc
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if expected and digest != expected:
         part.unlink(missing_ok=True)
         raise ModelError(f"checksum mismatch for {name} (got {digest[:16]}…, expected {expected[:16]}…); "
@@ -98,7 +98,8 @@ def pull_remote(spec: str, models_dir: Path, *, sha256: str | None = None, quiet
     return Pulled(dest, True, digest, bool(expected))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256, hex (read in 4 MiB chunks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(4 << 20):

@@ -416,6 +416,14 @@ def _connection_dead(host: Any, pid: Any, exc: BaseException) -> bool:
     return all(c.is_closed or getattr(c.muxed_conn, "is_closed", False) for c in conns)
 
 
+def remote_peer_id(stream: Any) -> str:
+    """The peer id (base58) at the other end of a libp2p stream ("" if it has none)."""
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except AttributeError:
+        return ""
+
+
 async def finish_stream(stream: Any, *, reset: bool = False, timeout: float = 1.0) -> None:
     """Close (or reset) a stream even while the caller is being cancelled, for at most
     ``timeout``; a stream the other side already dropped is no error here."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("corrupt-signature", "die-after-tokens", "stall-after-tokens", "wrong-tokens", "busy", "sybil",
-         "dht-silent", "dht-fake-providers", "die-after-steps", "stall-after-steps")
+         "dht-silent", "dht-fake-providers", "die-after-steps", "stall-after-steps", "corrupt-pieces",
+         "wrong-manifest")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,10 @@ class ServeOptions:
     blocks: tuple[int, int] | None = None  # serve only blocks [A, B) of the model (a shard)
     ready_extra: dict[str, Any] = field(default_factory=dict)  # more for the ready file (the metrics URL)
     ledger: Path | None = None  # scoring/ledger.py's file: reciprocity under contention (None: first come first served)
+    seed: bool = True  # hand out the model file's pieces to peers fetching it (peer/seeder.py)
+    seed_streams: int = 4  # piece streams served at once
+    seed_rate: int = 0  # upload cap for pieces, bytes/s (0: none; while answering, seeding slows down anyway)
+    cache_dir: Path | None = None  # where the piece list is kept once computed
 
 
 def pick_model(spec: str, models_dir: Path, cache_dir: Path, offered_mb: int, n_ctx: int, slots: int,
@@ -123,11 +127,32 @@ async def measure_tokens_per_s(engine, n: int = 16) -> float:
     return 0.0
 
 
-def served_model(info: ModelInfo, n_ctx: int, blocks: tuple[int, int] | None = None) -> records.ServedModel:
+def served_model(info: ModelInfo, n_ctx: int, blocks: tuple[int, int] | None = None,
+                 seed_root: str = "") -> records.ServedModel:
     first, end = blocks or (0, info.blocks)
     return records.ServedModel(model_id=info.model_id, alias=info.alias, quantization=info.quantization,
                                context_length=n_ctx, first_block=first, end_block=end,
-                               total_blocks=info.blocks)
+                               total_blocks=info.blocks, seed_root=seed_root)
+
+
+async def make_seeder(info: ModelInfo, opts: ServeOptions, engine, allow: frozenset[str] | None) -> Any:
+    """The seeder of the model file (its piece list computed once, then cached), or None with
+    ``--no-seed``."""
+    import trio
+
+    from ..models.pieces import manifest_of
+    from .seeder import Seeder
+
+    if not opts.seed:
+        return None
+    manifest = await trio.to_thread.run_sync(manifest_of, Path(info.path), info.model_id, opts.cache_dir)
+
+    def busy() -> bool:
+        load = engine.load()
+        return load.active + load.queued > 0
+
+    return Seeder({info.model_id: (Path(info.path), manifest)}, busy=busy, streams=opts.seed_streams,
+                  rate=opts.seed_rate, allow=allow, fault=opts.fault)
 
 
 async def serve(
@@ -168,7 +193,11 @@ async def serve(
                  free_memory=lambda: free_memory_mb(device, opts.max_vram_mb), on_event=on_event, ledger=ledger)
     handlers = {protocol.SHARD: server.handle_shard} if shard else {protocol.INFER: server.handle}  # type: ignore[attr-defined]
     handlers[protocol.PING] = server.handle_ping
-    model = served_model(info, engine.n_ctx, opts.blocks if shard else None)
+    seeder = None if shard else await make_seeder(info, opts, engine, opts.allow)
+    if seeder is not None:
+        handlers[protocol.PIECES] = seeder.handle
+    model = served_model(info, engine.n_ctx, opts.blocks if shard else None,
+                         seed_root=seeder.root(info.model_id) if seeder is not None else "")
     name = opts.name or socket.gethostname()
 
     def make_advert(node, leaving: bool) -> records.Advert:

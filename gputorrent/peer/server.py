@@ -26,7 +26,7 @@ from ..engine import EngineError, Failed, Finished, Tokens
 from ..engine.streaming import EventChannel
 from ..identity import Identity
 from ..models import ModelInfo
-from ..net.host import is_relayed_stream
+from ..net.host import is_relayed_stream, remote_peer_id
 from . import protocol
 from .device import free_memory_mb
 from .faults import Fault
@@ -213,7 +213,7 @@ class InferServer:
     async def _refuse(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str,
                       malformed: bool = False) -> None:
         self.stats.refused += 1
-        self._note("refused", requester=_requester(stream), code=code, reason=message,
+        self._note("refused", requester=remote_peer_id(stream), code=code, reason=message,
                    **({"malformed": True} if malformed else {}))
         signer = wire.ReplySigner(self.identity, protocol.INFER, request_id, wire.request_digest(payload))
         await stream.write(signer.seal(wire.Error(code, message)))
@@ -229,7 +229,7 @@ class InferServer:
     async def _generate(self, stream: Any, reader: wire.FrameReader, req: wire.InferRequest, payload: bytes) -> None:
         signer = wire.ReplySigner(self.identity, protocol.INFER, req.request_id, wire.request_digest(payload))
         fault = self.fault
-        requester = _requester(stream)
+        requester = remote_peer_id(stream)
         rid = req.request_id.hex()
         if self.allow is not None and requester not in self.allow:
             await self._refuse_signed(stream, signer, requester, protocol.NOT_ALLOWED,
@@ -389,13 +389,6 @@ async def _watch_requester(reader: wire.FrameReader, job, scope: trio.CancelScop
                 "requester stream ended while generating (%r); cancelling its job", exc)
     job.cancel()
     scope.cancel()
-
-
-def _requester(stream: Any) -> str:
-    try:
-        return stream.muxed_conn.peer_id.to_base58()
-    except AttributeError:
-        return ""
 
 
 def _went_away(exc: BaseException) -> bool:

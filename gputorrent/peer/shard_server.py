@@ -19,8 +19,9 @@ from .. import wire
 from ..engine import EngineError, Failed
 from ..engine.shard import IDLE_S, ShardEngine, StepJob, StepResult
 from ..engine.streaming import EventChannel
+from ..net.host import remote_peer_id
 from . import protocol
-from .server import InferServer, _requester
+from .server import InferServer
 
 
 @dataclass(slots=True)
@@ -50,7 +51,7 @@ class ShardServer(InferServer):
             await self._refuse_shard(stream, b"", payload, protocol.BAD_REQUEST, "expected a session to open first")
             return
         signer = wire.ReplySigner(self.identity, protocol.SHARD, req.request_id, wire.request_digest(payload))
-        requester = _requester(stream)
+        requester = remote_peer_id(stream)
         if self.allow is not None and requester not in self.allow:
             await self._refuse_signed(stream, signer, requester, protocol.NOT_ALLOWED,
                                       f"this peer serves only its allowlist; ask its operator to add {requester}")
@@ -159,6 +160,6 @@ class ShardServer(InferServer):
 
     async def _refuse_shard(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str) -> None:
         self.stats.refused += 1
-        self._note("refused", requester=_requester(stream), code=code, reason=message)
+        self._note("refused", requester=remote_peer_id(stream), code=code, reason=message)
         signer = wire.ReplySigner(self.identity, protocol.SHARD, request_id, wire.request_digest(payload))
         await stream.write(signer.seal(wire.Error(code, message)))

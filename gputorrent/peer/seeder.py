@@ -1,0 +1,160 @@
+"""The seeding side of ``/gputorrent/pieces/1``: a serving peer hands out the pieces of the
+model file it serves, so a new donor can fetch the model from the swarm instead of a hub.
+
+Bounded and second to inference: at most ``streams`` piece streams at once, an optional cap on
+upload bytes per second, and while the engine has requests running or queued, one piece
+stream at a time at no more than ``busy_rate`` bytes/s (token streams first). A requester
+sends ``PieceAsk`` frames on one stream, one at a time, and closes it when done; a stream
+idle for ``IDLE_S`` is dropped. Private swarms seed only inside the swarm key, as every other
+protocol does: the host refuses anyone without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from .. import wire
+from ..models import pieces
+from ..net.host import finish_stream, remote_peer_id
+from .faults import Fault
+
+log = logging.getLogger("gputorrent.seeder")
+
+STREAMS = 4  # piece streams served at once
+BUSY_RATE = 4 << 20  # bytes/s while the engine has requests running or queued
+IDLE_S = 10.0  # a piece stream with no request for this long is dropped
+WRITE_S = 30.0  # one piece written in at most this long (a reader that stalls is dropped)
+
+
+@dataclass(slots=True)
+class SeedStats:
+    streams: int = 0
+    pieces: int = 0
+    bytes: int = 0
+    refused: int = 0
+
+
+@dataclass(slots=True)
+class Seeder:
+    """Serves the files in ``files`` (file id, i.e. sha256 -> (path, manifest))."""
+
+    files: dict[str, tuple[Path, pieces.Manifest]]
+    busy: Callable[[], bool] = lambda: False
+    streams: int = STREAMS
+    rate: int = 0  # bytes/s, all streams together; 0: no cap
+    busy_rate: int = BUSY_RATE
+    allow: frozenset[str] | None = None
+    fault: Fault | None = None
+    stats: SeedStats = field(default_factory=SeedStats)
+    _slots: trio.Semaphore | None = None
+    _busy_lock: trio.Lock = field(default_factory=trio.Lock)
+    _next_send: float = 0.0  # trio time before which the rate cap lets no more bytes out
+
+    def root(self, file_id: str) -> str:
+        """The Merkle root announced for ``file_id`` (what ``wrong-manifest`` sends is not it)."""
+        return self.files[file_id][1].root
+
+    async def handle(self, stream: Any) -> None:
+        if self._slots is None:
+            self._slots = trio.Semaphore(self.streams)
+        requester = remote_peer_id(stream)
+        if self.allow is not None and requester not in self.allow:
+            await self._refuse(stream, "not_allowed", "this peer seeds only to its allowlist")
+            return
+        if self._slots.value == 0:
+            await self._refuse(stream, "busy", f"this peer is seeding to {self.streams} peers already; "
+                                               "ask another")
+            return
+        async with self._slots:
+            self.stats.streams += 1
+            try:
+                await self._serve(stream)
+            except Exception as exc:  # noqa: BLE001 (a piece stream that fails ends that stream only)
+                log.debug("piece stream from %s ended with %r", requester, exc)
+                await finish_stream(stream, reset=True)
+                return
+        await finish_stream(stream)
+
+    async def _serve(self, stream: Any) -> None:
+        reader = wire.FrameReader(stream, max_frame=1024)
+        while True:
+            payload = None
+            with trio.move_on_after(IDLE_S):
+                payload = await reader.read_frame()
+            if payload is None:  # closed by the requester, or idle too long
+                return
+            try:
+                ask = pieces.ask_decoder.decode(payload)
+            except msgspec.ValidationError as exc:
+                await self._refuse(stream, "bad_request", f"malformed piece request: {exc}")
+                return
+            except msgspec.DecodeError:
+                await self._refuse(stream, "bad_request", "a piece request must be a msgpack PieceAsk")
+                return
+            held = self.files.get(ask.file_id)
+            if held is None:
+                await self._refuse(stream, "unknown_file", f"this peer does not seed {ask.file_id[:16]}…")
+                return
+            path, manifest = held
+            if ask.index == -1:
+                hashes = manifest.hashes
+                if self.fault and self.fault.kind == "wrong-manifest":
+                    hashes = bytes(reversed(hashes))
+                await stream.write(wire.frame(pieces.encoder.encode(
+                    pieces.ManifestReply(manifest.size, manifest.piece_size, hashes))))
+                continue
+            if ask.index >= manifest.count:
+                await self._refuse(stream, "bad_request", f"piece {ask.index} of a {manifest.count}-piece file")
+                return
+            await self._send_piece(stream, path, manifest, ask.index)
+
+    async def _send_piece(self, stream: Any, path: Path, manifest: pieces.Manifest, index: int) -> None:
+        offset, length = manifest.span(index)
+        data = await trio.to_thread.run_sync(_read, path, offset, length)
+        if self.fault and self.fault.kind == "corrupt-pieces":
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        with trio.fail_after(WRITE_S):
+            await stream.write(wire.frame(pieces.encoder.encode(pieces.PieceHead(index, len(data)))))
+            for start in range(0, len(data), pieces.PART):
+                part = data[start:start + pieces.PART]
+                if self.busy():  # token streams first: one piece stream at a time, slowly
+                    async with self._busy_lock:
+                        await self._pace(len(part), self.busy_rate)
+                elif self.rate:
+                    await self._pace(len(part), self.rate)
+                await stream.write(wire.frame(part))
+        self.stats.pieces += 1
+        self.stats.bytes += len(data)
+
+    async def _pace(self, n: int, rate: int) -> None:
+        """Wait until ``n`` more bytes fit under ``rate`` bytes/s (all streams share one clock)."""
+        now = trio.current_time()
+        start = max(now, self._next_send)
+        self._next_send = start + n / rate
+        if start > now:
+            await trio.sleep(start - now)
+
+    async def _refuse(self, stream: Any, code: str, message: str) -> None:
+        self.stats.refused += 1
+        try:
+            with trio.move_on_after(2):
+                await stream.write(wire.frame(pieces.encoder.encode(pieces.PieceRefused(code, message))))
+        except Exception:  # noqa: BLE001, S110 (a requester already gone needs no refusal)
+            pass
+        await finish_stream(stream)
+
+
+def _read(path: Path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
