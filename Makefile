@@ -62,6 +62,7 @@ bench: model
 	$(PY) benchmarks/fuzz.py
 	$(PY) benchmarks/shards.py
 	$(PY) benchmarks/reciprocity.py
+	$(PY) benchmarks/pull.py
 	$(PY) benchmarks/simulate.py --sizes 1000,10000
 
 # The mesh beside llama.cpp's own server; builds llama-server once (~12 min on 2 cores).

@@ -27,7 +27,7 @@ DEMO = CATALOG["smollm2"]
 @pytest.fixture(scope="module")
 def seeders(swarm):
     boot = swarm.bootstrap("pull-boot")
-    kinds = {"seed0": (), "seed1": (), "seed2": (), "corrupt": ("--fault", "corrupt-pieces"),
+    kinds = {"seed0": ("--seed-streams", "1"), "seed1": (), "seed2": (), "corrupt": ("--fault", "corrupt-pieces"),
              "liar": ("--fault", "wrong-manifest"), "quiet": ("--no-seed",)}
     peers = {k: swarm.spawn(f"pull-{k}", "--bootstrap", boot.addr, *PEER, *extra) for k, extra in kinds.items()}
     for p in peers.values():
@@ -59,6 +59,8 @@ def test_a_fresh_machine_pulls_the_model_from_several_peers_and_serves_it(seeder
     assert set(got["caught"]) == {peers["corrupt"].peer_id, peers["liar"].peer_id}, got
     assert "sha256" in got["caught"][peers["corrupt"].peer_id]
     assert peers["quiet"].peer_id not in got["pieces_from"]
+    assert peers["seed0"].peer_id in got["pieces_from"]  # one stream at a time there, but not dropped
+    assert set(got["direct"]) == set(got["pieces_from"])  # plain TCP with a ticket, on loopback
     assert not list(path.parent.glob("*.part"))
     # The machine now serves what it pulled, with no hub in reach.
     me = swarm.start("pull-fresh", "--bootstrap", boot.addr, *PEER, env=env)
@@ -110,6 +112,7 @@ async def test_a_seeder_refuses_bad_requests_and_keeps_seeding(seeders):
             finally:
                 await finish_stream(stream)
 
+        used = False
         with trio.fail_after(30):
             for bad in (b"\x93garbage", pieces.encoder.encode(pieces.PieceAsk("ab" * 32, 0)),
                         pieces.encoder.encode(pieces.PieceAsk(DEMO.sha256, 8000))):
@@ -117,6 +120,25 @@ async def test_a_seeder_refuses_bad_requests_and_keeps_seeding(seeders):
                 assert isinstance(reply, pieces.PieceRefused), reply
             manifest = await ask(pieces.encoder.encode(pieces.PieceAsk(DEMO.sha256, -1)))
             assert isinstance(manifest, pieces.ManifestReply) and len(manifest.hashes) == 94 * 32
+            # The direct path: a ticket opens one connection; a made-up or used token gets nothing.
+            ticket = await ask(pieces.encoder.encode(pieces.TicketAsk(DEMO.sha256)))
+            assert isinstance(ticket, pieces.Ticket) and ticket.port and len(ticket.token) == pieces.TOKEN
+            for token in (os.urandom(pieces.TOKEN), ticket.token, ticket.token):
+                conn = await trio.open_tcp_stream("127.0.0.1", ticket.port)
+                async with conn:
+                    await conn.send_all(token + pieces.INDEX.pack(0))
+                    got = bytearray()
+                    try:
+                        while len(got) < pieces.LENGTH.size + (1 << 20) and (chunk := await conn.receive_some(1 << 20)):
+                            got += chunk
+                    except trio.BrokenResourceError:  # closed with our bytes unread: a reset
+                        pass
+                if token is ticket.token and not used:
+                    m = pieces.Manifest(manifest.size, manifest.piece_size, manifest.hashes)
+                    assert m.check(0, bytes(got[pieces.LENGTH.size:]))
+                    used = True
+                else:
+                    assert got == b""
             qid = await connect(host, quiet.addr)
             with pytest.raises(Exception):  # --no-seed: the protocol is not even offered
                 await host.new_stream(ID.from_base58(qid), [protocol.PIECES])

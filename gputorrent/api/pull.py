@@ -39,17 +39,20 @@ class SwarmPull:
     alias: str
     fetched: bool  # False: a verified copy was already here
     size: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole pull: lookup, piece lists, pieces, checks
+    lookup_seconds: float = 0.0  # finding the seeders in the DHT
     pieces_from: dict[str, int] = field(default_factory=dict)  # peer id -> pieces it sent
     caught: dict[str, str] = field(default_factory=dict)  # peer id -> the lie it was caught in
     dropped: dict[str, str] = field(default_factory=dict)  # peer id -> why it stopped being used
     resumed: int = 0  # pieces already on disk from a cut-off pull
+    direct: list[str] = field(default_factory=list)  # peers that sent on the direct path (plain TCP)
 
     def to_dict(self) -> dict[str, Any]:
         return {"alias": self.alias, "path": str(self.path), "model_id": self.model_id, "fetched": self.fetched,
                 "verified": True, "size_bytes": self.size, "seconds": round(self.seconds, 2),
+                "lookup_seconds": round(self.lookup_seconds, 2),
                 "peers": len(self.pieces_from), "pieces_from": self.pieces_from, "caught": self.caught,
-                "dropped": self.dropped, "resumed_pieces": self.resumed}
+                "dropped": self.dropped, "resumed_pieces": self.resumed, "direct": self.direct}
 
 
 def destination(models_dir: Path, model_id: str, alias: str) -> tuple[Path, str]:
@@ -96,6 +99,7 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
 
     started = trio.current_time()
     model_id, alias, seeders = choose_model(await core.view.find(spec), spec)
+    looked_up = trio.current_time() - started
     dest, alias = destination(models_dir, model_id, alias)
     result = SwarmPull(dest, model_id, alias, fetched=False)
     if dest.is_file() and await trio.to_thread.run_sync(sha256_file, dest) == model_id:
@@ -123,7 +127,8 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
             _blame(core, pid, why, result)
         result.dropped |= {p: r for p, r in report.dropped.items() if p not in result.caught}
         result.pieces_from, result.resumed = report.pieces_from, report.resumed
-        if await trio.to_thread.run_sync(sha256_file, part) != model_id:
+        result.direct = sorted(report.direct & set(report.pieces_from))
+        if report.sha256 != model_id:  # hashed as the pieces were written (peer/fetch.py)
             part.unlink(missing_ok=True)  # every piece matched a list that was itself a lie
             for ad in group:
                 _blame(core, ad.peer_id, "its piece list builds a file that is not the model", result)
@@ -135,6 +140,7 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
 
             add_alias(models_dir, alias, dest, model_id)
         result.fetched, result.size, result.seconds = True, manifest.size, trio.current_time() - started
+        result.lookup_seconds = looked_up
         return result
     raise PullFailed(f"no seeder of {spec!r} gave a piece list that checks out ({_reasons(result)}); "
                      "try again later, or pull it from a hub")

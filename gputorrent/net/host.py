@@ -75,6 +75,15 @@ def reachable_from(addr: str, scope: str) -> bool:
     return dialable(addr) and order[scope_of(addr)] <= order.get(scope, 2)
 
 
+def direct_ip(addrs: Sequence[str]) -> str | None:
+    """The IP of the first TCP address that is the peer's own (not a relay circuit)."""
+    for addr in addrs:
+        parts = addr.strip("/").split("/")
+        if "p2p-circuit" not in parts and len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp":
+            return parts[1]
+    return None
+
+
 class DialError(GputorrentError):
     """A peer address that cannot be parsed or reached; the message says which."""
 

@@ -11,6 +11,7 @@ dropped too. Written pieces stay on disk in ``DEST.part``: a fetch cut off resum
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ import trio
 from .. import wire
 from ..errors import GputorrentError
 from ..models import pieces
-from ..net.host import connect, finish_stream
+from ..net.host import connect, direct_ip, finish_stream
 from . import protocol
 
 log = logging.getLogger("gputorrent.fetch")
@@ -41,7 +42,11 @@ class FetchError(GputorrentError):
 
 
 class PieceFailed(Exception):
-    """A piece request that came back without the piece (the reason is the message)."""
+    """A request that came back refused (the reason is the message; ``code`` is the seeder's)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(slots=True)
@@ -57,6 +62,8 @@ class FetchReport:
     dropped: dict[str, str] = field(default_factory=dict)  # peer id -> why it was dropped otherwise
     resumed: int = 0  # pieces already on disk from an earlier try
     duplicates: int = 0  # endgame pieces that arrived twice
+    direct: set[str] = field(default_factory=set)  # peers that sent pieces on the direct path
+    sha256: str = ""  # of the whole file as written, once complete
 
 
 async def fetch_manifest(host: Any, source: Source, file_id: str) -> pieces.Manifest:
@@ -70,7 +77,7 @@ async def fetch_manifest(host: Any, source: Source, file_id: str) -> pieces.Mani
         finally:
             await finish_stream(stream)
     if not isinstance(reply, pieces.ManifestReply):
-        raise PieceFailed(_why(reply))
+        raise _refused(reply)
     return pieces.Manifest(reply.size, reply.piece_size, reply.hashes)
 
 
@@ -101,10 +108,13 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
     done_bytes = sum(manifest.span(i)[1] for i in have)
     sending: set[str] = set()
     complete = trio.Event()
+    written = trio.Event()  # set when a piece is written (the whole-file hash follows them)
     changed = [trio.Event()]  # set (and replaced) whenever a piece goes back to the list
 
+    landed = set(have)  # verified and written, or being written
+
     def give_back(index: int) -> None:
-        if index not in have and index not in todo:
+        if index not in landed and index not in todo:
             todo.insert(0, index)
         changed[0].set()
         changed[0] = trio.Event()
@@ -118,18 +128,23 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
         def next_piece(mine: set[int]) -> int | None:
             if todo:
                 return todo.pop(0)
-            spare = [i for i in in_flight if i not in have and i not in mine]  # endgame
+            spare = [i for i in in_flight if i not in landed and i not in mine]  # endgame
             return min(spare, key=in_flight.__getitem__) if spare else None
 
         async def worker(src: Source, gone: trio.CancelScope, strikes: list[int]) -> None:
             nonlocal done_bytes
             mine: set[int] = set()
-            stream = None
+            channel: _Channel | None = None
             try:
-                with trio.fail_after(DIAL_S):
-                    await connect(host, src.addrs)
-                    stream = await host.new_stream(_id(src.peer_id), [protocol.PIECES])
-                reader = wire.FrameReader(stream)
+                try:
+                    with trio.fail_after(DIAL_S):
+                        channel = await _open_channel(host, src, file_id)
+                except PieceFailed as exc:
+                    if exc.code == "busy":  # seeding to others already: its other streams go on
+                        return
+                    raise
+                if isinstance(channel, _Direct):
+                    report.direct.add(src.peer_id)
                 while not complete.is_set():
                     index = next_piece(mine)
                     if index is None:  # all handed out: wait in case one comes back (its sender dropped)
@@ -138,16 +153,21 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                     mine.add(index)
                     in_flight[index] = in_flight.get(index, 0) + 1
                     try:
-                        data = await _ask_piece(stream, reader, file_id, index, manifest)
-                        if not manifest.check(index, data):
+                        length = manifest.span(index)[1]
+                        with trio.fail_after(max(PIECE_MIN_S, length / 500_000)):
+                            data = await channel.get(index, length)
+                        if not await trio.to_thread.run_sync(manifest.check, index, data):  # off the event loop
                             report.caught[src.peer_id] = f"piece {index} failed its sha256"
                             gone.cancel()
                             return
-                        if index in have:
+                        if index in landed:  # the endgame's other copy got here first
                             report.duplicates += 1
                             continue
-                        await trio.to_thread.run_sync(os.pwrite, fd, data, manifest.span(index)[0])
+                        landed.add(index)
+                        with trio.CancelScope(shield=True):  # landed is written, even if we are cancelled now
+                            await trio.to_thread.run_sync(os.pwrite, fd, data, manifest.span(index)[0])
                         have.add(index)
+                        written.set()
                     except (PieceFailed, trio.TooSlowError, wire.ProtocolError) as exc:
                         # The stream is done either way (a seeder closes it after a refusal).
                         strikes[0] += 1
@@ -160,7 +180,7 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                         in_flight[index] -= 1
                         if not in_flight[index]:
                             del in_flight[index]
-                            if index not in have:
+                            if index not in landed:
                                 give_back(index)
                     done_bytes += len(data)
                     report.pieces_from[src.peer_id] = report.pieces_from.get(src.peer_id, 0) + 1
@@ -174,8 +194,8 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                     report.dropped.setdefault(src.peer_id, f"{type(exc).__name__}: {exc}"[:200])
             finally:
                 sending.discard(src.peer_id)
-                if stream is not None:
-                    await finish_stream(stream, reset=not complete.is_set())
+                if channel is not None:
+                    await channel.close(reset=not complete.is_set())
 
         async def peer(src: Source) -> None:
             strikes = [0]
@@ -184,17 +204,35 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                     for _ in range(STREAMS_PER_PEER):
                         n.start_soon(worker, src, gone, strikes)
 
-        async with trio.open_nursery() as n:
-            async def until_complete() -> None:
-                await complete.wait()
-                n.cancel_scope.cancel()
+        async def whole_file_hash() -> None:
+            """The file's sha256, over the written prefix as it grows: by the last piece it is
+            nearly done, where hashing the finished file took as long as a third of the fetch."""
+            nonlocal written
+            digest, next_index = hashlib.sha256(), 0
+            while next_index < manifest.count:
+                if next_index not in have:
+                    await written.wait()
+                    written = trio.Event()
+                    continue
+                offset, length = manifest.span(next_index)
+                data = await trio.to_thread.run_sync(os.pread, fd, length, offset)
+                await trio.to_thread.run_sync(digest.update, data)
+                next_index += 1
+            report.sha256 = digest.hexdigest()
 
-            n.start_soon(until_complete)
+        async with trio.open_nursery() as n:
             async with trio.open_nursery() as peers:
                 for src in sources:
                     peers.start_soon(peer, src)
-            n.cancel_scope.cancel()
-        os.fsync(fd)
+
+                async def until_complete() -> None:
+                    await complete.wait()
+                    peers.cancel_scope.cancel()
+
+                peers.start_soon(until_complete)
+                n.start_soon(whole_file_hash)
+            if not complete.is_set():
+                n.cancel_scope.cancel()
     finally:
         os.close(fd)
     if len(have) < manifest.count:
@@ -203,25 +241,109 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
     return report
 
 
-async def _ask_piece(stream: Any, reader: wire.FrameReader, file_id: str, index: int,
-                     manifest: pieces.Manifest) -> bytes:
-    length = manifest.span(index)[1]
-    with trio.fail_after(max(PIECE_MIN_S, length / 500_000)):
-        await stream.write(wire.frame(pieces.encoder.encode(pieces.PieceAsk(file_id, index))))
-        head = _decode(await reader.read_frame())
+class _Channel:
+    """One connection to a seeder, asking for one piece at a time."""
+
+    async def get(self, index: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    async def close(self, reset: bool) -> None:
+        raise NotImplementedError
+
+
+class _Stream(_Channel):
+    """Pieces as frames on the libp2p stream."""
+
+    def __init__(self, stream: Any, file_id: str) -> None:
+        self.stream = stream
+        self.reader = wire.FrameReader(stream)
+        self.file_id = file_id
+
+    async def ticket(self) -> pieces.Ticket:
+        await self.stream.write(wire.frame(pieces.encoder.encode(pieces.TicketAsk(self.file_id))))
+        reply = _decode(await self.reader.read_frame())
+        if not isinstance(reply, pieces.Ticket):
+            raise _refused(reply)
+        return reply
+
+    async def get(self, index: int, length: int) -> bytes:
+        await self.stream.write(wire.frame(pieces.encoder.encode(pieces.PieceAsk(self.file_id, index))))
+        head = _decode(await self.reader.read_frame())
         if not isinstance(head, pieces.PieceHead):
-            raise PieceFailed(_why(head))
+            raise _refused(head)
         if head.index != index or head.size != length:
             raise wire.ProtocolError(f"asked for piece {index} ({length} bytes), got {head.index} ({head.size})")
         data = bytearray()
         while len(data) < length:
-            part = await reader.read_frame()
+            part = await self.reader.read_frame()
             if part is None:
                 raise wire.ProtocolError("the stream ended inside a piece")
             data += part
         if len(data) != length:
             raise wire.ProtocolError(f"piece {index} came with {len(data)} bytes, not {length}")
         return bytes(data)
+
+    async def close(self, reset: bool) -> None:
+        await finish_stream(self.stream, reset=reset)
+
+
+class _Direct(_Channel):
+    """Pieces on a plain TCP connection opened with a ticket (models/pieces.py)."""
+
+    def __init__(self, conn: trio.SocketStream) -> None:
+        self.conn = conn
+
+    async def get(self, index: int, length: int) -> bytes:
+        await self.conn.send_all(pieces.INDEX.pack(index))
+        head = await self._exactly(pieces.LENGTH.size)
+        (size,) = pieces.LENGTH.unpack(head)
+        if size != length:
+            raise wire.ProtocolError(f"asked for piece {index} ({length} bytes), got {size} bytes")
+        return await self._exactly(size)
+
+    async def _exactly(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            chunk = await self.conn.receive_some(min(n - got, 1 << 20))
+            if not chunk:
+                raise wire.ProtocolError("the seeder closed the connection inside a piece")
+            view[got:got + len(chunk)] = chunk
+            got += len(chunk)
+        return bytes(buf)
+
+    async def close(self, reset: bool) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await self.conn.aclose()
+
+
+async def _open_channel(host: Any, src: Source, file_id: str) -> _Channel:
+    """The direct path when the seeder offers one at an address we can dial, else the stream."""
+    await connect(host, src.addrs)
+    stream = await host.new_stream(_id(src.peer_id), [protocol.PIECES])
+    channel = _Stream(stream, file_id)
+    ip = direct_ip(src.addrs)
+    if ip is None:
+        return channel
+    try:
+        ticket = await channel.ticket()
+    except PieceFailed as exc:
+        await channel.close(reset=True)
+        if exc.code != "bad_request":
+            raise
+        # A seeder that knows no tickets refused the request: pieces on a fresh stream.
+        return _Stream(await host.new_stream(_id(src.peer_id), [protocol.PIECES]), file_id)
+    if not ticket.port:
+        return channel
+    await channel.close(reset=False)  # its slot at the seeder goes to the direct connection
+    try:
+        conn = await trio.open_tcp_stream(ip, ticket.port)
+    except OSError as exc:
+        log.debug("no direct path to %s (%s); pieces come over libp2p", src.peer_id, exc)
+        return _Stream(await host.new_stream(_id(src.peer_id), [protocol.PIECES]), file_id)
+    await conn.send_all(ticket.token)
+    return _Direct(conn)
 
 
 def _decode(payload: bytes | None) -> Any:
@@ -233,10 +355,10 @@ def _decode(payload: bytes | None) -> Any:
         raise wire.ProtocolError(f"malformed reply from a seeder: {exc}") from exc
 
 
-def _why(reply: Any) -> str:
+def _refused(reply: Any) -> PieceFailed:
     if isinstance(reply, pieces.PieceRefused):
-        return f"{reply.code}: {reply.message}"
-    return f"unexpected {type(reply).__name__}"
+        return PieceFailed(f"{reply.code}: {reply.message}", reply.code)
+    return PieceFailed(f"unexpected {type(reply).__name__}")
 
 
 def _summary(report: FetchReport) -> str:

@@ -1,6 +1,10 @@
 """The seeding side of ``/gputorrent/pieces/1``: a serving peer hands out the pieces of the
 model file it serves, so a new donor can fetch the model from the swarm instead of a hub.
 
+Two paths: piece frames on the libp2p stream itself, or, when this peer has an address of
+its own, a ticket for a plain TCP connection on the same address (models/pieces.py says why:
+py-libp2p moves bulk bytes at a fifth of a plain download's speed).
+
 Bounded and second to inference: at most ``streams`` piece streams at once, an optional cap on
 upload bytes per second, and while the engine has requests running or queued, one piece
 stream at a time at no more than ``busy_rate`` bytes/s (token streams first). A requester
@@ -32,6 +36,8 @@ STREAMS = 4  # piece streams served at once
 BUSY_RATE = 4 << 20  # bytes/s while the engine has requests running or queued
 IDLE_S = 10.0  # a piece stream with no request for this long is dropped
 WRITE_S = 30.0  # one piece written in at most this long (a reader that stalls is dropped)
+TICKET_S = 30.0  # a direct-path ticket is good for one connection within this long
+MAX_TICKETS = 1024
 
 
 @dataclass(slots=True)
@@ -54,6 +60,8 @@ class Seeder:
     allow: frozenset[str] | None = None
     fault: Fault | None = None
     stats: SeedStats = field(default_factory=SeedStats)
+    direct_port: int = 0  # the direct path's TCP port once run_direct listens; 0: none
+    _tickets: dict[bytes, tuple[str, float]] = field(default_factory=dict)  # token -> (file id, expiry)
     _slots: trio.Semaphore | None = None
     _busy_lock: trio.Lock = field(default_factory=trio.Lock)
     _next_send: float = 0.0  # trio time before which the rate cap lets no more bytes out
@@ -62,9 +70,13 @@ class Seeder:
         """The Merkle root announced for ``file_id`` (what ``wrong-manifest`` sends is not it)."""
         return self.files[file_id][1].root
 
-    async def handle(self, stream: Any) -> None:
+    def _slots_now(self) -> trio.Semaphore:
         if self._slots is None:
             self._slots = trio.Semaphore(self.streams)
+        return self._slots
+
+    async def handle(self, stream: Any) -> None:
+        self._slots = self._slots_now()
         requester = remote_peer_id(stream)
         if self.allow is not None and requester not in self.allow:
             await self._refuse(stream, "not_allowed", "this peer seeds only to its allowlist")
@@ -100,6 +112,9 @@ class Seeder:
                 await self._refuse(stream, "bad_request", "a piece request must be a msgpack PieceAsk")
                 return
             held = self.files.get(ask.file_id)
+            if held is not None and isinstance(ask, pieces.TicketAsk):
+                await stream.write(wire.frame(pieces.encoder.encode(self._ticket(ask.file_id))))
+                continue
             if held is None:
                 await self._refuse(stream, "unknown_file", f"this peer does not seed {ask.file_id[:16]}…")
                 return
@@ -116,23 +131,98 @@ class Seeder:
                 return
             await self._send_piece(stream, path, manifest, ask.index)
 
-    async def _send_piece(self, stream: Any, path: Path, manifest: pieces.Manifest, index: int) -> None:
+    def _ticket(self, file_id: str) -> pieces.Ticket:
+        if not self.direct_port:
+            return pieces.Ticket(0, b"")
+        now = trio.current_time()
+        for token in [t for t, (_, until) in self._tickets.items() if until < now][:64]:
+            del self._tickets[token]
+        if len(self._tickets) >= MAX_TICKETS:
+            del self._tickets[next(iter(self._tickets))]  # the oldest
+        token = os.urandom(pieces.TOKEN)
+        self._tickets[token] = (file_id, now + TICKET_S)
+        return pieces.Ticket(self.direct_port, token)
+
+    async def _piece(self, path: Path, manifest: pieces.Manifest, index: int) -> bytes:
         offset, length = manifest.span(index)
         data = await trio.to_thread.run_sync(_read, path, offset, length)
         if self.fault and self.fault.kind == "corrupt-pieces":
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return data
+
+    async def _pace_part(self, n: int) -> None:
+        if self.busy():  # token streams first: one piece stream at a time, slowly
+            async with self._busy_lock:
+                await self._pace(n, self.busy_rate)
+        elif self.rate:
+            await self._pace(n, self.rate)
+
+    def _sent(self, n: int) -> None:
+        self.stats.pieces += 1
+        self.stats.bytes += n
+
+    async def _send_piece(self, stream: Any, path: Path, manifest: pieces.Manifest, index: int) -> None:
+        data = await self._piece(path, manifest, index)
         with trio.fail_after(WRITE_S):
             await stream.write(wire.frame(pieces.encoder.encode(pieces.PieceHead(index, len(data)))))
             for start in range(0, len(data), pieces.PART):
                 part = data[start:start + pieces.PART]
-                if self.busy():  # token streams first: one piece stream at a time, slowly
-                    async with self._busy_lock:
-                        await self._pace(len(part), self.busy_rate)
-                elif self.rate:
-                    await self._pace(len(part), self.rate)
+                await self._pace_part(len(part))
                 await stream.write(wire.frame(part))
-        self.stats.pieces += 1
-        self.stats.bytes += len(data)
+        self._sent(len(data))
+
+    # --- the direct path ------------------------------------------------------------------
+
+    async def run_direct(self, ip: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen for direct-path connections on ``ip`` (the address libp2p listens on) until
+        cancelled; ``direct_port`` says where."""
+        listeners = await trio.open_tcp_listeners(0, host=ip)
+        self.direct_port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.direct_port)
+        try:
+            await trio.serve_listeners(self._direct, listeners)
+        finally:
+            self.direct_port = 0
+
+    async def _direct(self, conn: trio.SocketStream) -> None:
+        async with conn:
+            try:
+                with trio.fail_after(IDLE_S):
+                    token = await _receive_exactly(conn, pieces.TOKEN)
+                held = self._tickets.pop(token or b"", None)
+                if held is None or held[1] < trio.current_time():
+                    return  # no ticket, a used one or an old one: nothing to say to it
+                path, manifest = self.files[held[0]]
+                slots = self._slots_now()
+                with trio.move_on_after(IDLE_S) as waited:  # the ticket's stream is giving its slot back
+                    await slots.acquire()
+                if waited.cancelled_caught:
+                    return
+                try:
+                    self.stats.streams += 1
+                    await self._serve_direct(conn, path, manifest)
+                finally:
+                    slots.release()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+                log.debug("direct piece connection ended with %r", exc)
+
+    async def _serve_direct(self, conn: trio.SocketStream, path: Path, manifest: pieces.Manifest) -> None:
+        while True:
+            asked = None
+            with trio.move_on_after(IDLE_S):
+                asked = await _receive_exactly(conn, pieces.INDEX.size)
+            if asked is None:
+                return
+            (index,) = pieces.INDEX.unpack(asked)
+            if index >= manifest.count:
+                return
+            data = await self._piece(path, manifest, index)
+            with trio.fail_after(WRITE_S):
+                await conn.send_all(pieces.LENGTH.pack(len(data)))
+                for start in range(0, len(data), pieces.PART):
+                    await self._pace_part(min(pieces.PART, len(data) - start))
+                    await conn.send_all(memoryview(data)[start:start + pieces.PART])
+            self._sent(len(data))
 
     async def _pace(self, n: int, rate: int) -> None:
         """Wait until ``n`` more bytes fit under ``rate`` bytes/s (all streams share one clock)."""
@@ -150,6 +240,17 @@ class Seeder:
         except Exception:  # noqa: BLE001, S110 (a requester already gone needs no refusal)
             pass
         await finish_stream(stream)
+
+
+async def _receive_exactly(conn: trio.SocketStream, n: int) -> bytes | None:
+    """``n`` bytes, or None when the other side closed first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await conn.receive_some(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
 
 
 def _read(path: Path, offset: int, length: int) -> bytes:

@@ -174,6 +174,8 @@ async def serve(
     """
     import trio
 
+    from ..net.host import direct_ip
+
     shard = is_shard(info, opts)
     if shard:
         from .shard_server import ShardServer
@@ -218,6 +220,9 @@ async def serve(
         async with trio.open_nursery() as nursery:
             if watch is not None:
                 nursery.start_soon(watch, lambda: status(server, engine))
+            ip = direct_ip(opts.node.listen)  # where libp2p listens
+            if seeder is not None and ip is not None and not opts.node.psk:  # a private swarm's bytes stay in Noise
+                await nursery.start(seeder.run_direct, ip)
             await run_node(
                 identity, opts.node, handlers=handlers,
                 make_advert=make_advert,
