@@ -25,15 +25,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the API loads 
         PeerSeen,
         PeerStatus,
         Plan,
+        PullFailed,
         Swarm,
         SwarmError,
+        SwarmPull,
         Text,
         Weights,
         ask,
     )
 
 __all__ = ["Answer", "AskFailed", "Attempt", "BreakerChanged", "Failover", "Finished", "GputorrentError", "Peer",
-           "PeerLeft", "PeerSeen", "PeerStatus", "Plan", "Swarm", "SwarmError", "Text", "Weights", "ask"]
+           "PeerLeft", "PeerSeen", "PeerStatus", "Plan", "PullFailed", "Swarm", "SwarmError", "SwarmPull", "Text",
+           "Weights", "ask"]
 
 
 def __getattr__(name: str) -> Any:

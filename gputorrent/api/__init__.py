@@ -12,6 +12,7 @@ from typing import Any
 from ..peer.asker import Answer, AskFailed, Attempt
 from ..scoring import Weights
 from .peer import Peer
+from .pull import PullFailed, SwarmPull
 from .swarm import (
     BreakerChanged,
     Failover,
@@ -52,5 +53,5 @@ def ask(prompt: str | Sequence[Any], *, model: str | None = None, bootstrap: Seq
 
 
 __all__ = ["Answer", "AskFailed", "Attempt", "BreakerChanged", "Failover", "Finished", "Peer", "PeerLeft",
-           "PeerSeen", "PeerStatus", "Plan", "StreamEvent", "Swarm", "SwarmError", "SwarmEvent", "Text", "Weights",
-           "ask"]
+           "PeerSeen", "PeerStatus", "Plan", "PullFailed", "StreamEvent", "Swarm", "SwarmError", "SwarmEvent",
+           "SwarmPull", "Text", "Weights", "ask"]
