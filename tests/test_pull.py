@@ -155,3 +155,28 @@ def test_piece_lists_and_roots():
     assert swapped.root != m.root  # the order of pieces is part of the root
     assert not pieces.Manifest(m.size, m.piece_size, hashes[:-32]).well_formed()
     assert pieces.piece_size_for(98_362_432) == 1 << 20 and pieces.piece_size_for(70 << 30) == 16 << 20
+
+
+def test_a_private_swarm_pulls_inside_its_key_over_libp2p_streams(swarm, cli, tmp_path):
+    """A private swarm's pieces never leave Noise (no direct path), and nobody without its key
+    gets them."""
+    from gputorrent.swarmkey import write_new
+
+    key = str(write_new(tmp_path / "swarm.key"))
+    boot = swarm.start("priv-boot", "--swarm-key", key, command="bootstrap")
+    seeds = [swarm.spawn(f"priv-seed{i}", "--bootstrap", boot.addr, "--swarm-key", key, *PEER) for i in range(2)]
+    try:
+        for s in seeds:
+            s.wait_ready(180)
+        env = _fresh(tmp_path)
+        outsider = cli("models", "pull", "swarm:smollm2", "--bootstrap", boot.addr, "--json", env=env, timeout=120)
+        assert outsider.returncode != 0
+        done = cli("models", "pull", "swarm:smollm2", "--bootstrap", boot.addr, "--swarm-key", key, "--json",
+                   env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        got = json.loads(done.stdout)
+        assert got["direct"] == [] and set(got["pieces_from"]) == {s.peer_id for s in seeds}
+        assert _sha256(Path(got["path"])) == DEMO.sha256
+    finally:
+        for s in (*seeds, boot):
+            s.stop()
