@@ -30,7 +30,7 @@ import openai
 from _report import machine, median, pct, write_section
 
 from gputorrent.config import load_settings
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.models import pull
 
 VERSION = "0.3.36"  # llama-cpp-python, pinned in pyproject.toml: the same llama.cpp on both sides

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, pct, write_section
 
 from gputorrent.api import Swarm
-from gputorrent.chaos import Fault, reference, run_round, time_to_give_up
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.chaos import Fault, reference, run_round, time_to_give_up
+from gputorrent.lab.localswarm import LocalSwarm
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Tell me about breakfast.",
            "Explain gravity to a child.", "Why is the sky blue?", "Describe a cat.", "List five fruits.",

@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, pct, write_section
 
 from gputorrent import wire
+from gputorrent.ask.asker import new_request_id
+from gputorrent.ask.client import run_attempt
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.models import CATALOG
 from gputorrent.net.host import connect, running_host
-from gputorrent.peer.asker import new_request_id
-from gputorrent.peer.client import run_attempt
 
 
 def prompt(i: int) -> str:

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, pct, write_section
 
 from gputorrent import wire
+from gputorrent.ask.asker import ask
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.net.host import running_host
-from gputorrent.peer.asker import ask
 
 QUESTION = "List the first ten prime numbers."
 PARAMS = wire.Params(max_tokens=40, temperature=0.0)

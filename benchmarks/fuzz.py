@@ -18,11 +18,11 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, write_section
 
-from gputorrent.fuzz import fuzz, rss_mb
+from gputorrent.ask.client import ping
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.fuzz import fuzz, rss_mb
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.net.host import connect, running_host
-from gputorrent.peer.client import ping
 
 PEER = ("--slots", "4", "--ctx", "512", "--rate-limit", "0")
 

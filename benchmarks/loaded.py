@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, pct, write_section
 
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 
 QUESTION = "Name a colour."
 
@@ -60,8 +60,8 @@ def load_worker(serve_a: str, serve_b: str) -> None:
     import trio
 
     import gputorrent
-    from gputorrent.fuzz import fuzz
     from gputorrent.identity import Identity
+    from gputorrent.lab.fuzz import fuzz
     from gputorrent.net.host import connect, running_host
 
     async def asks(swarm) -> None:

@@ -26,7 +26,7 @@ from _report import machine, median, write_section
 
 from gputorrent.config import load_settings
 from gputorrent.lab import natlab
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.models import pull
 
 QUESTION = "Write a short story about a lighthouse keeper."

@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, write_section
 
 from gputorrent import wire
+from gputorrent.ask.asker import new_request_id
+from gputorrent.ask.client import run_attempt
 from gputorrent.config import load_settings
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.models import pull
 from gputorrent.net.host import connect, running_host
-from gputorrent.peer.asker import new_request_id
-from gputorrent.peer.client import run_attempt
 
 TOPICS = ["the sea", "a lighthouse", "an old clock", "a mountain village", "a red kite", "the first snow",
           "a train at night", "a lost key", "a small robot", "a garden in spring", "a desert road", "a library"]

@@ -28,7 +28,7 @@ from _report import machine, median, write_section
 
 from gputorrent.api import Swarm
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.models import CATALOG
 from gputorrent.models.pieces import Manifest
 
@@ -84,8 +84,8 @@ async def answers(addr: str, n: int, tokens: int) -> list[float]:
 async def busy_cost(addr: str, peer_id: str, into: Path, n: int, tokens: int) -> dict:
     """Answers alone, then the same answers while fetches pull every piece from this one peer,
     one after another, for as long as the answers take."""
+    from gputorrent.ask.fetch import Source, fetch_file, fetch_manifest
     from gputorrent.net.host import running_host
-    from gputorrent.peer.fetch import Source, fetch_file, fetch_manifest
 
     alone = await answers(addr, n, tokens)
     moved = {"done": 0, "now": 0}

@@ -27,7 +27,7 @@ from _report import machine, median, pct, write_section
 
 from gputorrent.api import Swarm
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.scoring.ledger import Ledger
 
 PROMPT = "Write a short story about a lighthouse keeper."

@@ -24,8 +24,8 @@ from _report import machine, median, write_section
 
 from gputorrent.api import Swarm
 from gputorrent.api.swarm import Plan
-from gputorrent.localswarm import LocalSwarm
-from gputorrent.peer.chain import Hop
+from gputorrent.ask.chain import Hop
+from gputorrent.lab.localswarm import LocalSwarm
 
 PROMPTS = ["Tell me about the sea.", "Explain gravity to a child.", "Describe a cat.", "Why is the sky blue?",
            "Write a short story about a robot.", "List some fruits and their colors."]

@@ -44,19 +44,17 @@ import trio.testing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, pct, write_section
 
+from gputorrent.dht.guards import PROVIDER_TTL_S, PROVIDERS_PER_KEY
 from gputorrent.dht.node import (
     ADVERT_REPLICAS,
     LOOKUP_TIMEOUT_S,
     MAX_PROVIDERS,
-    PROVIDE_INTERVAL_S,
-    PROVIDER_TTL_S,
-    PROVIDERS_PER_KEY,
     QUERY_TIMEOUT_S,
     REWALK_S,
     STORE_TIMEOUT_S,
     SUSPECT_S,
 )
-from gputorrent.dht.records import ADVERT_TTL_S, ANNOUNCE_INTERVAL_S
+from gputorrent.dht.records import ADVERT_TTL_S, ANNOUNCE_INTERVAL_S, PROVIDE_INTERVAL_S
 from gputorrent.dht.walk import K, walk
 
 BITS = 64

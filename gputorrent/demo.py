@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .localswarm import LocalSwarm
+from .lab.localswarm import LocalSwarm
 
 QUESTION = "What is the capital of France? Answer in one word."
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gputorrent.config import load_settings
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.models import pull
 
 QUESTION = "What is the capital of France? Answer in one word."

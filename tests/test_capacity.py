@@ -5,10 +5,10 @@ import pytest
 import trio
 
 from gputorrent import wire
+from gputorrent.ask.asker import new_request_id
+from gputorrent.ask.client import AttemptFailed, PeerBusy, RemoteError, ping, run_attempt
 from gputorrent.identity import Identity
 from gputorrent.net.host import DialError, connect, running_host
-from gputorrent.peer.asker import new_request_id
-from gputorrent.peer.client import AttemptFailed, PeerBusy, RemoteError, ping, run_attempt
 from gputorrent.swarmkey import write_new
 
 from .conftest import QUESTION
@@ -144,7 +144,7 @@ async def test_an_answer_may_outlast_the_wait_for_its_request(peers):
 
         from libp2p.peer.id import ID
 
-        from gputorrent.peer import protocol
+        from gputorrent import protocol
 
         silent = await host.new_stream(ID.from_base58(pid), [protocol.INFER])  # says nothing at all
         with trio.fail_after(10):

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from gputorrent.api import Swarm
-from gputorrent.chaos import Fault, reference, run_round, time_to_give_up
 from gputorrent.identity import Identity
+from gputorrent.lab.chaos import Fault, reference, run_round, time_to_give_up
 
 from .conftest import QUESTION
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gputorrent.api.swarm import params_from
 from gputorrent.identity import Identity
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 
 from .conftest import QUESTION
 from .test_devices import write_gguf

@@ -8,13 +8,12 @@ import time
 import pytest
 import trio
 
-from gputorrent import wire
+from gputorrent import protocol, wire
 from gputorrent.api import Swarm
+from gputorrent.ask.asker import new_request_id
+from gputorrent.ask.client import ping, run_attempt
 from gputorrent.identity import Identity
 from gputorrent.net.host import connect, new_stream, running_host
-from gputorrent.peer import protocol
-from gputorrent.peer.asker import new_request_id
-from gputorrent.peer.client import ping, run_attempt
 
 from .conftest import QUESTION
 
@@ -159,7 +158,7 @@ async def test_idle_dht_streams_and_a_silent_dht_node_hide_nobody(swarm, tmp_pat
 
 async def test_a_short_fuzz_run_crashes_nothing_hangs_nothing_and_frees_every_slot(swarm):
     """benchmarks/fuzz.py runs 100,000 frames; this is 2,000 of the same."""
-    from gputorrent.fuzz import fuzz, rss_mb
+    from gputorrent.lab.fuzz import fuzz, rss_mb
 
     peer = swarm.start("fuzzed", *PEER, "--rate-limit", "0")
     async with running_host(Identity.generate()) as host:
@@ -178,7 +177,7 @@ async def test_a_short_fuzz_run_crashes_nothing_hangs_nothing_and_frees_every_sl
 
 
 async def test_the_rate_limiter_forgets_the_least_recent_requester_first():
-    from gputorrent.peer.server import MAX_REQUESTERS, InferServer
+    from gputorrent.serve.server import MAX_REQUESTERS, InferServer
 
     server = InferServer(Identity.generate(), engine=None, model=None, rate_limit=3)
     for i in range(MAX_REQUESTERS + 500):  # made-up peer ids, one request each

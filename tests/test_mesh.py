@@ -8,12 +8,11 @@ import msgspec
 import pytest
 import trio
 
-from gputorrent import wire
+from gputorrent import protocol, wire
+from gputorrent.ask.asker import new_request_id
+from gputorrent.ask.client import RemoteError, run_attempt
 from gputorrent.identity import Identity
 from gputorrent.net.host import connect, running_host
-from gputorrent.peer import protocol
-from gputorrent.peer.asker import new_request_id
-from gputorrent.peer.client import RemoteError, run_attempt
 
 from .conftest import QUESTION
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from gputorrent.lab import natlab
-from gputorrent.localswarm import LocalSwarm
+from gputorrent.lab.localswarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 

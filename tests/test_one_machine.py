@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gputorrent.config import load_settings
-from gputorrent.localswarm import PeerProcess
+from gputorrent.lab.localswarm import PeerProcess
 
 from .conftest import QUESTION, run_cli
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from gputorrent import wire
+from gputorrent import protocol, wire
 from gputorrent.identity import Identity
 from gputorrent.models import CATALOG, pieces
 from gputorrent.net.host import connect, finish_stream, running_host
-from gputorrent.peer import protocol
 
 from .conftest import QUESTION
 

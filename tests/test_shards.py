@@ -13,11 +13,11 @@ import trio
 
 from gputorrent.api import Swarm
 from gputorrent.api.swarm import Plan
+from gputorrent.ask.chain import Hop, plan_chain
 from gputorrent.dht.records import Advert, Device, ServedModel
 from gputorrent.engine import EngineError, Tokens
 from gputorrent.models import ModelError
 from gputorrent.models.shards import coverage_of, make_shard, parse_blocks, shard_path, thinnest_range
-from gputorrent.peer.chain import Hop, plan_chain
 from gputorrent.wire import Params
 
 GREEDY = Params(max_tokens=24, temperature=0.0)
@@ -112,7 +112,7 @@ def _whole(engine, ids: list[int], params: Params) -> list[int]:
 
 
 class _LocalChain:
-    """Drives engines in one process the way peer.chain drives peers: same steps, same order."""
+    """Drives engines in one process the way ask.chain drives peers: same steps, same order."""
 
     def __init__(self, engines, params: Params) -> None:
         self.engines = engines

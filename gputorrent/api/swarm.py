@@ -21,13 +21,13 @@ import msgspec
 import trio
 
 from .. import wire
+from ..ask.asker import Answer, AskFailed, Attempt, ask, new_request_id, peer_id_of
+from ..ask.choose import Considered
+from ..ask.client import AttemptResult
 from ..config import Settings, load_settings
 from ..dht.records import Advert
 from ..errors import GputorrentError
 from ..identity import Identity
-from ..peer.asker import Answer, AskFailed, Attempt, ask, new_request_id, peer_id_of
-from ..peer.choose import Considered
-from ..peer.client import AttemptResult
 from ..scoring import Weights
 from ..scoring.ledger import Ledger
 from ..scoring.reputation import Outcome, ReputationStore
@@ -125,7 +125,7 @@ class Plan:
     model: str
     order: list[Advert]
     considered: list[Considered] = field(default_factory=list)
-    chain: list[Any] = field(default_factory=list)  # peer.chain.Hop, when shards compute the model
+    chain: list[Any] = field(default_factory=list)  # ask.chain.Hop, when shards compute the model
 
 
 def to_messages(prompt: str | Sequence[Any] | None, system: str | None = None) -> list[wire.ChatMessage]:
@@ -231,7 +231,7 @@ class _Core:
         self.rng = random.Random()
         self.host: Any = None
         self.node: Any = None
-        self.view: Any = None  # peer.view.SwarmView, once joined
+        self.view: Any = None  # ask.view.SwarmView, once joined
         self.store: ReputationStore | None = None
         self.ledger: Ledger | None = None  # tokens received from each peer, given to each (reciprocity)
         self.link: wire.Link | None = None  # this machine's serving identity vouching for our key
@@ -242,10 +242,10 @@ class _Core:
         self._known: set[str] = set()  # peer ids live at the last crawl
 
     async def open(self) -> None:
+        from ..ask.view import SwarmView
         from ..dht.node import swarm_node
         from ..net.host import running_host
         from ..net.relay import hole_punching, punch_listen
-        from ..peer.view import SwarmView
         from ..swarmkey import load
 
         s = self.settings
@@ -317,9 +317,9 @@ class _Core:
         adverts = await (self.view.find(model) if model else self.view.overview(max_age=0))
         rtts: dict[str, float] = {}
         if ping:
+            from ..ask.client import AttemptFailed
+            from ..ask.client import ping as ping_peer
             from ..net.host import DialError, connect
-            from ..peer.client import AttemptFailed
-            from ..peer.client import ping as ping_peer
 
             async def one(ad: Advert) -> None:
                 try:
@@ -459,8 +459,8 @@ class _Core:
             self._publish(ev)
 
     def _claimed_room(self, peer_id: str) -> bool:
-        from ..peer.choose import free_slots
-        from ..peer.view import PONG_FRESH_S
+        from ..ask.choose import free_slots
+        from ..ask.view import PONG_FRESH_S
 
         kept = self.view.pongs.get(peer_id) if self.view is not None else None
         return kept is not None and trio.current_time() - kept[0] <= PONG_FRESH_S and free_slots(kept[2]) > 0
@@ -503,7 +503,7 @@ class _Core:
                 try:
                     on_text = lambda t: send.send_nowait(Text(t, current["peer"]))  # noqa: E731
                     if plan is not None and plan.chain:
-                        from ..peer.chain import ask_chain
+                        from ..ask.chain import ask_chain
 
                         answer = await ask_chain(
                             self.host, self.view.chain_source(model), model_id=plan.chain[0].model_id,
@@ -543,7 +543,7 @@ class _Core:
             scope.cancel()
 
     async def _spot_check(self, answer: Answer, candidates: list[Any], messages, prompt) -> Any:
-        from ..peer.verify import spot_check
+        from ..ask.verify import spot_check
 
         served = [c for c in candidates if peer_id_of(c) == answer.peer_id]
         others = [c for c in candidates if peer_id_of(c) != answer.peer_id]
@@ -559,7 +559,7 @@ class _Core:
 
 def _uncovered(model: str, adverts: list[Advert]) -> str:
     """Why the shards found make no chain: the blocks nobody reachable holds."""
-    from ..peer.chain import coverage
+    from ..ask.chain import coverage
 
     ms = [m for a in adverts for m in a.models if not m.whole]
     if not ms:

@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import Text
     from ..api.swarm import answer_of, params_from
+    from ..ask.asker import AskFailed
+    from ..ask.choose import explain
     from ..identity import short_id
-    from ..peer.asker import AskFailed
-    from ..peer.choose import explain
     from ..scoring import Weights
 
     gen = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.peer:
                 plan = await swarm.rank(args.model)
                 if args.explain and plan.chain:
-                    from ..peer.chain import explain_chain
+                    from ..ask.chain import explain_chain
 
                     print(explain_chain(plan.chain), file=sys.stderr)
                 elif args.explain:

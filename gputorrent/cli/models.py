@@ -235,7 +235,7 @@ def _table(columns: tuple[str, ...], justify: dict[str, str] | None = None) -> A
 def _in_swarm(args: argparse.Namespace) -> int:
     import trio
 
-    from ..peer.chain import coverage
+    from ..ask.chain import coverage
 
     async def run() -> list:
         async with swarm_of(args) as swarm:
@@ -277,7 +277,7 @@ def _in_swarm(args: argparse.Namespace) -> int:
 
 def pick(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int, *, alias: str | None = None,
          quiet: bool = False) -> tuple[ModelInfo, Any]:
-    from ..peer.serve import pick_model
+    from ..serve.run import pick_model
 
     with ByteBar("hashing model (once per file)", quiet=quiet) as progress:
         return pick_model(spec, settings.models_dir, settings.cache_dir, offered_mb, n_ctx, slots, progress,
@@ -285,7 +285,7 @@ def pick(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int,
 
 
 def offered(max_vram_mb: int | None) -> tuple[Device, int]:
-    from ..peer.device import detect_device, offered_memory_mb
+    from ..serve.device import detect_device, offered_memory_mb
 
     device = detect_device(max_vram_mb)
     return device, offered_memory_mb(device, max_vram_mb)

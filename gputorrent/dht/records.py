@@ -23,6 +23,7 @@ MAX_TTL_S = 3600.0
 MAX_CLOCK_SKEW_S = 60.0
 ANNOUNCE_INTERVAL_S = 30.0
 ADVERT_TTL_S = 120.0
+PROVIDE_INTERVAL_S = 600.0  # provider records are renewed this often (adverts every announce interval)
 _DOMAIN = b"gputorrent/advert/1\0"
 
 

@@ -55,32 +55,6 @@ def cached_path(entry: CatalogEntry, models_dir: Path) -> Path:
     return models_dir / entry.filename
 
 
-def resolve(spec: str, models_dir: Path) -> Path:
-    """The GGUF file for ``--model``: a catalog alias (already pulled), a path, or a directory."""
-    entry = CATALOG.get(spec.lower())
-    if entry is not None:
-        path = cached_path(entry, models_dir)
-        if not path.is_file():
-            raise ModelError(f"model {spec!r} is not downloaded yet; run: gputorrent models pull {spec}")
-        return path
-    from .local import added_path
-
-    added = added_path(models_dir, spec)
-    if added is not None:
-        return added
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path  # several quantizations of one model: the caller chooses (models.quant)
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelError(f"{path} is not a .gguf file; gputorrent serves GGUF models")
-        return path
-    known = ", ".join(sorted(CATALOG))
-    raise ModelError(f"unknown model {spec!r}: not a known model ({known}), an added one (gputorrent models list) "
-                     "nor an existing .gguf path or directory; serve a file of your own with --model PATH.gguf, "
-                     "or name it once: gputorrent models add PATH.gguf --alias NAME")
-
-
 def local_models(models_dir: Path) -> list[Path]:
     return sorted(models_dir.glob("*.gguf")) if models_dir.is_dir() else []
 

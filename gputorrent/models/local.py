@@ -1,4 +1,5 @@
-"""Names a user gives their own GGUF files (``models add PATH --alias NAME``).
+"""Names a user gives their own GGUF files (``models add PATH --alias NAME``), and what a
+``--model`` names (``resolve``: a catalog alias, an added name, a file or a directory).
 
 Kept as ``aliases.json`` beside the cached models: alias -> the file's path, model id and size.
 The file is referenced, not copied (models are large); if it moves, the error says so. Peers
@@ -13,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .catalog import CATALOG, ModelError
+from .catalog import CATALOG, ModelError, cached_path
 
 FILE = "aliases.json"
 _ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -77,3 +78,27 @@ def alias_of(models_dir: Path, path: Path) -> str | None:
     """The alias a user gave ``path``, if any (the first, by name)."""
     resolved = str(Path(path).resolve())
     return next((a for a, e in sorted(load_aliases(models_dir).items()) if e.get("path") == resolved), None)
+
+
+def resolve(spec: str, models_dir: Path) -> Path:
+    """The GGUF file for ``--model``: a catalog alias (already pulled), a path, or a directory."""
+    entry = CATALOG.get(spec.lower())
+    if entry is not None:
+        path = cached_path(entry, models_dir)
+        if not path.is_file():
+            raise ModelError(f"model {spec!r} is not downloaded yet; run: gputorrent models pull {spec}")
+        return path
+    added = added_path(models_dir, spec)
+    if added is not None:
+        return added
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path  # several quantizations of one model: the caller chooses (models.quant)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path} is not a .gguf file; gputorrent serves GGUF models")
+        return path
+    known = ", ".join(sorted(CATALOG))
+    raise ModelError(f"unknown model {spec!r}: not a known model ({known}), an added one (gputorrent models list) "
+                     "nor an existing .gguf path or directory; serve a file of your own with --model PATH.gguf, "
+                     "or name it once: gputorrent models add PATH.gguf --alias NAME")

@@ -22,11 +22,10 @@ from typing import Any
 import msgspec
 import trio
 
-from .. import wire
+from .. import protocol, wire
 from ..errors import GputorrentError
 from ..models import pieces
 from ..net.host import connect, direct_ip, finish_stream
-from . import protocol
 
 log = logging.getLogger("gputorrent.fetch")
 

@@ -19,10 +19,9 @@ from typing import Any
 import msgspec
 import trio
 
-from . import wire
-from .net.host import finish_stream, new_stream
-from .peer import protocol
-from .peer.client import ping
+from .. import protocol, wire
+from ..ask.client import ping
+from ..net.host import finish_stream, new_stream
 
 STREAM_DEADLINE_S = 15.0
 # What each fuzzing stream does, and how often. A truncated frame left open makes the peer wait

@@ -15,12 +15,11 @@ from typing import Any
 
 import trio
 
-from .. import wire
+from .. import protocol, wire
 from ..engine import EngineError, Failed
 from ..engine.shard import IDLE_S, ShardEngine, StepJob, StepResult
 from ..engine.streaming import EventChannel
 from ..net.host import remote_peer_id
-from . import protocol
 from .server import InferServer
 
 
@@ -52,13 +51,7 @@ class ShardServer(InferServer):
             return
         signer = wire.ReplySigner(self.identity, protocol.SHARD, req.request_id, wire.request_digest(payload))
         requester = remote_peer_id(stream)
-        if self.allow is not None and requester not in self.allow:
-            await self._refuse_signed(stream, signer, requester, protocol.NOT_ALLOWED,
-                                      f"this peer serves only its allowlist; ask its operator to add {requester}")
-            return
-        wait_s = self._rate_limited(requester)
-        if wait_s > 0:
-            await self._busy(stream, signer, requester, int(wait_s * 1000) + 1, f"rate limit: {self.rate_limit}/minute")
+        if await self._turned_away(stream, signer, requester):
             return
         if not self.model.matches(req.model):
             await self._refuse_signed(stream, signer, requester, protocol.UNKNOWN_MODEL,

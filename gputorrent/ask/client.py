@@ -13,10 +13,9 @@ from typing import Any
 
 import trio
 
-from .. import wire
+from .. import protocol, wire
 from ..errors import GputorrentError
 from ..net.host import finish_stream, new_stream
-from . import protocol
 
 
 class AttemptFailed(GputorrentError):

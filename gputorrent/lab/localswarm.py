@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import GputorrentError
+from ..errors import GputorrentError
 
 
 class SwarmError(GputorrentError):

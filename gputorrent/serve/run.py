@@ -11,11 +11,10 @@ from typing import Any
 
 import msgspec
 
-from .. import __version__
+from .. import __version__, protocol
 from ..dht import records
 from ..identity import Identity
 from ..models import ModelInfo
-from . import protocol
 from .device import free_memory_mb
 from .faults import Fault
 from .node import NodeOptions, run_node
@@ -40,7 +39,7 @@ class ServeOptions:
     blocks: tuple[int, int] | None = None  # serve only blocks [A, B) of the model (a shard)
     ready_extra: dict[str, Any] = field(default_factory=dict)  # more for the ready file (the metrics URL)
     ledger: Path | None = None  # scoring/ledger.py's file: reciprocity under contention (None: first come first served)
-    seed: bool = True  # hand out the model file's pieces to peers fetching it (peer/seeder.py)
+    seed: bool = True  # hand out the model file's pieces to peers fetching it (serve/seeder.py)
     seed_streams: int = 4  # piece streams served at once
     seed_rate: int = 0  # upload cap for pieces, bytes/s (0: none; while answering, seeding slows down anyway)
     cache_dir: Path | None = None  # where the piece list is kept once computed

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .api import AskFailed, Swarm
+from ..api import AskFailed, Swarm
 from .localswarm import PeerProcess
 
 

@@ -24,10 +24,9 @@ from typing import Any, Protocol
 
 import trio
 
-from .. import wire
+from .. import protocol, wire
 from ..dht.records import Advert, ServedModel
 from ..net.host import DialError, connect, finish_stream, new_stream
-from . import protocol
 from .asker import Answer, AskFailed, Attempt, _summary, new_request_id
 from .client import (
     AttemptFailed,

@@ -21,13 +21,12 @@ from typing import Any
 
 import trio
 
-from .. import wire
+from .. import protocol, wire
 from ..engine import EngineError, Failed, Finished, Tokens
 from ..engine.streaming import EventChannel
 from ..identity import Identity
 from ..models import ModelInfo
 from ..net.host import is_relayed_stream, remote_peer_id
-from . import protocol
 from .device import free_memory_mb
 from .faults import Fault
 
@@ -210,6 +209,19 @@ class InferServer:
             return
         await _close(stream)
 
+    async def _turned_away(self, stream: Any, signer: wire.ReplySigner, requester: str) -> bool:
+        """Refuse (signed) a requester outside the allowlist or past its rate; True if refused."""
+        if self.allow is not None and requester not in self.allow:
+            await self._refuse_signed(stream, signer, requester, protocol.NOT_ALLOWED,
+                                      f"this peer serves only its allowlist; ask its operator to add {requester}")
+            return True
+        wait_s = self._rate_limited(requester)
+        if wait_s > 0:
+            await self._busy(stream, signer, requester, int(wait_s * 1000) + 1,
+                             f"rate limit: {self.rate_limit} requests/minute")
+            return True
+        return False
+
     async def _refuse(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str,
                       malformed: bool = False) -> None:
         self.stats.refused += 1
@@ -231,14 +243,7 @@ class InferServer:
         fault = self.fault
         requester = remote_peer_id(stream)
         rid = req.request_id.hex()
-        if self.allow is not None and requester not in self.allow:
-            await self._refuse_signed(stream, signer, requester, protocol.NOT_ALLOWED,
-                                      f"this peer serves only its allowlist; ask its operator to add {requester}")
-            return
-        wait_s = self._rate_limited(requester)
-        if wait_s > 0:
-            await self._busy(stream, signer, requester, int(wait_s * 1000) + 1,
-                             f"rate limit: {self.rate_limit} requests/minute")
+        if await self._turned_away(stream, signer, requester):
             return
         if not self.model.matches(req.model):
             await self._refuse_signed(stream, signer, requester, protocol.UNKNOWN_MODEL,

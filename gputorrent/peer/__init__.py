@@ -1,1 +1,0 @@
-"""Peers: the serving side (server, serve) and the asking side (client, asker) of the mesh."""
