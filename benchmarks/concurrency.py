@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, pct, write_section
 
 from gputorrent import wire
-from gputorrent.ask.asker import new_request_id
-from gputorrent.ask.client import run_attempt
+from gputorrent.asking.asker import new_request_id
+from gputorrent.asking.client import run_attempt
 from gputorrent.identity import Identity
 from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.models import CATALOG

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, pct, write_section
 
 from gputorrent import wire
-from gputorrent.ask.asker import ask
+from gputorrent.asking.asker import ask
 from gputorrent.identity import Identity
 from gputorrent.lab.localswarm import LocalSwarm
 from gputorrent.net.host import running_host

@@ -18,7 +18,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, write_section
 
-from gputorrent.ask.client import ping
+from gputorrent.asking.client import ping
 from gputorrent.identity import Identity
 from gputorrent.lab.fuzz import fuzz, rss_mb
 from gputorrent.lab.localswarm import LocalSwarm

@@ -84,7 +84,7 @@ async def answers(addr: str, n: int, tokens: int) -> list[float]:
 async def busy_cost(addr: str, peer_id: str, into: Path, n: int, tokens: int) -> dict:
     """Answers alone, then the same answers while fetches pull every piece from this one peer,
     one after another, for as long as the answers take."""
-    from gputorrent.ask.fetch import Source, fetch_file, fetch_manifest
+    from gputorrent.asking.fetch import Source, fetch_file, fetch_manifest
     from gputorrent.net.host import running_host
 
     alone = await answers(addr, n, tokens)

@@ -24,7 +24,7 @@ from _report import machine, median, write_section
 
 from gputorrent.api import Swarm
 from gputorrent.api.swarm import Plan
-from gputorrent.ask.chain import Hop
+from gputorrent.asking.chain import Hop
 from gputorrent.lab.localswarm import LocalSwarm
 
 PROMPTS = ["Tell me about the sea.", "Explain gravity to a child.", "Describe a cat.", "Why is the sky blue?",

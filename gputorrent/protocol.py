@@ -5,7 +5,7 @@
 INFER = "/gputorrent/infer/3"
 PING = "/gputorrent/ping/1"
 SHARD = "/gputorrent/shard/2"  # one session on blocks [first, end) of a model; 2: chunk_end's borders
-PIECES = "/gputorrent/pieces/1"  # pieces of the model file a peer serves (serve/seeder.py)
+PIECES = "/gputorrent/pieces/1"  # pieces of the model file a peer serves (serving/seeder.py)
 
 # Error codes in a signed ``Error`` frame. A requester may try another peer after the
 # "peer" kind; the "request" kind would fail anywhere, so it stops.

@@ -5,8 +5,8 @@ import pytest
 import trio
 
 from gputorrent import wire
-from gputorrent.ask.asker import new_request_id
-from gputorrent.ask.client import AttemptFailed, PeerBusy, RemoteError, ping, run_attempt
+from gputorrent.asking.asker import new_request_id
+from gputorrent.asking.client import AttemptFailed, PeerBusy, RemoteError, ping, run_attempt
 from gputorrent.identity import Identity
 from gputorrent.net.host import DialError, connect, running_host
 from gputorrent.swarmkey import write_new

@@ -15,14 +15,14 @@ import trio
 from gguf import GGUFWriter, LlamaFileType
 
 from gputorrent import wire
-from gputorrent.ask.asker import new_request_id
-from gputorrent.ask.client import ping, run_attempt
+from gputorrent.asking.asker import new_request_id
+from gputorrent.asking.client import ping, run_attempt
 from gputorrent.dht.records import Device
 from gputorrent.identity import Identity
 from gputorrent.models import ModelError, read_info
 from gputorrent.models.quant import choose_quantization, estimate_memory, tier
 from gputorrent.net.host import connect, running_host
-from gputorrent.serve.device import computing_device, detect_device, parse_smi
+from gputorrent.serving.device import computing_device, detect_device, parse_smi
 
 from .conftest import QUESTION
 

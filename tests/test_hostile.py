@@ -10,8 +10,8 @@ import trio
 
 from gputorrent import protocol, wire
 from gputorrent.api import Swarm
-from gputorrent.ask.asker import new_request_id
-from gputorrent.ask.client import ping, run_attempt
+from gputorrent.asking.asker import new_request_id
+from gputorrent.asking.client import ping, run_attempt
 from gputorrent.identity import Identity
 from gputorrent.net.host import connect, new_stream, running_host
 
@@ -177,7 +177,7 @@ async def test_a_short_fuzz_run_crashes_nothing_hangs_nothing_and_frees_every_sl
 
 
 async def test_the_rate_limiter_forgets_the_least_recent_requester_first():
-    from gputorrent.serve.server import MAX_REQUESTERS, InferServer
+    from gputorrent.serving.server import MAX_REQUESTERS, InferServer
 
     server = InferServer(Identity.generate(), engine=None, model=None, rate_limit=3)
     for i in range(MAX_REQUESTERS + 500):  # made-up peer ids, one request each

@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from gputorrent import protocol, wire
-from gputorrent.ask.asker import new_request_id
-from gputorrent.ask.client import RemoteError, run_attempt
+from gputorrent.asking.asker import new_request_id
+from gputorrent.asking.client import RemoteError, run_attempt
 from gputorrent.identity import Identity
 from gputorrent.net.host import connect, running_host
 

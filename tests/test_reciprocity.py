@@ -13,7 +13,7 @@ import trio
 from gputorrent import wire
 from gputorrent.api import Swarm
 from gputorrent.api.swarm import own_link
-from gputorrent.ask.asker import AskFailed
+from gputorrent.asking.asker import AskFailed
 from gputorrent.config import load_settings
 from gputorrent.engine.admission import OPTIMISTIC_EVERY, Admission
 from gputorrent.identity import Identity
@@ -77,7 +77,7 @@ def test_a_requester_is_linked_to_its_machine_s_serving_key_and_never_creates_on
 
 async def queued(peer, n: int, data_dir) -> None:
     """Until ``peer``'s pongs say ``n`` requests wait in its queue (a peer's state: nothing to await)."""
-    from gputorrent.ask.client import ping
+    from gputorrent.asking.client import ping
     from gputorrent.net.host import connect
 
     async with Swarm(peers=[peer.addr], mdns=False, identity=Identity.generate(), data_dir=data_dir) as s:

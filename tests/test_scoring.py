@@ -249,7 +249,7 @@ def test_ban_and_reset(tmp_path):
 
 
 def test_a_pong_cannot_add_slots_with_negative_counts():
-    from gputorrent.ask.choose import MAX_SLOTS, free_slots
+    from gputorrent.asking.choose import MAX_SLOTS, free_slots
     from gputorrent.wire import Pong
 
     assert free_slots(Pong(active=-10**6, queued=-5, slots=4, free_memory_mb=0, tokens_per_s=0)) == 4

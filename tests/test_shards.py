@@ -13,7 +13,7 @@ import trio
 
 from gputorrent.api import Swarm
 from gputorrent.api.swarm import Plan
-from gputorrent.ask.chain import Hop, plan_chain
+from gputorrent.asking.chain import Hop, plan_chain
 from gputorrent.dht.records import Advert, Device, ServedModel
 from gputorrent.engine import EngineError, Tokens
 from gputorrent.models import ModelError
@@ -112,7 +112,7 @@ def _whole(engine, ids: list[int], params: Params) -> list[int]:
 
 
 class _LocalChain:
-    """Drives engines in one process the way ask.chain drives peers: same steps, same order."""
+    """Drives engines in one process the way asking.chain drives peers: same steps, same order."""
 
     def __init__(self, engines, params: Params) -> None:
         self.engines = engines

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..ask.asker import Answer, AskFailed, Attempt
+from ..asking.asker import Answer, AskFailed, Attempt
 from ..scoring import Weights
 from .peer import Peer
 from .pull import PullFailed, SwarmPull

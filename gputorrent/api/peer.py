@@ -18,9 +18,9 @@ from ..config import load_settings
 from ..identity import Identity
 from ..limits import check_options
 from ..models import CATALOG, ModelError, ModelInfo, pull
-from ..serve.device import computing_device, detect_device, offered_memory_mb
-from ..serve.node import NodeOptions
-from ..serve.run import ServeOptions, load_engine, pick_model, serve
+from ..serving.device import computing_device, detect_device, offered_memory_mb
+from ..serving.node import NodeOptions
+from ..serving.run import ServeOptions, load_engine, pick_model, serve
 from .guest import Hosted
 
 

@@ -4,7 +4,7 @@ Who holds what comes from the signed adverts: each seeding peer announces, per m
 Merkle root of its piece list. The root most seeders announce is taken; the piece list is
 fetched from one of them and must hash to that root (a peer whose list does not is caught and
 the next one asked), and peers announcing another root are not used. Pieces then come from
-every seeder of that root at once (``ask/fetch.py``), each checked before it is written, and
+every seeder of that root at once (``asking/fetch.py``), each checked before it is written, and
 the finished file must have the sha256 that is the model id before it takes its final name:
 nothing unverified ever does. Should a majority of seeders lie in agreement, that last check
 fails, and the next root is tried.
@@ -94,7 +94,7 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
     """Fetch the model ``spec`` names (alias or model id) from its seeders into ``models_dir``."""
     import trio
 
-    from ..ask.fetch import FetchError, Source, fetch_file
+    from ..asking.fetch import FetchError, Source, fetch_file
     from ..models.gguf_info import remember_model_id
 
     started = trio.current_time()
@@ -128,7 +128,7 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
         result.dropped |= {p: r for p, r in report.dropped.items() if p not in result.caught}
         result.pieces_from, result.resumed = report.pieces_from, report.resumed
         result.direct = sorted(report.direct & set(report.pieces_from))
-        if report.sha256 != model_id:  # hashed as the pieces were written (ask/fetch.py)
+        if report.sha256 != model_id:  # hashed as the pieces were written (asking/fetch.py)
             part.unlink(missing_ok=True)  # every piece matched a list that was itself a lie
             for ad in group:
                 _blame(core, ad.peer_id, "its piece list builds a file that is not the model", result)
@@ -152,7 +152,7 @@ async def _manifests(core: Any, group: list[Advert], model_id: str, root: str,
     list does not hash to ``root``, the root they all announce, are caught and left out."""
     import trio
 
-    from ..ask.fetch import Source, fetch_manifest
+    from ..asking.fetch import Source, fetch_manifest
 
     got: list[tuple[Advert, Manifest]] = []
 

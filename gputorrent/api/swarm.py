@@ -21,9 +21,9 @@ import msgspec
 import trio
 
 from .. import wire
-from ..ask.asker import Answer, AskFailed, Attempt, ask, new_request_id, peer_id_of
-from ..ask.choose import Considered
-from ..ask.client import AttemptResult
+from ..asking.asker import Answer, AskFailed, Attempt, ask, new_request_id, peer_id_of
+from ..asking.choose import Considered
+from ..asking.client import AttemptResult
 from ..config import Settings, load_settings
 from ..dht.records import Advert
 from ..errors import GputorrentError
@@ -125,7 +125,7 @@ class Plan:
     model: str
     order: list[Advert]
     considered: list[Considered] = field(default_factory=list)
-    chain: list[Any] = field(default_factory=list)  # ask.chain.Hop, when shards compute the model
+    chain: list[Any] = field(default_factory=list)  # asking.chain.Hop, when shards compute the model
 
 
 def to_messages(prompt: str | Sequence[Any] | None, system: str | None = None) -> list[wire.ChatMessage]:
@@ -231,7 +231,7 @@ class _Core:
         self.rng = random.Random()
         self.host: Any = None
         self.node: Any = None
-        self.view: Any = None  # ask.view.SwarmView, once joined
+        self.view: Any = None  # asking.view.SwarmView, once joined
         self.store: ReputationStore | None = None
         self.ledger: Ledger | None = None  # tokens received from each peer, given to each (reciprocity)
         self.link: wire.Link | None = None  # this machine's serving identity vouching for our key
@@ -242,7 +242,7 @@ class _Core:
         self._known: set[str] = set()  # peer ids live at the last crawl
 
     async def open(self) -> None:
-        from ..ask.view import SwarmView
+        from ..asking.view import SwarmView
         from ..dht.node import swarm_node
         from ..net.host import running_host
         from ..net.relay import hole_punching, punch_listen
@@ -317,8 +317,8 @@ class _Core:
         adverts = await (self.view.find(model) if model else self.view.overview(max_age=0))
         rtts: dict[str, float] = {}
         if ping:
-            from ..ask.client import AttemptFailed
-            from ..ask.client import ping as ping_peer
+            from ..asking.client import AttemptFailed
+            from ..asking.client import ping as ping_peer
             from ..net.host import DialError, connect
 
             async def one(ad: Advert) -> None:
@@ -459,8 +459,8 @@ class _Core:
             self._publish(ev)
 
     def _claimed_room(self, peer_id: str) -> bool:
-        from ..ask.choose import free_slots
-        from ..ask.view import PONG_FRESH_S
+        from ..asking.choose import free_slots
+        from ..asking.view import PONG_FRESH_S
 
         kept = self.view.pongs.get(peer_id) if self.view is not None else None
         return kept is not None and trio.current_time() - kept[0] <= PONG_FRESH_S and free_slots(kept[2]) > 0
@@ -503,7 +503,7 @@ class _Core:
                 try:
                     on_text = lambda t: send.send_nowait(Text(t, current["peer"]))  # noqa: E731
                     if plan is not None and plan.chain:
-                        from ..ask.chain import ask_chain
+                        from ..asking.chain import ask_chain
 
                         answer = await ask_chain(
                             self.host, self.view.chain_source(model), model_id=plan.chain[0].model_id,
@@ -521,7 +521,12 @@ class _Core:
                             link=self.link,
                         )
                     if verify or (spot_check and self.rng.random() < spot_check):
-                        answer.spot_check = await self._spot_check(answer, addrs, messages, prompt if raw else None)
+                        if answer.chain:
+                            answer.spot_check = await self._spot_check_chain(answer, model, messages,
+                                                                             prompt if raw else None)
+                        else:
+                            answer.spot_check = await self._spot_check(answer, addrs, messages,
+                                                                       prompt if raw else None)
                     send.send_nowait(Finished(answer))
                 except Exception as exc:  # noqa: BLE001 (handed to the consumer: never into the swarm's nursery)
                     send.send_nowait(exc)
@@ -543,12 +548,36 @@ class _Core:
             scope.cancel()
 
     async def _spot_check(self, answer: Answer, candidates: list[Any], messages, prompt) -> Any:
-        from ..ask.verify import spot_check
+        from ..asking.verify import spot_check
 
         served = [c for c in candidates if peer_id_of(c) == answer.peer_id]
         others = [c for c in candidates if peer_id_of(c) != answer.peer_id]
         base = wire.InferRequest(request_id=new_request_id(), model=answer.model_id, messages=messages, prompt=prompt)
         check = await spot_check(self.host, served + others, base)
+        if check.blamed:
+            self.store.record(check.blamed, "integrity")  # type: ignore[union-attr]
+        return check
+
+    async def _spot_check_chain(self, answer: Answer, model: str, messages, prompt) -> Any:
+        """Check a chain answer: its own hops against a whole peer, else a chain of other peers."""
+        from ..asking.chain import Hop
+        from ..asking.verify import SpotCheck, spot_check_chain
+
+        adverts = {a.peer_id: a for a in await self.view.find(model)}
+        mid = answer.model_id
+        total = next((m.total_blocks for a in adverts.values() for m in a.models if m.model_id == mid), 0)
+        hops = [Hop(adverts[h["peer_id"]], h["blocks"][0], h["blocks"][1], model_id=mid, total_blocks=total)
+                for h in answer.chain if h["peer_id"] in adverts]
+        if len(hops) != len(answer.chain):
+            return SpotCheck(note="a hop of this chain is no longer in the swarm; nothing to check")
+
+        async def plan(exclude: set[str], first: int, end: int) -> list[Hop] | None:
+            found, _ = await self.view.chain(model, exclude=exclude, model_id=mid, first=first, end=end)
+            return found
+
+        whole, _ = await self.view.rank(model, model_id=mid)
+        base = wire.InferRequest(request_id=new_request_id(), model=mid, messages=messages, prompt=prompt)
+        check = await spot_check_chain(self.host, hops, plan, base, [list(a.addrs) for a in whole])
         if check.blamed:
             self.store.record(check.blamed, "integrity")  # type: ignore[union-attr]
         return check
@@ -559,7 +588,7 @@ class _Core:
 
 def _uncovered(model: str, adverts: list[Advert]) -> str:
     """Why the shards found make no chain: the blocks nobody reachable holds."""
-    from ..ask.chain import coverage
+    from ..asking.chain import coverage
 
     ms = [m for a in adverts for m in a.models if not m.whole]
     if not ms:

@@ -70,9 +70,12 @@ def describe_check(check: Any) -> str:
     if check.agreed is None:
         return f"spot check: {check.note}"
     if check.agreed:
+        if len(check.peers) > 2:  # a chain: its hops, and a whole peer or another chain
+            return f"spot check: the chain and a second computation ({len(check.peers)} peers) agree token for token"
         return f"spot check: {check.peers[0][:16]}… and {check.peers[1][:16]}… agree token for token"
     if check.blamed:
-        return f"spot check: {check.blamed[:16]}… disagreed with the majority and loses reputation"
+        where = f" (blocks {check.blocks[0]}:{check.blocks[1]})" if getattr(check, "blocks", None) else ""
+        return f"spot check: {check.blamed[:16]}…{where} disagreed with the majority and loses reputation"
     return f"spot check: disagreement; {check.note}"
 
 
@@ -81,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import Text
     from ..api.swarm import answer_of, params_from
-    from ..ask.asker import AskFailed
-    from ..ask.choose import explain
+    from ..asking.asker import AskFailed
+    from ..asking.choose import explain
     from ..identity import short_id
     from ..scoring import Weights
 
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.peer:
                 plan = await swarm.rank(args.model)
                 if args.explain and plan.chain:
-                    from ..ask.chain import explain_chain
+                    from ..asking.chain import explain_chain
 
                     print(explain_chain(plan.chain), file=sys.stderr)
                 elif args.explain:

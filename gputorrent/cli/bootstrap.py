@@ -19,7 +19,7 @@ def register(sub: Any, parents: Parents) -> None:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from ..serve.node import run_node
+    from ..serving.node import run_node
 
     opts = node_options(args, settings_of(args))
 

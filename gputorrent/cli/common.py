@@ -19,7 +19,7 @@ from . import types
 if TYPE_CHECKING:
     from ..api import Swarm
     from ..identity import Identity
-    from ..serve.node import NodeOptions
+    from ..serving.node import NodeOptions
 
 
 class UsageError(GputorrentError):
@@ -69,7 +69,7 @@ def swarm_of(args: argparse.Namespace, **kw: Any) -> Swarm:
 
 def node_options(args: argparse.Namespace, settings: Settings) -> NodeOptions:
     """Options of a node that listens (serve, bootstrap); a taken port fails here, before any work."""
-    from ..serve.node import NodeOptions
+    from ..serving.node import NodeOptions
 
     interval = getattr(args, "announce_interval", None) or 30.0
     ttl = getattr(args, "advert_ttl", None) or max(120.0, 4 * interval)

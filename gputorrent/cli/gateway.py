@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from ..gateway import run_gateway
-    from ..serve.node import write_ready_file
+    from ..serving.node import write_ready_file
 
     api_key = args.api_key or os.environ.get("GPUTORRENT_API_KEY") or None
     try:

@@ -235,7 +235,7 @@ def _table(columns: tuple[str, ...], justify: dict[str, str] | None = None) -> A
 def _in_swarm(args: argparse.Namespace) -> int:
     import trio
 
-    from ..ask.chain import coverage
+    from ..asking.chain import coverage
 
     async def run() -> list:
         async with swarm_of(args) as swarm:
@@ -277,7 +277,7 @@ def _in_swarm(args: argparse.Namespace) -> int:
 
 def pick(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int, *, alias: str | None = None,
          quiet: bool = False) -> tuple[ModelInfo, Any]:
-    from ..serve.run import pick_model
+    from ..serving.run import pick_model
 
     with ByteBar("hashing model (once per file)", quiet=quiet) as progress:
         return pick_model(spec, settings.models_dir, settings.cache_dir, offered_mb, n_ctx, slots, progress,
@@ -285,7 +285,7 @@ def pick(spec: str, settings: Settings, offered_mb: int, n_ctx: int, slots: int,
 
 
 def offered(max_vram_mb: int | None) -> tuple[Device, int]:
-    from ..serve.device import detect_device, offered_memory_mb
+    from ..serving.device import detect_device, offered_memory_mb
 
     device = detect_device(max_vram_mb)
     return device, offered_memory_mb(device, max_vram_mb)

@@ -84,7 +84,7 @@ def register(sub: Any, parents: Parents) -> None:
     s.add_argument("--seed-rate", type=types.positive_float, metavar="MB/s",
                    help="cap on upload for pieces, in MB/s [default: no cap while idle; 4 MB/s, one stream, "
                         "while answering]")
-    s.add_argument("--fault", help=argparse.SUPPRESS)  # test-only misbehaviour, see serve/faults.py
+    s.add_argument("--fault", help=argparse.SUPPRESS)  # test-only misbehaviour, see serving/faults.py
     s.add_argument("--first-frame-timeout", type=types.positive_float, default=10.0,
                    help=argparse.SUPPRESS)  # for tests
     s.set_defaults(func=run)
@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..logs import configure, json_event
     from ..models import CATALOG, ModelError, pull
-    from ..serve.faults import Fault
-    from ..serve.run import ServeOptions, serve
+    from ..serving.faults import Fault
+    from ..serving.run import ServeOptions, serve
 
     json_log = args.log_format == "json"
     configure(json_lines=json_log)
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             pull(args.model, settings.models_dir, progress=progress)
     device, offered_mb = offered(args.max_vram_mb)
     if device.kind == "gpu" and _check_offload(device, args.n_gpu_layers).kind == "cpu":
-        from ..serve.device import offered_memory_mb
+        from ..serving.device import offered_memory_mb
 
         device = _check_offload(device, args.n_gpu_layers, quiet=True)
         offered_mb = offered_memory_mb(device, args.max_vram_mb)  # RAM, not the card's VRAM
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
                         ready_extra={"metrics": metrics_server.url + "/metrics"} if metrics_server else {})
     ident = identity_of(args)
     engine = _load(info, opts, device, settings, quiet=json_log)
-    from ..serve.device import computing_device
+    from ..serving.device import computing_device
 
     device = computing_device(device, engine.offloaded_layers)
     from ..liveview import StatusView
@@ -253,7 +253,7 @@ def _check_offload(device: Any, n_gpu_layers: int | None, *, quiet: bool = False
     """A GPU is offered only when this build can put layers on it: said before loading, with the
     command that fixes it; the advert then says CPU, which is what the peer computes on."""
     from ..engine.native import GPU_INSTALL_HINT, gpu_offload
-    from ..serve.device import computing_device
+    from ..serving.device import computing_device
 
     if device.kind != "gpu" or n_gpu_layers == 0:
         return computing_device(device, 0) if device.kind == "gpu" else device
@@ -276,7 +276,7 @@ def _load(info: ModelInfo, opts: Any, device: Any, settings: Any, *, quiet: bool
     from rich.progress import BarColumn, Progress, TextColumn
 
     from ..models import ModelError
-    from ..serve.run import load_engine
+    from ..serving.run import load_engine
 
     bar = nullcontext() if quiet else Progress(TextColumn("{task.description}"), BarColumn(),
                                                TextColumn("{task.percentage:>3.0f}%"), console=console())

@@ -101,7 +101,7 @@ class SwarmNode:
         self._closest: dict[bytes, tuple[float, list[Any]]] = {}  # key -> (when walked, closest peers)
         self.last_walk: Walked | None = None  # what the latest walk did (benchmarks read its hops)
         self.on_timing: Callable[[str, float], None] = lambda what, seconds: None  # "announce"/"lookup" (metrics)
-        self.reach: Any = None  # serve.node.Reach of a listening node: what its adverts may say
+        self.reach: Any = None  # serving.node.Reach of a listening node: what its adverts may say
         self.round_trips = RoundTrips(QUERY_TIMEOUT_S, QUERY_TIMEOUT_MAX_S)  # request deadlines follow them
         self._to_peer: dict[Any, trio.Semaphore] = {}  # our requests open at each peer (OUTBOUND_PER_PEER)
 

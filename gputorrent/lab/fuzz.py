@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from .. import protocol, wire
-from ..ask.client import ping
+from ..asking.client import ping
 from ..net.host import finish_stream, new_stream
 
 STREAM_DEADLINE_S = 15.0

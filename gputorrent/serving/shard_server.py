@@ -10,7 +10,7 @@ and, as there, nothing a requester sends gets past its own stream.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -114,6 +114,8 @@ class ShardServer(InferServer):
             done += 1
             if out.token >= 0:
                 self.stats.count_tokens(1, trio.current_time())
+            if fault and fault.kind == "wrong-hidden" and out.hidden:
+                out = _perturbed(out)  # a lying hop: wrong states, validly signed
             await self._reply(stream, signer, digest, out, step.replay)
 
     async def _read_step(self, reader: wire.FrameReader, engine: ShardEngine) -> tuple[wire.ShardStep | None, bytes]:
@@ -156,3 +158,14 @@ class ShardServer(InferServer):
         self._note("refused", requester=remote_peer_id(stream), code=code, reason=message)
         signer = wire.ReplySigner(self.identity, protocol.SHARD, request_id, wire.request_digest(payload))
         await stream.write(signer.seal(wire.Error(code, message)))
+
+
+def _perturbed(out: StepResult) -> StepResult:
+    """``out`` with every other hidden dimension negated (fault ``wrong-hidden``): a scale alone
+    would mostly vanish in the next block's norm."""
+    from array import array
+
+    states = array("f", out.hidden)
+    for i in range(0, len(states), 2):
+        states[i] = -states[i]
+    return replace(out, hidden=states.tobytes())

@@ -39,7 +39,7 @@ class ServeOptions:
     blocks: tuple[int, int] | None = None  # serve only blocks [A, B) of the model (a shard)
     ready_extra: dict[str, Any] = field(default_factory=dict)  # more for the ready file (the metrics URL)
     ledger: Path | None = None  # scoring/ledger.py's file: reciprocity under contention (None: first come first served)
-    seed: bool = True  # hand out the model file's pieces to peers fetching it (serve/seeder.py)
+    seed: bool = True  # hand out the model file's pieces to peers fetching it (serving/seeder.py)
     seed_streams: int = 4  # piece streams served at once
     seed_rate: int = 0  # upload cap for pieces, bytes/s (0: none; while answering, seeding slows down anyway)
     cache_dir: Path | None = None  # where the piece list is kept once computed
