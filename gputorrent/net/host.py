@@ -146,16 +146,21 @@ async def running_host(identity: Identity, listen: Sequence[str] = (), *, mdns: 
         raise _single(group) from None
 
 
-async def _close_listeners(host: Any) -> None:
+async def _close_listeners(host: Any, timeout: float = 0.5) -> None:
     """Stop accepting connections. py-libp2p 0.8.1 runs each TCP listener as a trio system
     task that leaving ``host.run`` does not stop: a stopped host went on accepting dials and
     answering identify and ping, so a stopped peer still looked alive to every DHT walk
-    that met it (a requester spent 7 s per made-up provider walking through them)."""
-    for listener in list(host.get_network().listeners.values()):
-        try:
-            await listener.close()
-        except Exception:  # noqa: BLE001, S110 (a listener that failed to close has nothing left to stop)
-            pass
+    that met it (a requester spent 7 s per made-up provider walking through them).
+
+    Bounded: ``close`` shuts the sockets at once, then waits for the listener's task, whose
+    connection handlers may sit in shielded writes; unbounded, a serve stopping under load
+    waited past its SIGKILL and never logged "stopped" (CI, test_cli's JSON log)."""
+    with trio.move_on_after(timeout):
+        for listener in list(host.get_network().listeners.values()):
+            try:
+                await listener.close()
+            except Exception:  # noqa: BLE001, S110 (a listener that failed to close has nothing left to stop)
+                pass
 
 
 CLOSE_S = 0.5  # closing a host: every connection's goodbye together, then the rest are cut
