@@ -41,15 +41,20 @@ class SpotCheck:
     blocks: list[int] = field(default_factory=list)  # a chain's: the range whose holders disagreed
 
 
-async def _ids(host: Any, addr: str | Sequence[str], base: wire.InferRequest) -> tuple[str, list[int]] | None:
+async def _check(host: Any, addr: str | Sequence[str], base: wire.InferRequest) -> Any:
+    """The check request answered by the peer at ``addr`` (an AttemptResult), or None."""
     try:
         peer_id = await connect(host, addr)
         req = wire.InferRequest(request_id=new_request_id(), model=base.model, messages=base.messages,
                                 prompt=base.prompt, params=CHECK_PARAMS)
-        res = await run_attempt(host, peer_id, req, lambda ids, text: None)
+        return await run_attempt(host, peer_id, req, lambda ids, text: None)
     except (DialError, AttemptFailed):
         return None
-    return peer_id, res.ids
+
+
+async def _ids(host: Any, addr: str | Sequence[str], base: wire.InferRequest) -> tuple[str, list[int]] | None:
+    res = await _check(host, addr, base)
+    return (res.peer_id, res.ids) if res is not None else None
 
 
 async def spot_check(host: Any, addrs: Sequence[str | Sequence[str]], base: wire.InferRequest) -> SpotCheck:
@@ -176,14 +181,8 @@ async def spot_check_chain(host: Any, hops: list[Hop], plan: Planner, base: wire
 
 
 async def _text(host: Any, addr: str | Sequence[str], base: wire.InferRequest) -> tuple[str, str] | None:
-    try:
-        peer_id = await connect(host, addr)
-        req = wire.InferRequest(request_id=new_request_id(), model=base.model, messages=base.messages,
-                                prompt=base.prompt, params=CHECK_PARAMS)
-        res = await run_attempt(host, peer_id, req, lambda ids, text: None)
-    except (DialError, AttemptFailed):
-        return None
-    return peer_id, res.text
+    res = await _check(host, addr, base)
+    return (res.peer_id, res.text) if res is not None else None
 
 
 CHAIN_CHECK_S = 60.0  # one check request through a chain, at most
