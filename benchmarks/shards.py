@@ -111,6 +111,9 @@ def main() -> None:
     results: dict[str, list] = {k: [] for k in SETUPS}
     shard_flags = os.environ.get("SHARD_FLAGS", "--threads 1 --batch-threads 2").split()
     wire_bytes: dict[str, list[float]] = {k: [] for k in SETUPS}
+    # Per chain answer: ms per token, the hops' own compute per token (what each reported), the
+    # requester's wait on the hops per token.
+    breakdown: dict[str, list[tuple[float, float, float]]] = {k: [] for k in SETUPS}
 
     with LocalSwarm() as ls:
         boot = ls.bootstrap()
@@ -150,6 +153,10 @@ def main() -> None:
                             if ans.chain:
                                 wire_bytes[setup].append(sum(h["bytes_sent"] + h["bytes_received"]
                                                              for h in ans.chain) / ans.chain[0]["steps"])
+                                if ans.tokens_per_s:
+                                    breakdown[setup].append((1000 / ans.tokens_per_s,
+                                                             sum(h["compute_ms_per_step"] for h in ans.chain),
+                                                             sum(h["decode_ms_per_step"] for h in ans.chain)))
                     print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                         f"{k} {median([x[0] for x in v]):.1f} tok/s" for k, v in results.items()), file=sys.stderr)
 
@@ -168,6 +175,14 @@ def main() -> None:
         rows.append(f"| {k} | {tps[k]:.1f} | {tps[k] / tps[whole]:.2f}× | {ttft[k]:.1f} ms | {per_hop} | "
                     f"{local[k]:.1f} ({local[k] / local[whole]:.2f}×) |")
     n = len(results[whole])
+    over_rows, over = [], {}
+    for k, hops in zip(SETUPS, (1, 2, 3), strict=False):
+        if hops == 1:
+            continue
+        tok, comp, wait = (median([b[i] for b in breakdown[k]]) for i in range(3))
+        over[k] = (tok - comp) / hops
+        over_rows.append(f"| {k} | {tok:.2f} | {comp:.2f} | **{over[k]:.2f}** | {(wait - comp) / hops:.2f} | "
+                         f"{(tok - wait):.2f} |")
     body = f"""## Shards (`benchmarks/shards.py`)
 
 {machine()}; demo model SmolLM2-135M Q4_1 (30 blocks); {args.rounds} rounds alternating the order, each
@@ -187,6 +202,19 @@ the hops' round trips through py-libp2p and the processes sharing the cores).
 
 Targets: 3 hops ≥ 0.6× the whole model (measured **{tps['3 hops'] / tps[whole]:.2f}×**); time to first token
 added per hop ≤ 30 ms (measured **{(ttft['3 hops'] - ttft[whole]) / 2:+.1f} ms** at 3 hops).
+
+Per-hop overhead per token: a chain's time per decoded token minus the sum of its hops' own compute
+time per token (each hop reports the time of its decode in every step's output), divided by the hops;
+medians over the answers above. The split: the requester's wait on each hop beyond that hop's compute
+(loopback round trip, framing, signing and checking, the hop's thread hand-offs), and the requester's
+own time between hops (per token, for the whole chain).
+
+| set-up | ms per token | hops' compute, summed | overhead per hop | of it: waiting beyond compute, per hop | requester between hops (total) |
+|---|---|---|---|---|---|
+{chr(10).join(over_rows)}
+
+Target: per-hop overhead ≤ 3 ms on loopback (measured **{over['3 hops']:.2f} ms** at 3 hops,
+**{over['2 hops']:.2f} ms** at 2).
 
 On the wire, per step (a token, or a 512-token prompt chunk) of the whole chain, sent and received by the
 requester, framing and signatures included: 2 hops {median(wire_bytes['2 hops']):,.0f} bytes, 3 hops

@@ -254,6 +254,9 @@ class StepOut(msgspec.Struct, tag="sout", array_like=True):
     text: str
     finish: str
     transcript: bytes
+    # Microseconds this hop's engine spent on the step (its decode), on the last part only. What
+    # the hop says, so only for measuring a chain's overhead; never for choosing or trusting it.
+    compute_us: int = 0
 
 
 Reply = Accepted | Busy | Queued | Token | Done | Error | Pong | ShardReady | StepOut
@@ -422,8 +425,8 @@ class ReplySigner:
         return Token(ids, text, self.transcript)
 
     def step(self, input_digest: bytes, hidden: bytes = b"", more: bool = False, token: int = -1, text: str = "",
-             finish: str = "") -> StepOut:
-        out = StepOut(hidden, more, token, text, finish, b"")
+             finish: str = "", compute_us: int = 0) -> StepOut:
+        out = StepOut(hidden, more, token, text, finish, b"", compute_us)
         self.transcript = _step_next(self.transcript, input_digest, out)
         out.transcript = self.transcript
         return out

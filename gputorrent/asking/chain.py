@@ -151,6 +151,12 @@ class _Link:
         self.is_last = is_last
         self.steps = 0
         self.busy_s = 0.0  # time spent waiting on this hop: its compute and the round trips
+        # Decode steps (one position, not replayed): their count, the time we waited on each, and
+        # the compute time the hop reported for them. The difference is what the hop costs beyond
+        # its compute: round trips, framing, signatures, thread hand-offs.
+        self.decode_steps = 0
+        self.decode_s = 0.0
+        self.decode_compute_s = 0.0
         self.t_start = time.perf_counter()
         self.n_ctx = 0
         self.closed = False
@@ -333,8 +339,13 @@ class _ChainRun:
             if not hidden_out or len(hidden_out) != st.n * self.row_bytes:
                 raise _HopFailed(link.hop, "integrity", f"sent {len(hidden_out)} bytes of hidden states for {st.n} "
                                                         f"positions of {self.row_bytes} bytes")
+        took = time.perf_counter() - t
         link.steps += 1
-        link.busy_s += time.perf_counter() - t
+        link.busy_s += took
+        if st.n == 1 and not replay:
+            link.decode_steps += 1
+            link.decode_s += took
+            link.decode_compute_s += msg.compute_us / 1e6
         return hidden_out, msg
 
     def _keep(self, block: int, i: int, hidden: bytes) -> None:
@@ -374,9 +385,11 @@ class _ChainRun:
                 try:
                     hidden, out = await self._step(link, i, hidden if k else b"", replay=False)
                 except _HopFailed as failed:
-                    replaced = await self._replace(chain, k, failed, replay_upto=i)
-                    chain[k:k + 1] = replaced
-                    hidden = self.state.inputs[link.hop.first][i] if link.hop.first else b""
+                    lo, hi, replaced = await self._replace(chain, k, failed, replay_upto=i)
+                    chain[lo:hi] = replaced
+                    k = lo
+                    first = replaced[0].hop.first
+                    hidden = self.state.inputs[first][i] if first else b""
                     continue
                 if not link.is_last:
                     self._keep(link.hop.end, i, hidden)
@@ -453,15 +466,19 @@ class _ChainRun:
             return await self._open_all(await self._plan(first, end), replay_upto)
         return links  # type: ignore[return-value]
 
-    async def _replace(self, chain: list[_Link], k: int, failed: _HopFailed, replay_upto: int) -> list[_Link]:
-        """New hops for the blocks of ``chain[k]``, caught up through step ``replay_upto`` - 1."""
+    async def _replace(self, chain: list[_Link], k: int, failed: _HopFailed,
+                       replay_upto: int) -> tuple[int, int, list[_Link]]:
+        """New hops for the blocks of ``chain[k]``, caught up through step ``replay_upto`` - 1:
+        they replace ``chain[lo:hi]``. When no peer left holds a chain over exactly the lost
+        hop's borders, the span widens to its neighbours' borders (the inputs there are recorded
+        too), so [10, 20) lost can be taken over by [0, 15) + [15, 30) in place of three hops."""
         lost = chain[k]
         await lost.close(reset=True)
         self._fail(failed, lost)
         if not failed.retry:
             raise self._give_up(failed)
         while True:
-            hops = await self._plan(lost.hop.first, lost.hop.end)
+            lo, hi, hops = await self._plan_around(chain, k)
             new = await self._open_all(hops, replay_upto)
             try:
                 for j, link in enumerate(new):
@@ -471,13 +488,35 @@ class _ChainRun:
                         out, _ = await self._step(link, i, hidden, replay=not inner)
                         if inner:
                             self._keep(link.hop.end, i, out)
-                return new
             except _HopFailed as again:
                 for link in new:
                     await link.close(reset=True)
                 self._fail(again, next((ln for ln in new if ln.hop.peer_id == again.hop.peer_id), None))
                 if not again.retry:
                     raise self._give_up(again) from None
+                continue
+            for link in chain[lo:hi]:
+                if link is not lost:  # healthy, taken out only because its borders no longer fit
+                    self._record(link, "gone", "")
+                    self.tried.discard(link.hop.peer_id)
+                    await link.close()
+            return lo, hi, new
+
+    async def _plan_around(self, chain: list[_Link], k: int) -> tuple[int, int, list[Hop]]:
+        """The narrowest span of ``chain`` around hop ``k`` that a chain of untried peers covers:
+        ``chain[lo:hi]`` and its replacement hops (fewest hops replaced first, then fewest blocks)."""
+        spans = sorted(((lo, hi) for lo in range(k + 1) for hi in range(k + 1, len(chain) + 1)),
+                       key=lambda s: (s[1] - s[0], chain[s[1] - 1].hop.end - chain[s[0]].hop.first))
+        for lo, hi in spans:
+            first, end = chain[lo].hop.first, chain[hi - 1].hop.end
+            if (lo, hi) == spans[-1]:
+                return lo, hi, await self._plan(first, end)  # the widest: its failure is the answer's
+            if self.max_attempts is not None and len(self.attempts) >= self.max_attempts:
+                return lo, hi, await self._plan(first, end)  # raises: no attempt left
+            hops = await self.source.plan(self.tried, self.model_id, first, end)
+            if hops:
+                return lo, hi, hops
+        raise AssertionError("unreachable: the widest span returns or raises")
 
     def _fail(self, failed: _HopFailed, link: _Link | None = None) -> None:
         res = self._result(link) if link is not None else AttemptResult(failed.hop.peer_id)
@@ -510,6 +549,8 @@ class _ChainRun:
             receipt.update(link.verifier.transcript)
             hops.append({"peer_id": link.hop.peer_id, "blocks": [link.hop.first, link.hop.end],
                          "steps": link.steps, "ms_per_step": round(1000 * link.busy_s / max(1, link.steps), 2),
+                         "decode_ms_per_step": round(1000 * link.decode_s / max(1, link.decode_steps), 3),
+                         "compute_ms_per_step": round(1000 * link.decode_compute_s / max(1, link.decode_steps), 3),
                          "bytes_sent": link.sent, "bytes_received": link.received,
                          "transcript": link.verifier.transcript.hex()})
             self._record(link, "ok", "")

@@ -21,7 +21,7 @@ import ctypes
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class StepResult:
     text: str = ""  # last: the text this token decided (held back while a stop might start)
     finish: str = ""  # last: "eog" (end of generation, not part of the answer), "stop" (a stop
     # sequence), "length" (max_tokens reached), or ""
+    compute_s: float = 0.0  # the decode this step was part of, as this process timed it
 
 
 @dataclass(eq=False, slots=True)
@@ -275,6 +276,7 @@ class ShardEngine(LlamaRuntime):
             if self.is_last and job.sample:
                 b.logits[n - 1] = True
         b.n_tokens = n
+        t0 = time.perf_counter()
         try:
             self._ctx.decode(self._batch)
         except Exception as exc:  # noqa: BLE001 (llama.cpp errors come as any type; the jobs are failed and reported)
@@ -293,7 +295,8 @@ class ShardEngine(LlamaRuntime):
                 out.append(self._accept(job.session, job.forced if job.forced >= 0 else tok))
             else:
                 out.append(StepResult())
-        return out
+        took = time.perf_counter() - t0
+        return [replace(r, compute_s=took) if isinstance(r, StepResult) else r for r in out]
 
     def _one_by_one(self, jobs: list[StepJob]) -> list[StepResult | Failed]:
         """After a failed shared decode: each job alone, so only the one that caused it fails."""

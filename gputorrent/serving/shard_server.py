@@ -142,16 +142,19 @@ class ShardServer(InferServer):
                 return first, b"".join(parts)
 
     async def _reply(self, stream: Any, signer: wire.ReplySigner, digest: bytes, out: StepResult, replay: bool) -> None:
+        us = round(out.compute_s * 1e6)
         if replay:  # catching up: the requester has this output already
-            await stream.write(signer.seal(signer.step(digest, token=out.token, finish=out.finish)))
+            await stream.write(signer.seal(signer.step(digest, token=out.token, finish=out.finish, compute_us=us)))
             return
         if not out.hidden:
-            await stream.write(signer.seal(signer.step(digest, token=out.token, text=out.text, finish=out.finish)))
+            await stream.write(signer.seal(signer.step(digest, token=out.token, text=out.text, finish=out.finish,
+                                                       compute_us=us)))
             return
         view = memoryview(out.hidden)
         for at in range(0, len(view), wire.HIDDEN_PART):
             part = bytes(view[at:at + wire.HIDDEN_PART])
-            await stream.write(signer.seal(signer.step(digest, part, more=at + wire.HIDDEN_PART < len(view))))
+            more = at + wire.HIDDEN_PART < len(view)
+            await stream.write(signer.seal(signer.step(digest, part, more=more, compute_us=0 if more else us)))
 
     async def _refuse_shard(self, stream: Any, request_id: bytes, payload: bytes, code: str, message: str) -> None:
         self.stats.refused += 1
