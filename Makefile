@@ -64,6 +64,7 @@ bench: model
 	$(PY) benchmarks/reciprocity.py
 	$(PY) benchmarks/pull.py
 	$(PY) benchmarks/simulate.py --sizes 1000,10000
+	$(PY) benchmarks/simulate.py --shard-keys --peers 10000 --minutes 10 --lookups 300
 
 # The mesh beside llama.cpp's own server; builds llama-server once (~12 min on 2 cores).
 bench-anchor: model

@@ -89,6 +89,7 @@ class Node:
     suspect: dict[int, float] = field(default_factory=dict)
     conns: OrderedDict = field(default_factory=OrderedDict)
     model: int = 0
+    shard: bool = False  # holds blocks of its model, not all of it
     joined_at: float = 0.0
 
 
@@ -264,7 +265,7 @@ class Sim:
             end = trio.current_time() + (self.session() if churn and nd not in self.boot else math.inf)
             with trio.move_on_at(min(end, stop)):
                 async with trio.open_nursery() as n:
-                    n.start_soon(self.renew, nd, key_of(f"model/{nd.model}"), PROVIDE_INTERVAL_S, "provider")
+                    n.start_soon(self.renew, nd, self.provider_key(nd), PROVIDE_INTERVAL_S, "provider")
                     if adverts:
                         n.start_soon(self.renew, nd, key_of(f"advert/{nd.id}"), self.announce_s, "value")
             nd.online = False
@@ -285,20 +286,30 @@ class Sim:
             await trio.sleep(max(0.0, interval - (trio.current_time() - t)))
 
     put_costs: list = []
+    layout = "split"
+
+    def provider_key(self, nd: Node) -> int:
+        """The key ``nd`` provides its model under: shard peers under a key of their own
+        (records.model_keys, "split"), or beside whole peers as before ("mixed")."""
+        return key_of(f"{'shards' if nd.shard and self.layout == 'split' else 'model'}/{nd.model}")
 
 
 def simulate(n: int, *, seed: int = 1, minutes: float = 20.0, warmup_min: float = 8.0, nat: float = 0.3,
              hung: float = 0.01, session_min: float = 30.0, lookups: int = 400, sampled_adverts: int = 200,
-             churn: bool = True, nat_server: bool = True, announce_s: float = ANNOUNCE_INTERVAL_S) -> dict:
+             churn: bool = True, nat_server: bool = True, announce_s: float = ANNOUNCE_INTERVAL_S,
+             shards: float = 0.0, layout: str = "split") -> dict:
     sim = Sim(n, seed, nat, hung, session_min * 60, nat_server)
     sim.put_costs = []
+    sim.layout = layout
     sim.announce_s = announce_s
     rng = sim.rng
     out: dict = {"peers": n}
     hops, asked, ok, visible, providers_found, overview_msgs, lat = [], [], [], [], [], [], []
+    useless: list[float] = []  # share of the providers a whole-model lookup found that are shard peers
 
     for nd in sim.nodes.values():
         nd.model = rng.choices(range(sim.models), weights=sim.zipf)[0]
+        nd.shard = rng.random() < shards
 
     async def main() -> None:
         t_wall = time.monotonic()
@@ -321,7 +332,8 @@ def simulate(n: int, *, seed: int = 1, minutes: float = 20.0, warmup_min: float 
                 key = key_of(f"model/{model}")
                 now = trio.current_time()
                 # Providers a requester could use: online and dialable, announced a minute ago or more.
-                have = {nd.id for nd in live if nd.model == model and not nd.nat and now - nd.joined_at >= 60}
+                have = {nd.id for nd in live if nd.model == model and not nd.nat and not nd.shard
+                        and now - nd.joined_at >= 60}
                 found: list[int] = []
                 t = trio.current_time()
                 walked = await sim.lookup(asker, key, "providers", found)
@@ -331,6 +343,8 @@ def simulate(n: int, *, seed: int = 1, minutes: float = 20.0, warmup_min: float 
                 got = set(found) & have
                 if have:
                     ok.append(bool(got))
+                if found:
+                    useless.append(sum(sim.nodes[p].shard for p in set(found)) / len(set(found)))
                 if model == 0:
                     providers_found.append((len(set(found)), len(have)))
                 if j % 10 == 0:  # announce to visible: a fresh key, provided, then looked up
@@ -376,6 +390,8 @@ def simulate(n: int, *, seed: int = 1, minutes: float = 20.0, warmup_min: float 
         "announce_interval_s": announce_s,
         "bytes_per_s_per_peer": round(out["bytes_per_s_per_peer_simulated"] + advert_bps * (1 - sampled_share), 1),
         "nat": nat, "nat_server_mode": nat_server, "hung": hung, "session_median_min": session_min, "churn": churn,
+        "shards": shards, "layout": layout,
+        "shard_share_of_found_mean": round(sum(useless) / len(useless), 4) if useless else 0.0,
     })
     return out
 
@@ -391,14 +407,25 @@ def main() -> None:
     ap.add_argument("--hung", type=float, default=0.01, help="share of peers that never answer")
     ap.add_argument("--session-min", type=float, default=30.0, help="median session length")
     ap.add_argument("--no-churn", action="store_true")
+    ap.add_argument("--shards", type=float, default=0.0, help="share of peers holding shards (blocks) of their model")
+    ap.add_argument("--layout", choices=["split", "mixed"], default="split",
+                    help="split: shards provide under keys of their own (as serve does); mixed: beside whole peers")
+    ap.add_argument("--shard-keys", action="store_true",
+                    help="the shard-key comparison: no shards, 30%% split, 30%% mixed, side by side; writes its table")
     ap.add_argument("--calibrate", default="50,100", help="real-swarm sizes to calibrate against ('' for none)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     kw = dict(seed=args.seed, minutes=args.minutes, nat=args.nat, hung=args.hung, session_min=args.session_min,
               lookups=args.lookups, churn=not args.no_churn)
+    if args.shard_keys:
+        body = shard_keys(args.peers, kw)
+        print(body)
+        if not args.no_write:
+            write_section("simulate-shards", body)
+        return
     if args.json:
-        print(json.dumps(simulate(args.peers, **kw)))
+        print(json.dumps(simulate(args.peers, shards=args.shards, layout=args.layout, **kw)))
         return
     rows = []
     for n in [int(x) for x in (args.sizes or str(args.peers)).split(",")]:
@@ -410,6 +437,36 @@ def main() -> None:
     print(body)
     if not args.no_write:
         write_section("simulate", body)
+
+
+def shard_keys(n: int, kw: dict) -> str:
+    """Whole-model lookups with no shard peers, with 30 % shard peers under keys of their own
+    (the layout serve uses), and with the same 30 % beside whole peers: same seed, same swarm."""
+    runs = []
+    for shards, layout, label in [(0.0, "split", "no shard peers"), (0.3, "split", "30 % shard peers, own keys"),
+                                  (0.3, "mixed", "30 % shard peers, under the model's keys")]:
+        r = simulate(n, shards=shards, layout=layout, **kw)
+        print(json.dumps(r), file=sys.stderr)
+        runs.append((label, r))
+    rows = "\n".join(
+        f"| {label} | {100 * r['lookup_success']:.1f} % | {r['lookup_hops_p50']:.0f} / {r['lookup_hops_p95']:.0f} | "
+        f"{r['lookup_messages_p50']:.0f} / {r['lookup_messages_p95']:.0f} | {r['lookup_s_p50']:.2f} / "
+        f"{r['lookup_s_p95']:.2f} s | {100 * r['shard_share_of_found_mean']:.1f} % |" for label, r in runs)
+    return f"""## Shard keys at scale, simulated (`benchmarks/simulate.py --shard-keys`)
+
+{machine()}. {n:,} peers, the set-up of the table above ({kw['minutes']:g} virtual minutes, {kw['lookups']}
+whole-model lookups, churn, {100 * kw['nat']:.0f} % behind NAT, {100 * kw['hung']:.0f} % hung), same seed in each
+run. A shard peer holds blocks of its model; success counts only whole-model providers (live, dialable).
+"Shard records in what was found": of the providers a whole-model lookup returned, the share that
+were shard peers, each an advert fetch wasted and a slot of the 64 kept per lookup taken.
+
+| set-up | success | hops p50 / p95 | messages p50 / p95 | lookup time p50 / p95 | shard records in what was found |
+|---|---|---|---|---|---|
+{rows}
+
+Shard peers provide under keys of their own (`records.model_keys`): a whole-model lookup never reads
+their records, and a chain's lookup reads only theirs.
+"""
 
 
 def calibrate(sizes: list[int]) -> list[tuple[int, dict, dict]]:

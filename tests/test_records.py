@@ -81,3 +81,14 @@ def test_keys_fit_py_libp2p_limits_and_differ_by_kind():
     assert len(records.advert_key(ident.peer_id).encode()) <= 50  # FIND_NODE rejects longer plain keys
     keys = {records.provider_key(k, "smollm2") for k in ("model", "alias", "swarm")}
     assert len(keys) == 3 and all(k.startswith("1220") and len(k) == 68 for k in keys)
+
+
+def test_shard_peers_provide_under_keys_a_whole_model_lookup_never_reads():
+    mid = "ab" * 32
+    whole = records.ServedModel(model_id=mid, alias="smollm2", quantization="Q8_0", context_length=2048,
+                                first_block=0, end_block=30, total_blocks=30)
+    shard = msgspec.structs.replace(whole, first_block=10, end_block=20)
+    assert set(records.model_keys(whole)) == {records.lookup_key("smollm2"), records.lookup_key(mid)}
+    assert set(records.model_keys(shard)) == {records.lookup_key("smollm2", shards=True),
+                                              records.lookup_key(mid.upper(), shards=True)}
+    assert not set(records.model_keys(whole)) & set(records.model_keys(shard))

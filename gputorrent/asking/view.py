@@ -26,6 +26,7 @@ from ..dht.records import Advert, ServedModel
 from ..net.host import reachable_from
 from ..scoring import Weights
 from ..scoring.reputation import ReputationStore
+from ..tasks import gather
 from .chain import Hop, plan_chain
 from .choose import Considered, rank_peers
 
@@ -75,7 +76,7 @@ class SwarmView:
         self.top = top
         self.scope = scope  # where we joined from: which advertised addresses we dial (host.reachable_from)
         self._lookups: dict[str, _Lookup] = {}
-        self._used: dict[str, float] = {}
+        self._used: dict[tuple[str, bool], float] = {}  # (spec, whole) -> when last asked
         self._flights: dict[str, _Flight] = {}
         self.pongs: dict[str, tuple[float, float, wire.Pong]] = {}  # peer id -> (at, rtt ms, pong)
         self.lookups_run = 0  # how many DHT lookups this view made (tests, benchmarks)
@@ -122,11 +123,17 @@ class SwarmView:
         addrs = [a for a in ad.addrs if reachable_from(a, self.scope)]
         return ad if len(addrs) == len(ad.addrs) else msgspec.structs.replace(ad, addrs=addrs)
 
-    async def find(self, spec: str, max_age: float = FRESH_S) -> list[Advert]:
-        """Live adverts of peers serving ``spec`` (alias or model id), from the view when it
-        is fresh enough, else from one shared lookup."""
-        self._used[spec] = trio.current_time()
-        return await self._lookup(f"model:{spec}", lambda: self.node.find_model(spec), max_age)
+    async def find(self, spec: str, max_age: float = FRESH_S, *, whole: bool | None = True) -> list[Advert]:
+        """Live adverts of peers serving ``spec`` (alias or model id) whole, or with
+        ``whole=False`` holding shards of it (``None``: both), from the view when it is fresh
+        enough, else from one shared lookup of each kind."""
+        if whole is None:
+            both = await gather([lambda: self.find(spec, max_age, whole=True),
+                                        lambda: self.find(spec, max_age, whole=False)])
+            return [a for found in both for a in found]
+        self._used[(spec, whole)] = trio.current_time()
+        return await self._lookup(f"{'model' if whole else 'shards'}:{spec}",
+                                  lambda: self.node.find_model(spec, shards=not whole), max_age)
 
     async def overview(self, max_age: float = FRESH_S) -> list[Advert]:
         return await self._lookup("overview", self.node.overview, max_age)
@@ -136,9 +143,9 @@ class SwarmView:
         while True:
             await trio.sleep(REFRESH_S)
             now = trio.current_time()
-            for spec in [s for s, t in self._used.items() if now - t < IN_USE_S]:
+            for spec, whole in [s for s, t in self._used.items() if now - t < IN_USE_S]:
                 try:
-                    await self.find(spec, max_age=REFRESH_S / 2)
+                    await self.find(spec, max_age=REFRESH_S / 2, whole=whole)
                 except Exception:  # noqa: BLE001, S110 (the next round tries again; requests look up themselves)
                     pass
 
@@ -150,8 +157,8 @@ class SwarmView:
         while True:
             await trio.sleep(WARM_PING_S)
             now = trio.current_time()
-            for spec in [s for s, t in self._used.items() if now - t < IN_USE_S]:
-                kept = self._lookups.get(f"model:{spec}")
+            for spec, whole in [s for s, t in self._used.items() if now - t < IN_USE_S]:
+                kept = self._lookups.get(f"{'model' if whole else 'shards'}:{spec}")
                 if kept is None:
                     continue
                 wall = time.time()
@@ -179,7 +186,7 @@ class SwarmView:
         """The peers serving ``spec`` (and ``model_id``, once known) not in ``exclude``, best
         first, and how each was judged: peers serving the whole model, or with ``whole=False``
         the peers holding shards of it."""
-        adverts = [a for a in await self.find(spec, max_age) if a.addrs and a.peer_id not in exclude
+        adverts = [a for a in await self.find(spec, max_age, whole=whole) if a.addrs and a.peer_id not in exclude
                    and any((not model_id or m.model_id == model_id) and m.whole == whole and _names(m, spec)
                            for m in a.models)]
         return await rank_peers(self.host, adverts, self.store, weights=self.weights, rng=self.rng, top=self.top,
@@ -262,3 +269,4 @@ class Candidates:
         if not order:  # everyone known was tried: peers may have joined since the last lookup
             order, _ = await self.view.rank(self.spec, exclude=tried, model_id=model_id, max_age=RETRY_LOOKUP_S)
         return list(order[0].addrs) if order else None
+

@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 from ..identity import Identity
+from ..tasks import gather
 from . import records
 from .guards import (
     _fake_providers,
@@ -495,25 +496,26 @@ class SwarmNode:
                     n.start_soon(one, pid)
         return list(out)
 
-    async def find_model(self, spec: str) -> list[Advert]:
-        """Live adverts of peers serving ``spec`` (alias or model id)."""
-        kind = "alias" if not _looks_like_id(spec) else "model"
-        ids = await self.find_providers(records.provider_key(kind, spec.lower()))
+    async def find_model(self, spec: str, *, shards: bool = False) -> list[Advert]:
+        """Live adverts of peers serving ``spec`` (alias or model id) whole, or with ``shards``
+        of peers holding blocks of it (records.model_keys: each kind has its own keys)."""
+        ids = await self.find_providers(records.lookup_key(spec, shards=shards))
         now = time.time()
-        return [a for a in await self.get_adverts(ids) if a.live(now) and a.serves(spec)]
+        return [a for a in await self.get_adverts(ids)
+                if a.live(now) and (m := a.serves(spec)) is not None and m.whole != shards]
 
     async def crawl(self, rounds: int = 3) -> list[str]:
         """Peer ids reachable through the DHT: the routing table, then lookups of random keys
         (every peer they named, asked or not: the advert fetch that follows checks each)."""
         seen = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
-        found = await _gather([functools.partial(self._walk_to, os.urandom(32)) for _ in range(rounds)])
+        found = await gather([functools.partial(self._walk_to, os.urandom(32)) for _ in range(rounds)])
         seen.update(p.to_base58() for walked in found for p in walked.seen)
         seen.discard(self.identity.peer_id)
         return sorted(seen)
 
     async def overview(self) -> list[Advert]:
         """Every live advert this node can find: providers of the swarm key plus a crawl."""
-        providers, crawled = await _gather([lambda: self.find_providers(records.provider_key("swarm", "all")),
+        providers, crawled = await gather([lambda: self.find_providers(records.provider_key("swarm", "all")),
                                             self.crawl])
         ids = providers + crawled
         now = time.time()
@@ -555,23 +557,6 @@ def _id(peer_id: str) -> Any:
     from libp2p.peer.id import ID
 
     return ID.from_base58(peer_id)
-
-
-async def _gather(fns: Sequence[Callable[[], Any]]) -> list[Any]:
-    """Run the coroutine functions at once; their results in order."""
-    out: list[Any] = [None] * len(fns)
-
-    async def one(i: int) -> None:
-        out[i] = await fns[i]()
-
-    async with trio.open_nursery() as n:
-        for i in range(len(fns)):
-            n.start_soon(one, i)
-    return out
-
-
-def _looks_like_id(spec: str) -> bool:
-    return len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec.lower())
 
 
 @asynccontextmanager

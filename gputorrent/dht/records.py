@@ -115,12 +115,28 @@ def advert_key(peer_id: str) -> str:
 
 
 def provider_key(kind: str, name: str) -> str:
-    """Hex multihash (sha2-256) for provide/find_providers: ``kind`` is model, alias or swarm."""
+    """Hex multihash (sha2-256) for provide/find_providers: ``kind`` is model, alias, swarm, or
+    shard-model and shard-alias (the keys of peers holding blocks of a model, not all of it)."""
     return "1220" + hashlib.sha256(f"gputorrent/{kind}/{name}".encode()).hexdigest()
 
 
+def lookup_key(spec: str, *, shards: bool = False) -> str:
+    """The provider key a lookup of ``spec`` (an alias, or a model id in hex) reads: whole-model
+    peers, or with ``shards`` the peers holding blocks of it."""
+    spec = spec.strip().lower()
+    is_id = len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec)
+    kind = "model" if is_id else "alias"
+    return provider_key(f"shard-{kind}" if shards else kind, spec)
+
+
 def model_keys(model: ServedModel) -> list[str]:
-    return [provider_key("model", model.model_id), provider_key("alias", model.alias)]
+    """The keys a peer provides for ``model``. Shard peers go under keys of their own: at scale
+    a popular model's key would otherwise fill with peers a whole-model requester cannot use
+    (each node keeps a bounded number of providers per key, and an answer samples 20 of them),
+    and each would cost that requester an advert fetch. A chain's lookup reads the shard keys."""
+    if model.whole:
+        return [lookup_key(model.model_id), lookup_key(model.alias)]
+    return [lookup_key(model.model_id, shards=True), lookup_key(model.alias, shards=True)]
 
 
 def sign_advert(identity: Identity, advert: Advert) -> bytes:
