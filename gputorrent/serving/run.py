@@ -86,11 +86,12 @@ def load_engine(info: ModelInfo, opts: ServeOptions, device: records.Device,
                               n_gpu_layers=gpu_layers(device, opts), progress=progress)
     if is_shard(info, opts):
         from ..engine.shard import ShardEngine
-        from ..models.shards import make_shard
+        from ..models.shards import make_shard, remember_source
 
         first, end = opts.blocks  # type: ignore[misc]
         path = make_shard(Path(info.path), info.model_id, first, end, info.blocks,
                           cache_dir or Path(info.path).parent)
+        remember_source(path, info)
         return ShardEngine(path, first=first, end=end, total=info.blocks, **kw)
     from ..engine.llama import LlamaEngine
 
