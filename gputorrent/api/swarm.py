@@ -31,6 +31,7 @@ from ..identity import Identity
 from ..scoring import Weights
 from ..scoring.ledger import Ledger
 from ..scoring.reputation import Outcome, ReputationStore
+from ..tasks import gather
 from .guest import Hosted
 from .pull import SwarmPull
 
@@ -355,7 +356,11 @@ class _Core:
                 raise AskFailed(await self._nothing_found("no peer in the swarm serves any model yet; "
                                                           "start one with: gputorrent serve"), [], kind="no_peers")
             model = max(counts, key=counts.__getitem__)
-        order, considered = await self.view.rank(model)
+        # Whole peers and shard holders live under different keys (records.model_keys): look both
+        # up side by side, so that finding no usable whole peer costs no second walk before a
+        # chain is planned (or before saying nobody is left).
+        ranked, _ = await gather([lambda: self.view.rank(model), lambda: self._prefetch_shards(model)])
+        order, considered = ranked
         if not order:  # nobody serves it whole: a chain of shards, if they cover every block
             hops, held = await self.view.chain(model)
             if hops:
@@ -379,6 +384,12 @@ class _Core:
                             "gputorrent peers (and peers --reset PEER to give one another chance)", [],
                             kind="unavailable")
         return Plan(model, order, considered)
+
+    async def _prefetch_shards(self, model: str) -> None:
+        try:
+            await self.view.find(model, whole=False)
+        except Exception:  # noqa: BLE001, S110 (the chain's own lookup tries again and reports)
+            pass
 
     async def _nothing_found(self, message: str) -> str:
         """``message``, unless this requester's own peer id is serving: then say that instead
