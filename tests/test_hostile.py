@@ -226,6 +226,45 @@ async def test_sybil_provider_records_sent_first_do_not_keep_an_honest_provider_
     assert honest.peer_id in seen and answer.peer_id == honest.peer_id
 
 
+async def test_made_up_providers_at_frozen_addresses_do_not_crowd_an_honest_advert_out(swarm):
+    """64 provider ids named before an honest one, each at an address that takes the TCP
+    connection and never speaks: every advert fetch of theirs holds a fetch slot until its
+    deadline. The honest peer, which this node is connected to, goes first; it used to wait
+    behind them past the fetch deadline, and its second chance went to the first dozen of them."""
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    from gputorrent.dht.node import swarm_node
+
+    boot = swarm.bootstrap("tarpit-boot")
+    honest = swarm.start("tarpit-honest", "--bootstrap", boot.addr, *PEER)
+    held: list[trio.SocketStream] = []
+    made_up = [Identity.generate().peer_id for _ in range(64)]
+    me = Identity.generate()
+    async with trio.open_nursery() as n:
+        tarpit = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+
+        async def hold() -> None:
+            while True:
+                held.append(await tarpit.accept())  # kept open, never read or written
+
+        n.start_soon(hold)
+        port = tarpit.socket.getsockname()[1]
+        try:
+            async with running_host(me) as host, swarm_node(host, me, server=False) as node:
+                assert await node.join([boot.addr, honest.addr]) == 2
+                for pid in made_up:  # as a provider record would: its id at the tarpit's address
+                    host.get_peerstore().add_addrs(ID.from_base58(pid), [Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")], 600)
+                found = await node.get_adverts([*made_up, honest.peer_id])
+        finally:
+            n.cancel_scope.cancel()
+            for conn in held:
+                await conn.aclose()
+            await tarpit.aclose()
+    assert [a.peer_id for a in found] == [honest.peer_id]
+    assert len(held) >= 16  # the made-up ones were dialed: each held a fetch slot
+
+
 async def test_a_node_naming_two_thousand_fake_providers_costs_an_ask_little(swarm, tmp_path):
     boot, good, _ = _two_good_and_one(swarm, "fake", "dht-fake-providers")
     async with Swarm([boot.addr], mdns=False, identity=Identity.generate(), data_dir=tmp_path / "a") as s:
