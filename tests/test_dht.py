@@ -6,6 +6,7 @@ import signal
 import time
 from contextlib import asynccontextmanager
 
+import msgspec
 import pytest
 import trio
 
@@ -273,3 +274,27 @@ async def test_a_live_provider_without_an_advert_costs_one_request_not_a_walk(dh
             assert await asker.get_advert(fake.peer_id) is None
             assert asker.last_walk is None  # its answer was taken as final
             assert (await asker.get_advert(peers[0].peer_id)).peer_id == peers[0].peer_id
+
+
+async def test_providing_that_reached_nobody_is_done_again_at_the_next_interval():
+    """A peer that announced before any other DHT node was there (or whose provide was cut
+    off) provides again once one is: counting that provide as done left its records at itself
+    alone for ten minutes, found only by walks that happened to ask it."""
+    from gputorrent.net.host import full_addrs
+
+    first, second = Identity.generate(), Identity.generate()
+    model = records.ServedModel(model_id="ab" * 32, alias="smollm2", quantization="Q8_0", context_length=2048,
+                                end_block=30, total_blocks=30)
+    key = bytes.fromhex(records.lookup_key("smollm2"))
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    async with running_host(first, listen) as host_a, swarm_node(host_a, first, server=True) as a, \
+            running_host(second, listen) as host_b, swarm_node(host_b, second, server=True) as b:
+        async with trio.open_nursery() as n:
+            await n.start(a.announce_forever, lambda: msgspec.structs.replace(advert(first, models=[model]), addrs=full_addrs(host_a)), 0.5)
+            assert await b.join(full_addrs(host_a)) == 1  # the second node, after the first announce
+
+            async def stored_at_b():
+                return first.peer_id in {p.peer_id.to_base58() for p in b.dht.provider_store.get_providers(key)}
+
+            assert await _until(stored_at_b, 10.0), "the first peer's provider record never reached the second"
+            n.cancel_scope.cancel()

@@ -208,21 +208,27 @@ class SwarmNode:
 
     # --- announcing ------------------------------------------------------------------------
 
-    async def publish(self, advert: Advert, *, provide: bool = True) -> None:
+    async def publish(self, advert: Advert, *, provide: bool = True) -> bool:
         """Store our signed advert and (with ``provide``) provide each served model and the
-        swarm key."""
+        swarm key; returns whether every provider record reached at least one other peer."""
         key = records.advert_key(advert.peer_id)
         value = records.sign_advert(self.identity, advert)
         if advert.leaving:
             await self._say_goodbye(key, value)
-            return
+            return False
         keys = [records.provider_key("swarm", "all")]
         for m in advert.models if provide else ():
             keys += records.model_keys(m)
+        stored: list[int] = []
+
+        async def provide_one(pkey: str) -> None:
+            stored.append(await self.provide(pkey))
+
         async with trio.open_nursery() as n:
             n.start_soon(self.put_value, key, value)
             for pkey in keys if provide else ():
-                n.start_soon(self.provide, pkey)
+                n.start_soon(provide_one, pkey)
+        return provide and len(stored) == len(keys) and all(stored)
 
     async def put_value(self, key: str, value: bytes) -> int:
         """Store a signed value here and at the closest peers that answer; returns how many did.
@@ -310,28 +316,34 @@ class SwarmNode:
                                task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Publish now (then report started), and again every ``interval`` seconds.
 
-        The advert (liveness, load) goes out every interval; provider records live 48 h in
-        py-libp2p, so they are renewed every ``PROVIDE_INTERVAL_S``, which also keeps us under
-        its limit of 10 ADD_PROVIDER messages per peer per 10 s with short test intervals.
+        The advert (liveness, load) goes out every interval; provider records are renewed every
+        ``PROVIDE_INTERVAL_S`` (which also keeps us under py-libp2p's limit of 10 ADD_PROVIDER
+        messages per peer per 10 s with short test intervals), and at the next interval when the
+        last provide did not reach anyone or was cut off: counting a cut-off provide as done
+        left a peer's records nowhere but at itself for ten minutes, found only by walks that
+        happened to ask it.
         """
-        await self._publish_logged(make_advert(), provide=True)
-        provided = trio.current_time()
+        provided = trio.current_time() if await self._publish_logged(make_advert(), provide=True) else None
         task_status.started()
         while True:
             await trio.sleep(interval)
             await self.adopt_known_peers()
-            renew = trio.current_time() - provided >= PROVIDE_INTERVAL_S
-            await self._publish_logged(make_advert(), provide=renew)
-            provided = trio.current_time() if renew else provided
+            renew = provided is None or trio.current_time() - provided >= PROVIDE_INTERVAL_S
+            done = await self._publish_logged(make_advert(), provide=renew)
+            if renew:
+                provided = trio.current_time() if done else None
 
-    async def _publish_logged(self, advert: Advert, *, provide: bool) -> None:
+    async def _publish_logged(self, advert: Advert, *, provide: bool) -> bool:
+        """``publish`` within its deadline; whether every provider record reached a peer."""
         t = trio.current_time()
+        provided = False
         try:
             with trio.move_on_after(LOOKUP_TIMEOUT_S * 2):
-                await self.publish(advert, provide=provide)
+                provided = await self.publish(advert, provide=provide)
         except Exception as exc:  # noqa: BLE001 (an unreachable neighbour must not stop the announcer)
             log.warning("announce failed: %s", exc)
         self.on_timing("announce", trio.current_time() - t)
+        return provided
 
     # --- looking up ------------------------------------------------------------------------
 
