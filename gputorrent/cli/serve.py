@@ -28,6 +28,7 @@ from .models import describe_choice, offered, pick
 
 if TYPE_CHECKING:
     from ..models import ModelInfo
+    from ..models.inuse import InUse
 
 
 def register(sub: Any, parents: Parents) -> None:
@@ -159,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..logs import configure, json_event
     from ..models import CATALOG, ModelError, pull
+    from ..models.catalog import cached_path
+    from ..models.inuse import InUse
     from ..serving.faults import Fault
     from ..serving.run import ServeOptions, serve
 
@@ -184,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
 
         cut = cut_before(settings.cache_dir, args.model, args.blocks)
     fetched = False
+    in_use = None  # our hold on the whole file (models/inuse.py): nobody removes it under us
     if cut is None and args.model.lower() in CATALOG:  # like `ollama run`: fetch a known model on first use
+        in_use = InUse(cached_path(CATALOG[args.model.lower()], settings.models_dir))  # before it is there
         with ByteBar(f"fetching {args.model}", quiet=json_log) as progress:
             _, fetched = pull(args.model, settings.models_dir, progress=progress)
     device, offered_mb = offered(args.max_vram_mb)
@@ -199,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
         info, choice = (replace(cut, label=args.alias) if args.alias else cut), None
     else:
         info, choice = pick(args.model, settings, offered_mb, args.ctx, args.slots, alias=args.alias, quiet=json_log)
+        if in_use is None and Path(info.path).parent == settings.models_dir:  # where a fetch could remove it
+            in_use = InUse(Path(info.path))
     if choice and not json_log:
         note(describe_choice(choice))
     allow = frozenset(args.allow) if args.allow else None
@@ -217,8 +224,12 @@ def run(args: argparse.Namespace) -> int:
                         ready_extra={"metrics": metrics_server.url + "/metrics"} if metrics_server else {})
     ident = identity_of(args)
     engine = _load(info, opts, device, settings, quiet=json_log)
-    if blocks and fetched and not args.keep_model:
-        _drop_whole(Path(info.path), blocks, quiet=json_log)
+    if in_use is not None and blocks and blocks != (0, info.blocks):  # a shard: the whole file is used no more
+        if fault and fault.kind == "pause-before-drop":
+            _pause_until_sigusr1()
+        if fetched and not args.keep_model:
+            _drop_whole(in_use, blocks, quiet=json_log)
+        in_use.close()
     from ..serving.device import computing_device
 
     device = computing_device(device, engine.offloaded_layers)
@@ -288,18 +299,35 @@ def _check_offload(device: Any, n_gpu_layers: int | None, *, quiet: bool = False
     return device
 
 
-def _drop_whole(path: Path, blocks: tuple[int, int], *, quiet: bool) -> None:
+def _drop_whole(in_use: InUse, blocks: tuple[int, int], *, quiet: bool) -> None:
     """Remove the whole model file this serve fetched, now that its shard is cut: a shard
-    peer offers a slice of its disk as of its memory."""
+    peer offers a slice of its disk as of its memory. Not while another serve process of
+    this machine uses it (serving it whole, or cutting blocks of its own)."""
+    path = in_use.path
     try:
         size = path.stat().st_size
-        path.unlink()
+        removed = in_use.remove_unless_shared()
     except OSError as exc:
         note(f"could not remove {path} after cutting blocks {blocks[0]}:{blocks[1]}: {exc.strerror or exc}")
+        return
+    if not removed:
+        if not quiet:
+            note(f"kept the whole model file {path}: another serve process on this machine is using it")
         return
     if not quiet:
         note(f"removed the whole model file ({size / 1e6:.0f} MB) now that blocks {blocks[0]}:{blocks[1]} are cut; "
              "the shard is kept and served again on the next start (--keep-model keeps the whole file)")
+
+
+def _pause_until_sigusr1() -> None:
+    """Fault ``pause-before-drop``: stop here until SIGUSR1, so a test can start another
+    process that uses the file before this one decides whether to remove it."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    print("paused before removing the whole model file (fault pause-before-drop)", file=sys.stderr, flush=True)
+    signal.sigwait({signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
 def _load(info: ModelInfo, opts: Any, device: Any, settings: Any, *, quiet: bool) -> Any:
