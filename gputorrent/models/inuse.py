@@ -1,16 +1,20 @@
-"""Which model files the serve processes of this machine are using.
+"""Which model files the processes of this machine are using or fetching.
 
 A shard peer that fetched the whole model removes it once its blocks are cut (a shard peer
 offers a slice of its disk). Another serve process may be using that same file: serving it
 whole (and seeding it), or about to cut blocks of its own. Each holds a shared advisory lock
 on the file while it uses it, and the remover takes the lock exclusively, without waiting: if
 it cannot, the file stays. The lock lives in a small file beside the model (``.NAME.in-use``),
-kept, as removing a lock file others may be opening would race.
+kept, as removing a lock file others may be opening would race. A fetch takes its own lock
+(``.NAME.fetch``): two processes fetching one model at once wrote the same ``.part`` file, and
+the first to finish could serve a file the second was still writing.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 try:
@@ -64,3 +68,24 @@ class InUse:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def fetching(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """One fetch of ``path`` at a time on this machine: a second process waits (``on_wait``
+    says so first) until the first is done, then finds the file there."""
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.fetch"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
