@@ -112,12 +112,12 @@ class Seeder:
                 await self._refuse(stream, "bad_request", "a piece request must be a msgpack PieceAsk")
                 return
             held = self.files.get(ask.file_id)
-            if held is not None and isinstance(ask, pieces.TicketAsk):
-                await stream.write(wire.frame(pieces.encoder.encode(self._ticket(ask.file_id))))
-                continue
             if held is None:
                 await self._refuse(stream, "unknown_file", f"this peer does not seed {ask.file_id[:16]}…")
                 return
+            if isinstance(ask, pieces.TicketAsk):
+                await stream.write(wire.frame(pieces.encoder.encode(self._ticket(ask.file_id))))
+                continue
             path, manifest = held
             if ask.index == -1:
                 hashes = manifest.hashes
