@@ -16,12 +16,28 @@ GPU_CMAKE_metal := -DGGML_METAL=on
 GPU_CMAKE_vulkan := -DGGML_VULKAN=on
 LLAMA_CPP_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
-.PHONY: install model demo lint test nat-deps bench bench-anchor gpu-bundle clean
+.PHONY: install lock newest model demo lint test nat-deps bench bench-anchor gpu-bundle clean
 
-$(VENV)/.installed: pyproject.toml
+# Installs are reproducible: every package at the exact version and hash in requirements.lock
+# (pip-compile from pyproject's floors, `make lock`), so a release upstream cannot turn a fresh
+# clone red. pyproject keeps the floors for those who use gputorrent as a library; `make newest`
+# tries the newest releases in a venv of its own and reports what breaks.
+PIP_PIN := 26.3
+PIP_TOOLS_PIN := 7.7.0
+# llama.cpp for the CPU is built for a fixed target (x86-64-v3: AVX2, FMA, F16C), not
+# -march=native: a native wheel in pip's cache runs only where it was built, and on a VM that
+# lists AMX without enabling it (Firecracker here) it dies with SIGILL in ggml's AMX matmul.
+# Its own pip cache, as for the GPU kinds: pip keys a built wheel by the sdist, not CMAKE_ARGS.
+CPU_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check pip==$(PIP_PIN)
+	awk '/^llama-cpp-python==/{p=1;print;next} p&&/^ /{print;next} {p=0}' requirements.lock > $(VENV)/llama.lock
+	CMAKE_ARGS="$(CPU_CMAKE)" PIP_CACHE_DIR="$(HOME)/.cache/pip-llama-cpu" \
+		$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r $(VENV)/llama.lock
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 $(VENV)/.gpu-%: $(VENV)/.installed
@@ -33,6 +49,20 @@ $(VENV)/.gpu-%: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed $(if $(GPU),$(VENV)/.gpu-$(GPU))
+
+# The lock, from pyproject's dependencies and the dev extra, with hashes. Run it after changing
+# a dependency in pyproject.toml, and commit both. pip-compile uses pip's resolver and pip's
+# configuration, so torch==2.13.0 resolves to the CPU build on this machine kind's disk.
+lock:
+	test -x .venv-tools/bin/pip-compile || { $(PYTHON) -m venv .venv-tools && \
+		.venv-tools/bin/pip install -q pip==$(PIP_PIN) pip-tools==$(PIP_TOOLS_PIN); }
+	.venv-tools/bin/pip-compile -q --extra dev --generate-hashes --allow-unsafe --strip-extras \
+		--build-deps-for editable --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
+
+# Not part of CI: the newest releases pyproject allows, in .venv-newest, then lint and the tests
+# (PYTEST_ARGS narrows them); prints every version that moved from the lock and what failed.
+newest:
+	PYTHON=$(PYTHON) bash .ci/newest $(PYTEST_ARGS)
 
 model: install
 	$(GT) models pull smollm2
@@ -68,7 +98,7 @@ bench: model
 
 # The mesh beside llama.cpp's own server; builds llama-server once (~12 min on 2 cores).
 bench-anchor: model
-	$(PY) benchmarks/anchor.py
+	CMAKE_ARGS="$(CPU_CMAKE)" $(PY) benchmarks/anchor.py
 
 # The GPU check (benchmarks/gpu/README.md): .gpu-kit/ (ignored by git) holds the kit's scripts, the
 # llama.cpp sources of the pinned llama-cpp-python, the demo model's tokenizer and the wheels the
@@ -85,4 +115,4 @@ gpu-bundle: model
 	bash .gpu-kit/prepare.sh --prune
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-newest .venv-tools *.egg-info .pytest_cache .hypothesis

@@ -13,6 +13,7 @@ Run: ``make bench-anchor`` (not part of ``make test``: it builds a C++ server).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -39,8 +40,11 @@ SYSTEM = ("You are a careful assistant. " * 90).strip()  # ~500 tokens
 
 
 def build_server(cache: Path) -> Path:
-    """``llama-server`` of the pinned llama.cpp, built once into ``cache``."""
-    exe = cache / f"llama-server-{VERSION}"
+    """``llama-server`` of the pinned llama.cpp, built once into ``cache`` with the ggml flags
+    the wheel was built with (``CMAKE_ARGS``, set by ``make bench-anchor``): like for like."""
+    flags = os.environ.get("CMAKE_ARGS", "").split()
+    tag = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8]
+    exe = cache / f"llama-server-{VERSION}-{tag}"
     if exe.is_file():
         return exe
     cache.mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,7 @@ def build_server(cache: Path) -> Path:
         print(f"building llama-server {VERSION} (once, ~12 min on 2 cores)…", file=sys.stderr)
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                         "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"],
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", *flags],
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                        check=True, stdout=subprocess.DEVNULL)
