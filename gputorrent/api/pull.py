@@ -7,7 +7,12 @@ the next one asked), and peers announcing another root are not used. Pieces then
 every seeder of that root at once (``asking/fetch.py``), each checked before it is written, and
 the finished file must have the sha256 that is the model id before it takes its final name:
 nothing unverified ever does. Should a majority of seeders lie in agreement, that last check
-fails, and the next root is tried.
+fails, and the next root is tried; so is it when every seeder of a root is dropped (busy,
+silent, or caught), and the error at the end names every seeder and why it was not used.
+
+A catalog alias is pulled by the catalog's model id (``models.content_id``): peers announcing
+another file under ``smollm2`` are never asked. Another name that peers announce for several
+ids fails with the ids and their peer counts (``asking.view.AmbiguousModel``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from ..dht.records import Advert
 from ..errors import GputorrentError
-from ..models import CATALOG
+from ..models import CATALOG, content_id
 from ..models.catalog import ModelError
 from ..models.hub import sha256_file
 from ..models.pieces import Manifest
@@ -94,10 +99,11 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
     """Fetch the model ``spec`` names (alias or model id) from its seeders into ``models_dir``."""
     import trio
 
-    from ..asking.fetch import FetchError, Source, fetch_file
+    from ..asking.fetch import FetchError, FetchReport, Source, fetch_file
     from ..models.gguf_info import remember_model_id
 
     started = trio.current_time()
+    spec = content_id(spec)
     model_id, alias, seeders = choose_model(await core.view.find(spec), spec)
     looked_up = trio.current_time() - started
     dest, alias = destination(models_dir, model_id, alias)
@@ -119,13 +125,13 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
         for ad in seeders:  # the rest announce another list: not used while this one holds
             if ad not in group:
                 result.dropped.setdefault(ad.peer_id, "announced another piece list than most seeders")
+        report = FetchReport()
         try:
-            report = await fetch_file(core.host, sources, model_id, manifest, part, progress)
-        except FetchError as exc:
-            raise PullFailed(str(exc)) from exc
-        for pid, why in report.caught.items():
-            _blame(core, pid, why, result)
-        result.dropped |= {p: r for p, r in report.dropped.items() if p not in result.caught}
+            await fetch_file(core.host, sources, model_id, manifest, part, progress, report=report)
+        except FetchError:  # every seeder of this root was dropped: the next root
+            _note(core, report, result)  # pieces in ``part`` are checked again against the next list
+            continue
+        _note(core, report, result)
         result.pieces_from, result.resumed = report.pieces_from, report.resumed
         result.direct = sorted(report.direct & set(report.pieces_from))
         if report.sha256 != model_id:  # hashed as the pieces were written (asking/fetch.py)
@@ -142,8 +148,8 @@ async def pull_from_swarm(core: Any, spec: str, models_dir: Path, *, progress: P
         result.fetched, result.size, result.seconds = True, manifest.size, trio.current_time() - started
         result.lookup_seconds = looked_up
         return result
-    raise PullFailed(f"no seeder of {spec!r} gave a piece list that checks out ({_reasons(result)}); "
-                     "try again later, or pull it from a hub")
+    raise PullFailed(f"no seeder of {spec!r} could supply a verified copy ({_reasons(result)}); the pieces "
+                     "that checked out are kept for the next try: try again later, or pull it from a hub")
 
 
 async def _manifests(core: Any, group: list[Advert], model_id: str, root: str,
@@ -171,6 +177,12 @@ async def _manifests(core: Any, group: list[Advert], model_id: str, root: str,
         for ad in group:
             n.start_soon(one, ad)
     return got
+
+
+def _note(core: Any, report: Any, result: SwarmPull) -> None:
+    for pid, why in report.caught.items():
+        _blame(core, pid, why, result)
+    result.dropped |= {p: r for p, r in report.dropped.items() if p not in result.caught}
 
 
 def _blame(core: Any, peer_id: str, why: str, result: SwarmPull) -> None:

@@ -7,6 +7,11 @@ to hand out, idle streams ask for pieces still in flight elsewhere (BitTorrent's
 one slow peer cannot hold up the last piece. A piece that fails its hash gets its sender
 dropped (``caught``) and is fetched from another; a peer that times out or refuses twice is
 dropped too. Written pieces stay on disk in ``DEST.part``: a fetch cut off resumes from them.
+
+A fetch always ends: when its last source is dropped (or refused every stream as busy) it
+fails at once, naming each source and why, and when no piece lands for ``STALL_S`` it fails
+too. Memory is bounded by streams x piece size: a manifest's piece size is a function of the
+file's size (``Manifest.well_formed``), and a piece's bytes are kept only as they arrive.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ DIAL_S = 10.0
 MANIFEST_S = 10.0
 PIECE_MIN_S = 15.0  # one piece, at least; more for large pieces (at 0.5 MB/s)
 STRIKES = 2  # timeouts or refusals before a peer is dropped
+STALL_S = 60.0  # no piece landed from any source for this long: the fetch fails
 
 
 class FetchError(GputorrentError):
@@ -95,11 +101,16 @@ def have_pieces(part: Path, manifest: pieces.Manifest) -> set[int]:
 
 
 async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifest: pieces.Manifest, part: Path,
-                     progress: Callable[[int, int, int], None] | None = None) -> FetchReport:
+                     progress: Callable[[int, int, int], None] | None = None, *,
+                     report: FetchReport | None = None) -> FetchReport:
     """Fill ``part`` with every piece of ``manifest`` from ``sources``. ``progress`` gets
     (bytes done, bytes total, peers sending). Raises ``FetchError`` when every source is gone
-    with pieces missing; the verified pieces stay in ``part``."""
-    report = FetchReport()
+    with pieces missing; the verified pieces stay in ``part``, and ``report`` (when given)
+    says who was dropped and why."""
+    report = FetchReport() if report is None else report
+    if not manifest.well_formed():  # callers check; a bound that allocation depends on is checked here too
+        raise FetchError(f"refusing a piece list of {manifest.size} bytes in pieces of {manifest.piece_size}")
+    _check_room(part, manifest.size)
     have = await trio.to_thread.run_sync(have_pieces, part, manifest)
     report.resumed = len(have)
     todo = [i for i in range(manifest.count) if i not in have]
@@ -130,7 +141,7 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
             spare = [i for i in in_flight if i not in landed and i not in mine]  # endgame
             return min(spare, key=in_flight.__getitem__) if spare else None
 
-        async def worker(src: Source, gone: trio.CancelScope, strikes: list[int]) -> None:
+        async def worker(src: Source, gone: trio.CancelScope, strikes: list[int], busy: list[int]) -> None:
             nonlocal done_bytes
             mine: set[int] = set()
             channel: _Channel | None = None
@@ -140,6 +151,7 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                         channel = await _open_channel(host, src, file_id)
                 except PieceFailed as exc:
                     if exc.code == "busy":  # seeding to others already: its other streams go on
+                        busy[0] += 1
                         return
                     raise
                 if isinstance(channel, _Direct):
@@ -167,6 +179,7 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                             await trio.to_thread.run_sync(os.pwrite, fd, data, manifest.span(index)[0])
                         have.add(index)
                         written.set()
+                        stall.deadline = trio.current_time() + STALL_S
                     except (PieceFailed, trio.TooSlowError, wire.ProtocolError) as exc:
                         # The stream is done either way (a seeder closes it after a refusal).
                         strikes[0] += 1
@@ -196,12 +209,22 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                 if channel is not None:
                     await channel.close(reset=not complete.is_set())
 
-        async def peer(src: Source) -> None:
-            strikes = [0]
-            with trio.CancelScope() as gone:
-                async with trio.open_nursery() as n:
-                    for _ in range(STREAMS_PER_PEER):
-                        n.start_soon(worker, src, gone, strikes)
+        live = [len(sources)]  # sources not yet dropped
+
+        async def peer(src: Source, everyone: trio.CancelScope) -> None:
+            strikes, busy = [0], [0]
+            try:
+                with trio.CancelScope() as gone:
+                    async with trio.open_nursery() as n:
+                        for _ in range(STREAMS_PER_PEER):
+                            n.start_soon(worker, src, gone, strikes, busy)
+            finally:  # every stream of this source has ended
+                live[0] -= 1
+                if not complete.is_set() and src.peer_id not in report.caught:
+                    report.dropped.setdefault(src.peer_id, "refused every stream as busy" if busy[0]
+                                              else "stopped sending")
+                if not live[0]:  # nobody left to send what is missing: end now, not never
+                    everyone.cancel()
 
         async def whole_file_hash() -> None:
             """The file's sha256, over the written prefix as it grows: by the last piece it is
@@ -219,17 +242,25 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                 next_index += 1
             report.sha256 = digest.hexdigest()
 
+        stall = trio.CancelScope(deadline=trio.current_time() + STALL_S)
         async with trio.open_nursery() as n:
-            async with trio.open_nursery() as peers:
+            with stall:
+                async with trio.open_nursery() as peers:
+                    for src in sources:
+                        peers.start_soon(peer, src, peers.cancel_scope)
+
+                    async def until_complete() -> None:
+                        await complete.wait()
+                        peers.cancel_scope.cancel()
+
+                    peers.start_soon(until_complete)
+                    n.start_soon(whole_file_hash)
+                    if not sources:
+                        peers.cancel_scope.cancel()
+            if stall.cancelled_caught and not complete.is_set():
                 for src in sources:
-                    peers.start_soon(peer, src)
-
-                async def until_complete() -> None:
-                    await complete.wait()
-                    peers.cancel_scope.cancel()
-
-                peers.start_soon(until_complete)
-                n.start_soon(whole_file_hash)
+                    if src.peer_id not in report.caught:
+                        report.dropped.setdefault(src.peer_id, f"sent no piece in {STALL_S:g} s")
             if not complete.is_set():
                 n.cancel_scope.cancel()
     finally:
@@ -301,14 +332,14 @@ class _Direct(_Channel):
         return await self._exactly(size)
 
     async def _exactly(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            chunk = await self.conn.receive_some(min(n - got, 1 << 20))
+        """``n`` bytes, kept as they arrive: a seeder that names a length and stalls costs
+        what it sent, not ``n`` (and ``n`` was checked against the manifest before this)."""
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self.conn.receive_some(min(n - len(buf), 1 << 20))
             if not chunk:
                 raise wire.ProtocolError("the seeder closed the connection inside a piece")
-            view[got:got + len(chunk)] = chunk
-            got += len(chunk)
+            buf += chunk
         return bytes(buf)
 
     async def close(self, reset: bool) -> None:
@@ -343,6 +374,18 @@ async def _open_channel(host: Any, src: Source, file_id: str) -> _Channel:
         return _Stream(await host.new_stream(_id(src.peer_id), [protocol.PIECES]), file_id)
     await conn.send_all(ticket.token)
     return _Direct(conn)
+
+
+def _check_room(part: Path, size: int) -> None:
+    """Refuse a file the disk cannot hold, in words, before ``ftruncate`` says ``Errno 27``."""
+    import shutil
+
+    part.parent.mkdir(parents=True, exist_ok=True)
+    held = part.stat().st_size if part.is_file() else 0
+    free = shutil.disk_usage(part.parent).free
+    if size - held > free:
+        raise FetchError(f"the file is {size / 1e9:.1f} GB and {part.parent} has {free / 1e9:.1f} GB free; "
+                         "free some space (or set GPUTORRENT_CACHE_DIR elsewhere) and pull again")
 
 
 def _decode(payload: bytes | None) -> Any:

@@ -22,13 +22,38 @@ import msgspec
 import trio
 
 from .. import wire
-from ..dht.records import Advert, ServedModel
+from ..dht.records import Advert, ServedModel, is_model_id
+from ..errors import GputorrentError
+from ..models.catalog import content_id
 from ..net.host import reachable_from
 from ..scoring import Weights
 from ..scoring.reputation import ReputationStore
 from ..tasks import gather
 from .chain import Hop, plan_chain
 from .choose import Considered, rank_peers
+
+
+class AmbiguousModel(GputorrentError):
+    """A name that peers announce for more than one model id; the message lists them."""
+
+
+def one_model(spec: str, adverts: list[Advert]) -> list[Advert]:
+    """``adverts`` when they all serve one model id under ``spec``, else ``AmbiguousModel``."""
+    if is_model_id(spec):
+        return adverts
+    counts: dict[str, int] = {}
+    for ad in adverts:
+        if (m := ad.serves(spec)) is not None:
+            counts[m.model_id] = counts.get(m.model_id, 0) + 1
+    if len(counts) > 1:
+        ids = ", ".join(f"{mid[:16]}… ({n} peer{'s' * (n != 1)})" for mid, n in
+                        sorted(counts.items(), key=lambda kv: -kv[1]))
+        raise AmbiguousModel(f"peers announce {len(counts)} different models under the name {spec!r}: {ids}. A "
+                             "name is a claim anyone can make, so none is picked for you: ask for one by its "
+                             f"whole id (--model {max(counts, key=counts.__getitem__)}, say), after checking "
+                             "where that file comes from")
+    return adverts
+
 
 FRESH_S = 15.0  # a lookup younger than this is answered from the view
 REFRESH_S = 10.0  # how often models in use are looked up again in the background
@@ -126,14 +151,20 @@ class SwarmView:
     async def find(self, spec: str, max_age: float = FRESH_S, *, whole: bool | None = True) -> list[Advert]:
         """Live adverts of peers serving ``spec`` (alias or model id) whole, or with
         ``whole=False`` holding shards of it (``None``: both), from the view when it is fresh
-        enough, else from one shared lookup of each kind."""
+        enough, else from one shared lookup of each kind.
+
+        A catalog alias is looked up by the catalog's model id; another name that peers
+        announce for different model ids raises ``AmbiguousModel`` rather than picking one by
+        counting adverts, which sybils win (docs/architecture.md, "Names")."""
+        spec = content_id(spec)
         if whole is None:
             both = await gather([lambda: self.find(spec, max_age, whole=True),
                                         lambda: self.find(spec, max_age, whole=False)])
             return [a for found in both for a in found]
         self._used[(spec, whole)] = trio.current_time()
-        return await self._lookup(f"{'model' if whole else 'shards'}:{spec}",
-                                  lambda: self.node.find_model(spec, shards=not whole), max_age)
+        found = await self._lookup(f"{'model' if whole else 'shards'}:{spec}",
+                                   lambda: self.node.find_model(spec, shards=not whole), max_age)
+        return one_model(spec, found)
 
     async def overview(self, max_age: float = FRESH_S) -> list[Advert]:
         return await self._lookup("overview", self.node.overview, max_age)

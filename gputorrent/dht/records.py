@@ -124,9 +124,14 @@ def lookup_key(spec: str, *, shards: bool = False) -> str:
     """The provider key a lookup of ``spec`` (an alias, or a model id in hex) reads: whole-model
     peers, or with ``shards`` the peers holding blocks of it."""
     spec = spec.strip().lower()
-    is_id = len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec)
-    kind = "model" if is_id else "alias"
+    kind = "model" if is_model_id(spec) else "alias"
     return provider_key(f"shard-{kind}" if shards else kind, spec)
+
+
+def is_model_id(spec: str) -> bool:
+    """A model id or a prefix of one (8+ hex digits); anything else is a name."""
+    spec = spec.strip().lower()
+    return len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec)
 
 
 def model_keys(model: ServedModel) -> list[str]:

@@ -60,6 +60,14 @@ def local_models(models_dir: Path) -> list[Path]:
     return sorted(models_dir.glob("*.gguf")) if models_dir.is_dir() else []
 
 
+def content_id(spec: str) -> str:
+    """The model id a catalog alias stands for; any other spec as it is. Anyone can announce
+    any model under the alias ``smollm2``: the name is a claim, the catalog's sha256 a fact.
+    Lookups and pulls of a catalog alias go by this id, so such adverts are never read."""
+    entry = CATALOG.get(spec.strip().lower())
+    return entry.sha256 if entry is not None else spec
+
+
 def pull(
     alias: str,
     models_dir: Path,

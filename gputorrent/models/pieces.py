@@ -35,6 +35,8 @@ from msgspec import Meta
 
 MIN_PIECE = 1 << 20  # 1 MiB; a larger file gets larger pieces, so a manifest stays small
 MAX_PIECES = 8192  # pieces per file: its manifest is at most 256 KiB, one frame
+MAX_PIECE = 1 << 27  # 128 MiB: a fetch holds at most streams x this in memory
+MAX_FILE = MAX_PIECE * MAX_PIECES  # 1 TiB
 PART = 512 * 1024  # bytes of a piece per frame (frames are capped at 1 MiB)
 HASH = 32
 
@@ -89,9 +91,11 @@ class Manifest:
                 and hashlib.sha256(data).digest() == self.hashes[index * HASH:(index + 1) * HASH])
 
     def well_formed(self) -> bool:
-        """Sizes that agree with each other: what a manifest from a peer must be before use."""
-        return (self.size > 0 and self.piece_size >= MIN_PIECE and self.piece_size & (self.piece_size - 1) == 0
-                and self.count <= MAX_PIECES and len(self.hashes) == self.count * HASH)
+        """Sizes that agree with each other: what a manifest from a peer must be before use.
+        The piece size is the one ``piece_size_for`` gives the size (every honest seeder
+        computes the same), so a peer cannot name giant pieces to make a fetcher hold them."""
+        return (0 < self.size <= MAX_FILE and self.piece_size == piece_size_for(self.size)
+                and len(self.hashes) == self.count * HASH)
 
 
 def hash_pieces(path: Path, progress: Progress | None = None) -> Manifest:
@@ -148,8 +152,8 @@ class Ticket(msgspec.Struct, tag="pticket", array_like=True):
 
 
 class ManifestReply(msgspec.Struct, tag="pman", array_like=True):
-    size: Annotated[int, Meta(ge=1)]
-    piece_size: Annotated[int, Meta(ge=MIN_PIECE, le=1 << 34)]
+    size: Annotated[int, Meta(ge=1, le=MAX_FILE)]
+    piece_size: Annotated[int, Meta(ge=MIN_PIECE, le=MAX_PIECE)]
     hashes: Annotated[bytes, Meta(max_length=MAX_PIECES * HASH)]
 
 

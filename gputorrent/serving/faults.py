@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 KINDS = ("corrupt-signature", "die-after-tokens", "stall-after-tokens", "wrong-tokens", "busy", "sybil",
          "dht-silent", "dht-fake-providers", "die-after-steps", "stall-after-steps", "corrupt-pieces",
-         "wrong-manifest", "wrong-hidden", "pause-before-drop")
+         "wrong-manifest", "wrong-hidden", "pause-before-drop", "wrong-root-busy", "giant-pieces",
+         "hijack-alias")
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,6 +176,10 @@ async def serve(
 
     from ..net.host import direct_ip
 
+    if opts.fault and opts.fault.kind == "hijack-alias":  # whatever it serves, it calls smollm2
+        import dataclasses
+
+        info = dataclasses.replace(info, label="smollm2")
     shard = is_shard(info, opts)
     if shard:
         from .shard_server import ShardServer

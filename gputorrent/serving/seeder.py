@@ -38,6 +38,7 @@ IDLE_S = 10.0  # a piece stream with no request for this long is dropped
 WRITE_S = 30.0  # one piece written in at most this long (a reader that stalls is dropped)
 TICKET_S = 30.0  # a direct-path ticket is good for one connection within this long
 MAX_TICKETS = 1024
+GIANT = 1 << 28  # the piece size the giant-pieces fault claims
 
 
 @dataclass(slots=True)
@@ -68,7 +69,16 @@ class Seeder:
 
     def root(self, file_id: str) -> str:
         """The Merkle root announced for ``file_id`` (what ``wrong-manifest`` sends is not it)."""
-        return self.files[file_id][1].root
+        return self._told(self.files[file_id][1]).root
+
+    def _told(self, manifest: pieces.Manifest) -> pieces.Manifest:
+        """The piece list this peer hands out: its own, or a fault's lie (with its own root)."""
+        kind = self.fault.kind if self.fault else ""
+        if kind == "wrong-root-busy":  # a list of its own, announced as such; then every piece is "busy"
+            return pieces.Manifest(manifest.size, manifest.piece_size, bytes(reversed(manifest.hashes)))
+        if kind == "giant-pieces":  # 256 MiB pieces of a 4 GiB file, to make a fetcher allocate them
+            return pieces.Manifest(GIANT * 16, GIANT, os.urandom(pieces.HASH) * 16)
+        return manifest
 
     def _slots_now(self) -> trio.Semaphore:
         if self._slots is None:
@@ -115,17 +125,27 @@ class Seeder:
             if held is None:
                 await self._refuse(stream, "unknown_file", f"this peer does not seed {ask.file_id[:16]}…")
                 return
+            if isinstance(ask, pieces.TicketAsk) and self.fault and self.fault.kind == "wrong-root-busy":
+                await self._refuse(stream, "busy", "busy")
+                return
             if isinstance(ask, pieces.TicketAsk):
                 await stream.write(wire.frame(pieces.encoder.encode(self._ticket(ask.file_id))))
                 continue
             path, manifest = held
             if ask.index == -1:
-                hashes = manifest.hashes
+                told = self._told(manifest)
+                hashes = told.hashes
                 if self.fault and self.fault.kind == "wrong-manifest":
                     hashes = bytes(reversed(hashes))
                 await stream.write(wire.frame(pieces.encoder.encode(
-                    pieces.ManifestReply(manifest.size, manifest.piece_size, hashes))))
+                    pieces.ManifestReply(told.size, told.piece_size, hashes))))
                 continue
+            if self.fault and self.fault.kind == "wrong-root-busy":
+                await self._refuse(stream, "busy", "busy")
+                return
+            if self.fault and self.fault.kind == "giant-pieces":
+                await stream.write(wire.frame(pieces.encoder.encode(pieces.PieceHead(ask.index, GIANT))))
+                await trio.sleep_forever()
             if ask.index >= manifest.count:
                 await self._refuse(stream, "bad_request", f"piece {ask.index} of a {manifest.count}-piece file")
                 return
@@ -214,6 +234,9 @@ class Seeder:
             if asked is None:
                 return
             (index,) = pieces.INDEX.unpack(asked)
+            if self.fault and self.fault.kind == "giant-pieces":
+                await conn.send_all(pieces.LENGTH.pack(GIANT))
+                await trio.sleep_forever()
             if index >= manifest.count:
                 return
             data = await self._piece(path, manifest, index)
