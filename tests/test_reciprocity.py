@@ -153,3 +153,35 @@ async def test_metrics_count_admissions_by_credit_and_optimistic():
     text = exposition(m.registry)[0].decode()
     assert 'gputorrent_contended_admissions{how="by_credit"} 6.0' in text
     assert 'gputorrent_contended_admissions{how="optimistic"} 2.0' in text
+
+
+@pytest.mark.slow
+async def test_a_peer_caught_lying_keeps_no_credit_and_its_user_is_a_stranger_here(swarm, tmp_path):
+    """A peer answering junk under valid signatures (``--fault wrong-tokens``) answers three
+    verified asks and is blamed by each spot check: it ends with no credit at the machine it
+    lied to, so its linked user is admitted there as a stranger. An honest peer still earns."""
+    common = ("--slots", "2", "--ctx", "512", "--threads", "1")
+    liar, h1, h2 = (swarm.spawn(name, *common, *extra) for name, extra in
+                    (("junk-liar", ("--fault", "wrong-tokens")), ("junk-h1", ()), ("junk-h2", ())))
+    for p in (liar, h1, h2):
+        p.wait_ready(120)
+    data = tmp_path / "me"
+    ledger = data / "ledger.sqlite"
+    async with Swarm(peers=[liar.addr, h1.addr, h2.addr], mdns=False, identity=Identity.generate(),
+                     data_dir=data) as s:
+        for _ in range(3):
+            answer = await s.generate(QUESTION, temperature=0.0, max_tokens=8, verify=True)
+            assert answer.peer_id == liar.peer_id and answer.usage["completion_tokens"] > 0
+            assert answer.spot_check is not None and answer.spot_check.blamed == liar.peer_id, answer.spot_check
+    assert Ledger(ledger).credit(liar.peer_id) == 0.0
+    async with Swarm(peers=[h1.addr], mdns=False, identity=Identity.generate(), data_dir=data) as s:
+        await s.generate(QUESTION, temperature=0.0, max_tokens=8)
+    assert Ledger(ledger).credit(h1.peer_id) > 0  # credit itself still works
+
+
+def test_a_forfeit_keeps_what_was_served_and_settle_skips_the_caught(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.add("liar", received=30, served=5, now=0.0)
+    ledger.settle({"liar": 10, "honest": 7}, {"liar"}, now=0.0)
+    assert ledger.get("liar", now=0.0) == type(ledger.get("liar", now=0.0))("liar", 0.0, 5.0, 0.0)
+    assert ledger.credit("honest", now=0.0) == 7

@@ -504,6 +504,10 @@ class _Core:
         send, recv = trio.open_memory_channel[Any](math.inf)
         # The peer being asked; whether its outcome is still unknown.
         current: dict[str, Any] = {"peer": "", "open": False}
+        # Verified tokens each peer gave this answer, and peers caught lying in it: credit is
+        # settled once the answer is accepted (after its spot check), never for a discarded one.
+        earned: dict[str, float] = {}
+        caught: set[str] = set()
 
         def before(pid: str) -> None:
             current.update(peer=pid, open=True)
@@ -512,9 +516,10 @@ class _Core:
         def after(a: Attempt, r: AttemptResult) -> None:
             current["open"] = False
             self._after_attempt(a, r, send)
-            if r.ids and self.ledger is not None:  # verified tokens this peer gave us: its credit here
-                self._nursery.start_soon(trio.to_thread.run_sync,  # type: ignore[union-attr]
-                                         functools.partial(self.ledger.add, a.peer_id, received=len(r.ids)))
+            if a.outcome == "integrity":
+                caught.add(a.peer_id)
+            elif r.ids:
+                earned[a.peer_id] = earned.get(a.peer_id, 0) + len(r.ids)
 
         async def produce() -> None:
             async with send:
@@ -545,8 +550,12 @@ class _Core:
                         else:
                             answer.spot_check = await self._spot_check(answer, addrs, messages,
                                                                        prompt if raw else None)
+                    if answer.spot_check is not None and answer.spot_check.blamed:
+                        caught.add(answer.spot_check.blamed)
+                    self._settle(earned, caught)
                     send.send_nowait(Finished(answer))
                 except Exception as exc:  # noqa: BLE001 (handed to the consumer: never into the swarm's nursery)
+                    self._settle({}, caught)  # a failed answer earns nobody credit; a liar still loses it
                     send.send_nowait(exc)
                 finally:
                     if current["open"]:  # the consumer left mid-attempt: that says nothing of the peer
@@ -564,6 +573,12 @@ class _Core:
                     yield ev
         finally:
             scope.cancel()
+
+    def _settle(self, earned: dict[str, float], caught: set[str]) -> None:
+        """Credit for an answer, in the ledger (scoring/ledger.py), off the event loop."""
+        if self.ledger is not None and (earned or caught):
+            self._nursery.start_soon(trio.to_thread.run_sync,  # type: ignore[union-attr]
+                                     functools.partial(self.ledger.settle, dict(earned), set(caught)))
 
     async def _spot_check(self, answer: Answer, candidates: list[Any], messages, prompt) -> Any:
         from ..asking.verify import spot_check

@@ -70,6 +70,32 @@ class Ledger:
                 raise
         return new
 
+    def settle(self, earned: dict[str, float], blamed: set[str], now: float | None = None) -> None:
+        """One accepted answer: credit each peer the tokens it gave, except those caught lying
+        in it (a spot check, a bad signature), who lose every token of credit they had here."""
+        for identity in blamed:
+            self.forfeit(identity, now)
+        for identity, tokens in earned.items():
+            if identity not in blamed and tokens > 0:
+                self.add(identity, received=tokens, now=now)
+
+    def forfeit(self, identity: str, now: float | None = None) -> None:
+        """``identity`` was caught lying to this machine: what it gave counts for nothing, so
+        its user is admitted here as a stranger again (what we served it stays counted)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                old = self._entry(identity, now)
+                self._db.execute(
+                    "INSERT INTO ledger (identity, received, served, updated_at) VALUES (?, 0, ?, ?) "
+                    "ON CONFLICT(identity) DO UPDATE SET received=0, served=excluded.served, "
+                    "updated_at=excluded.updated_at", (identity, old.served, now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def get(self, identity: str, now: float | None = None) -> Entry:
         with self._lock:
             return self._entry(identity, time.time() if now is None else now)
