@@ -106,3 +106,45 @@ async def test_a_relayed_connection_is_marked_relayed_and_a_dial_to_no_reservati
         nobody = Identity.generate().peer_id
         with pytest.raises(relay.RelayError, match="no reservation"):
             await relay.dial_relayed(asker, f"{relay.relay_part(circuit)}/p2p-circuit/p2p/{nobody}")
+
+
+def test_relay_limits_parse_and_refuse_in_words():
+    from gputorrent.net.relay import RelayPolicy
+
+    p = RelayPolicy.parse("per-ip=4, circuits-per-key=1,served-share=0.5,v4-prefix=32")
+    assert (p.per_ip, p.circuits_per_key, p.served_share, p.v4_prefix, p.reservations) == (4, 1, 0.5, 32, 128)
+    for bad in ("per-ip=x", "nope=1", "served-share=2", "v4-prefix=33", "circuits=-1"):
+        with pytest.raises(ValueError):
+            RelayPolicy.parse(bad)
+
+
+def test_a_relay_book_bounds_networks_keys_and_keeps_a_share_for_servers():
+    from gputorrent.net.relay import RelayBook, RelayPolicy, source_network
+
+    assert source_network("198.51.100.7") == "198.51.100.0/24" == source_network("198.51.100.200")
+    assert source_network("2001:db8:1:2::5") == "2001:db8:1::/48"
+    book = RelayBook(RelayPolicy(reservations=8, per_ip=2, served_share=0.25, circuits_per_ip=2, circuits_per_key=1))
+    live: set[str] = set()
+
+    def reserve(peer: str, net: str, served: bool = False) -> str | None:
+        why = book.reserve(peer, net, holds=lambda p: p in live, served=served)
+        if why is None:
+            live.add(peer)
+        return why
+
+    assert reserve("a", "n1") is None and reserve("b", "n1") is None
+    assert "from n1 already" in reserve("c", "n1")  # a third key from one network
+    assert reserve("a", "n1") is None  # a renewal is not a new slot
+    for i in range(4):
+        assert reserve(f"x{i}", f"n{i + 2}") is None  # 6 held: the open share (8 - 2) is full
+    assert "kept for peers that serve" in reserve("y", "n9")
+    assert reserve("s", "n9", served=True) is None
+    live -= {"a", "b"}  # expired: 5 held, so the open share has room again
+    assert reserve("z", "n10") is None
+    assert book.open_circuit("d", "k1", "n1") is None
+    assert "holds 1 circuits" in book.open_circuit("d", "k1", "n1")  # one per key here
+    assert book.open_circuit("d", "k2", "n1") is None
+    assert "from n1 already" in book.open_circuit("d", "k3", "n1")
+    assert book.open_circuit("e", "k3", "n1") is None  # another destination has its own count
+    book.close_circuit("d", "k2", "n1")
+    assert book.open_circuit("d", "k3", "n1") is None

@@ -80,7 +80,17 @@ def node_options(args: argparse.Namespace, settings: Settings) -> NodeOptions:
     return NodeOptions(listen=listen, bootstrap=list(settings.bootstrap), mdns=settings.mdns,
                        ready_file=args.ready_file, announce_interval=interval, advert_ttl=ttl,
                        psk=_psk(settings), reachability=getattr(args, "reachability", "auto"),
-                       relay_service=not getattr(args, "no_relay_service", False))
+                       relay_service=not getattr(args, "no_relay_service", False),
+                       relay_policy=_relay_policy(getattr(args, "relay_limits", None)))
+
+
+def _relay_policy(text: str | None) -> Any:
+    from ..net.relay import RelayPolicy
+
+    try:
+        return RelayPolicy.parse(text or "")
+    except ValueError as exc:
+        raise UsageError(f"--relay-limits: {exc}") from exc
 
 
 def check_listen(addrs: list[str]) -> None:
@@ -217,5 +227,10 @@ def listening(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-relay-service", action="store_true",
                     help="do not relay connections for peers behind NAT (a public node does by default, bounded: "
                          "docs/architecture.md, Reachability)")
+    sp.add_argument("--relay-limits", metavar="K=N,...",
+                    help="what this node's relay gives whom, e.g. per-ip=4,circuits-per-ip=2 (keys: reservations "
+                         "[128], per-ip [8] (per /24 or /48), served-share [0.25] (kept for serving peers), circuits "
+                         "[16] (per reserved peer), circuits-per-ip [4], circuits-per-key [2])")
     sp.add_argument("--ready-file", type=Path, metavar="PATH",
                     help="write {peer_id, addrs, …} as JSON here once ready; removed on stop")
+

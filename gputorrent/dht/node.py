@@ -474,6 +474,19 @@ class SwarmNode:
         await self._walk(key_bytes, query, enough=lambda: copies >= ENOUGH_ADVERTS)
         return best[0][1] if best else None
 
+    def holds_advert(self, peer_id: str) -> bool:
+        """Whether this node stores a live, validly signed advert of ``peer_id`` that serves a
+        model: local state only, no network wait (the relay asks it per reservation)."""
+        key = records.advert_key(peer_id)
+        local = self.dht.value_store.store.get(key.encode())
+        if not local:
+            return False
+        try:
+            advert = records.open_advert(key, local[0].value, time.time())
+        except RecordError:
+            return False
+        return advert.live() and bool(advert.models)
+
     async def get_advert(self, peer_id: str) -> Advert | None:
         value = await self.get_advert_value(peer_id)
         return records.open_advert(records.advert_key(peer_id), value) if value else None

@@ -10,7 +10,9 @@ in ``new_host`` switches on:
   ports it listens on. Any success makes the node public; answers that all failed make it
   private. Asked of up to ``DIALBACK_PEERS`` peers at once, each within ``DIALBACK_S``.
 - **Relay service** (hop): a public node relays circuits for private ones, bounded by
-  ``RELAY_LIMITS`` (docs/architecture.md, "Reachability", says why these numbers).
+  ``relay_limits`` and ``RelayPolicy`` (docs/architecture.md, "Relay limits", says why these
+  numbers): a reservation only ever for the connected peer, and at most so many per source
+  network, per key and in all, with a share kept for peers that serve.
 - **Reservations and relayed dials**: a private node reserves a slot on relays and is reached at
   ``<relay addr>/p2p-circuit/p2p/<its id>``; the circuit carries an ordinary Noise + yamux
   connection end to end, so streams, signatures and the requester's identity are the same as
@@ -20,10 +22,13 @@ in ``new_host`` switches on:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import msgspec
@@ -49,7 +54,105 @@ class RelayError(GputorrentError):
     """A relayed dial or reservation that failed; the message says where."""
 
 
-def relay_limits() -> Any:
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    """Who gets what of a relay. py-libp2p's relay had one bound, 128 reservations in all, and
+    took the peer id to reserve for from the message: one connection emptied a relay in about a
+    second with made-up ids, for an hour. A source network is an IPv4 /24 or an IPv6 /48 (what
+    one household or one cheap server gets); keys are free, networks are not."""
+
+    reservations: int = 128  # in all
+    per_ip: int = 8  # reservations held by peers of one source network
+    served_share: float = 0.25  # of ``reservations``, kept for peers whose advert this node holds
+    circuits: int = 16  # circuits to one reserved peer at once
+    circuits_per_ip: int = 4  # ...of them from one source network
+    circuits_per_key: int = 2  # ...of them from one source peer
+    v4_prefix: int = 24  # what counts as one source network (a lab whose one /24 stands for
+    v6_prefix: int = 48  # many networks sets 32)
+
+    @classmethod
+    def parse(cls, text: str) -> RelayPolicy:
+        """``per-ip=4,circuits-per-ip=2``: any of the fields, dashes for underscores."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls)}
+        out = cls()
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = item.partition("=")
+            f = names.get(key.strip())
+            if f is None:
+                raise ValueError(f"unknown relay limit {key!r}; one of: {', '.join(names)}")
+            try:
+                number: float = float(value) if f.name == "served_share" else int(value)
+            except ValueError:
+                raise ValueError(f"relay limit {key} needs a number, not {value!r}") from None
+            if number < 0 or (f.name == "served_share" and number > 1) or \
+                    (f.name == "v4_prefix" and number > 32) or (f.name == "v6_prefix" and number > 128):
+                raise ValueError(f"relay limit {key}={value} is out of range")
+            change: dict[str, Any] = {f.name: number}
+            out = replace(out, **change)
+        return out
+
+
+def source_network(ip: str, v4: int = 24, v6: int = 48) -> str:
+    """The network a source address counts under: its /24 (IPv4) or /48 (IPv6)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip or "?"
+    bits = v4 if addr.version == 4 else v6
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+
+
+@dataclass(slots=True)
+class RelayBook:
+    """The relay's own count of who holds what, checked before py-libp2p's resource manager
+    is asked for anything (pure: tests drive it without a host)."""
+
+    policy: RelayPolicy = field(default_factory=RelayPolicy)
+    holders: dict[str, str] = field(default_factory=dict)  # reserving peer -> its source network
+    by_network: Counter = field(default_factory=Counter)  # (destination, source network) -> circuits
+    by_key: Counter = field(default_factory=Counter)  # (destination, source peer) -> circuits
+
+    def reserve(self, peer: str, network: str, *, holds: Callable[[str], bool], served: bool) -> str | None:
+        """Why ``peer`` (from ``network``) gets no reservation, or None (and it is counted).
+        ``holds`` says whether a peer's reservation is still live (they expire)."""
+        for gone in [p for p in self.holders if p != peer and not holds(p)]:
+            del self.holders[gone]
+        if peer in self.holders and holds(peer):
+            self.holders[peer] = network  # a renewal
+            return None
+        p = self.policy
+        same = sum(1 for n in self.holders.values() if n == network)
+        if same >= p.per_ip:
+            return f"{same} reservations are held from {network} already (at most {p.per_ip})"
+        held = len(self.holders)
+        if held >= p.reservations:
+            return f"all {p.reservations} reservations are taken"
+        open_to_all = p.reservations - int(p.reservations * p.served_share)
+        if held >= open_to_all and not served:
+            return (f"the open reservations are taken; the last {p.reservations - open_to_all} are kept for "
+                    "peers that serve (an advert this relay holds)")
+        self.holders[peer] = network
+        return None
+
+    def open_circuit(self, dst: str, src: str, network: str) -> str | None:
+        """Why a circuit from ``src`` (in ``network``) to ``dst`` is refused, or None (counted)."""
+        p = self.policy
+        if self.by_network[(dst, network)] >= p.circuits_per_ip:
+            return f"{p.circuits_per_ip} circuits to this peer come from {network} already"
+        if self.by_key[(dst, src)] >= p.circuits_per_key:
+            return f"this source holds {p.circuits_per_key} circuits to this peer already"
+        self.by_network[(dst, network)] += 1
+        self.by_key[(dst, src)] += 1
+        return None
+
+    def close_circuit(self, dst: str, src: str, network: str) -> None:
+        for counter, key in ((self.by_network, (dst, network)), (self.by_key, (dst, src))):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+
+def relay_limits(policy: RelayPolicy | None = None) -> Any:
     """What a relay gives each reservation and circuit. Token streams are small (a frame of a
     few tokens is ~150 bytes, a request at most 1 MiB), so a circuit may carry 64 MiB and live
     an hour: enough for the longest answer, bounded so one peer cannot turn a volunteer's
@@ -57,8 +160,9 @@ def relay_limits() -> Any:
     set up hole punches; these carry answers when punching fails (a symmetric NAT)."""
     from libp2p.relay.circuit_v2.resources import RelayLimits
 
-    return RelayLimits(duration=3600, data=64 << 20, max_circuit_conns=16, max_reservations=128,
-                       reservation_ttl=3600)
+    policy = policy or RelayPolicy()
+    return RelayLimits(duration=3600, data=64 << 20, max_circuit_conns=policy.circuits,
+                       max_reservations=policy.reservations, reservation_ttl=3600)
 
 
 def is_relayed(addr: str) -> bool:
@@ -192,11 +296,63 @@ def _relay_protocol() -> type:
     import time as _time
 
     from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.peer.id import ID
     from libp2p.relay.circuit_v2.protocol import MAX_READ_LEN, CircuitV2Protocol
+    from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
     from .host import finish_stream
 
     class Protocol(CircuitV2Protocol):
+        book: RelayBook
+        served: Callable[[str], bool] = staticmethod(lambda peer: False)
+
+        async def _refuse(self, stream: Any, code: Any, why: str) -> None:
+            log.debug("relay refused: %s", why)
+            await self._send_status(stream, code, why)
+            await finish_stream(stream)
+
+        async def _handle_reserve(self, stream: Any, msg: Any) -> None:
+            """Only ever for the connected peer (Noise authenticated it), and within the book's
+            limits, checked before py-libp2p takes a slot."""
+            peer = stream.muxed_conn.peer_id
+            if msg.HasField("peer") and msg.peer.id and msg.peer.id != peer.to_bytes():
+                await self._refuse(stream, StatusCode.PERMISSION_DENIED, "a peer can only reserve for itself")
+                return
+            b58 = peer.to_base58()
+            why = self.book.reserve(b58, _network_of(stream, self.book.policy), served=self.served(b58),
+                                    holds=lambda p: self.resource_manager.has_reservation(ID.from_base58(p)))
+            if why is not None:
+                await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, why)
+                return
+            msg.ClearField("peer")  # py-libp2p then reserves for the connection's own peer
+            await super()._handle_reserve(stream, msg)
+
+        async def _handle_connect(self, stream: Any, msg: Any) -> None:
+            """A full destination, or one source network or key holding its share of circuits to
+            it, is refused as RESOURCE_LIMIT_EXCEEDED (py-libp2p said NO_RESERVATION for both)."""
+            try:
+                dst = ID(msg.peer.id)
+            except Exception:  # noqa: BLE001 (any undecodable id is the sender's error)
+                await self._refuse(stream, StatusCode.MALFORMED_MESSAGE, "no valid destination peer id")
+                return
+            reservation = self.resource_manager.get_reservation(dst)
+            if reservation is not None and not reservation.can_accept_connection():
+                await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED,
+                                   f"all {reservation.limits.max_circuit_conns} circuits to that peer are in use")
+                return
+            if reservation is None:  # py-libp2p's own answer: NO_RESERVATION
+                await super()._handle_connect(stream, msg)
+                return
+            src, network = stream.muxed_conn.peer_id.to_base58(), _network_of(stream, self.book.policy)
+            why = self.book.open_circuit(dst.to_base58(), src, network)
+            if why is not None:
+                await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, why)
+                return
+            try:
+                await super()._handle_connect(stream, msg)
+            finally:
+                self.book.close_circuit(dst.to_base58(), src, network)
+
         async def _relay_data(self, src_stream: Any, dst_stream: Any, peer_id: Any, deadline: float | None = None,
                               circuit_data_limit: list[int] | None = None) -> None:
             async def pump() -> bool:
@@ -238,13 +394,24 @@ def _relay_protocol() -> type:
 FRAME_WRITE_S = 10.0  # one write of relayed bytes: a destination that takes longer is gone
 
 
+def _network_of(stream: Any, policy: RelayPolicy) -> str:
+    try:
+        remote = stream.get_remote_address()
+    except Exception:  # noqa: BLE001 (a stream without one: counted together, strictly)
+        remote = None
+    return source_network(remote[0] if remote else "", policy.v4_prefix, policy.v6_prefix)
+
+
 @asynccontextmanager
-async def circuit_relay(host: Any, *, hop: bool) -> AsyncIterator[Any]:
+async def circuit_relay(host: Any, *, hop: bool, policy: RelayPolicy | None = None) -> AsyncIterator[Any]:
     """Circuit relay v2 on ``host``: always the stop side (accept relayed connections), and with
-    ``hop`` the relay service for others, bounded by ``relay_limits``."""
+    ``hop`` the relay service for others, bounded by ``relay_limits`` and ``policy``. Set the
+    returned protocol's ``served`` (peer id -> bool) to keep ``served_share`` for serving peers."""
     from libp2p.tools.anyio_service.context import background_trio_service
 
-    proto = _relay_protocol()(host, limits=relay_limits(), allow_hop=hop)
+    policy = policy or RelayPolicy()
+    proto = _relay_protocol()(host, limits=relay_limits(policy), allow_hop=hop)
+    proto.book = RelayBook(policy)
     async with background_trio_service(proto):
         await proto.event_started.wait()
         yield proto
@@ -308,7 +475,9 @@ async def reserve(host: Any, relay_addr: str) -> int:
     except Exception as exc:
         raise RelayError(f"relay {relay_addr} did not take a reservation: {exc}") from exc
     if resp.HasField("status") and resp.status != Status.OK:
-        raise RelayError(f"relay {relay_addr} refused a reservation (status {resp.status})")
+        why = {Status.RESOURCE_LIMIT_EXCEEDED: "its limits are reached", Status.PERMISSION_DENIED: "permission denied",
+               Status.RESERVATION_REFUSED: "it relays for nobody"}.get(resp.status, "refused")
+        raise RelayError(f"relay {relay_addr} refused a reservation (status {resp.status}: {why})")
     return int(resp.reservation.expire) if resp.HasField("reservation") else int(time.time() + 3600)
 
 
@@ -340,8 +509,10 @@ async def dial_relayed(host: Any, addr: str) -> str:
         await write_delimited_msg(stream, HopMessage(type=HopMessage.CONNECT, peer=PeerId(id=target.to_bytes())))
         resp = await read_delimited_msg(stream, HopMessage)
         if resp.HasField("status") and resp.status != Status.OK:
-            raise RelayError(f"relay {relay} could not connect to {target_b58} (status {resp.status}: "
-                             f"{'no reservation there' if resp.status == Status.NO_RESERVATION else 'refused'})")
+            why = {Status.NO_RESERVATION: "it holds no reservation there",
+                   Status.RESOURCE_LIMIT_EXCEEDED: "the relay's limits for it are reached",
+                   Status.PERMISSION_DENIED: "permission denied"}.get(resp.status, "refused")
+            raise RelayError(f"relay {relay} could not connect to {target_b58} (status {resp.status}: {why})")
         circuit = multiaddr.Multiaddr(f"/p2p/{relay}{CIRCUIT}/p2p/{target_b58}")
         raw: Any = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
                                  addresses=[circuit])

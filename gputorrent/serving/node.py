@@ -40,6 +40,7 @@ class NodeOptions:
     on_timing: Callable[[str, float], None] | None = None  # DHT timings ("announce", "lookup"), for metrics
     reachability: str = "auto"  # "auto" (dial-back), "public", "private" (behind NAT: relays)
     relay_service: bool = True  # relay for peers behind NAT when this node is public
+    relay_policy: relay.RelayPolicy = field(default_factory=relay.RelayPolicy)  # what that relay gives whom
 
 
 @dataclass(slots=True)
@@ -184,8 +185,10 @@ async def run_node(
             if reach.status == "private":
                 log.warning("this node is not reachable from the internet (behind NAT); serving through relays")
             public = reach.status != "private"
-            async with (relay.circuit_relay(host, hop=public and opts.relay_service), relay.hole_punching(host),
+            async with (relay.circuit_relay(host, hop=public and opts.relay_service,
+                                            policy=opts.relay_policy) as relay_service, relay.hole_punching(host),
                         swarm_node(host, identity, server=public, fault=opts.dht_fault) as node):
+                relay_service.served = node.holds_advert  # the share of reservations kept for serving peers
                 node.reach = reach
                 if opts.on_timing is not None:
                     node.on_timing = opts.on_timing
