@@ -318,3 +318,47 @@ def test_the_systemd_unit_verifies_and_keeps_its_key_where_it_says(tmp_path):
     ident = subprocess.run([str(exe), "id", "--json"], capture_output=True, text=True, env=env, check=True)
     assert json.loads(ident.stdout)["identity_file"] == str(state / "gputorrent" / "identity.key")
     assert "/var/lib/gputorrent/identity.key" in text and "XDG_DATA_HOME=%S" in text
+
+
+_HANGING_CLEANUP = """
+import sys, trio
+from gputorrent.cli.common import run_trio
+async def work():
+    print("working", flush=True)
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(60)  # a close that waits on a peer that never answers
+try:
+    run_trio(work, grace=float(sys.argv[1]))
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("grace, presses", [(1.0, 1), (60.0, 2)])
+def test_ctrl_c_ends_a_command_within_its_grace_even_when_cleanup_hangs(grace, presses):
+    """Ctrl-C cancels the work; cleanup gets ``grace`` seconds, a second Ctrl-C none. With a
+    plain trio.run this process would sit out its 60 s cleanup."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_CLEANUP, str(grace)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "working"
+        started = time.monotonic()
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=20)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err
+    assert took < 10, took

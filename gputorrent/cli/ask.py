@@ -8,7 +8,7 @@ from typing import Any
 
 from ..limits import MAX_TOKENS
 from . import types
-from .common import Help, Parents, UsageError, out, swarm_of
+from .common import Help, Parents, UsageError, out, run_trio, swarm_of
 
 
 def register(sub: Any, parents: Parents) -> None:
@@ -80,7 +80,6 @@ def describe_check(check: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import trio
 
     from ..api import Text
     from ..api.swarm import answer_of, params_from
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        answer = trio.run(main)
+        answer = run_trio(main)
     except AskFailed as exc:
         if streamed and exc.partial_text:
             print()

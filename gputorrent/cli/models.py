@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from . import types
-from .common import ByteBar, Help, Parents, UsageError, console, note, out, settings_of, swarm_of
+from .common import ByteBar, Help, Parents, UsageError, console, note, out, run_trio, settings_of, swarm_of
 
 if TYPE_CHECKING:
     from ..dht.records import Device
@@ -124,7 +124,6 @@ def pull(args: argparse.Namespace) -> int:
 
 def _pull_swarm(args: argparse.Namespace, spec: str) -> int:
     """``models pull swarm:SPEC``: from the peers that seed it, with a bar naming how many send."""
-    import trio
 
     if not spec.strip():
         raise UsageError("swarm: needs a model: swarm:ALIAS or swarm:MODEL_ID (see: gputorrent models list --swarm)")
@@ -143,7 +142,7 @@ def _pull_swarm(args: argparse.Namespace, spec: str) -> int:
             return await swarm.pull(spec, settings.models_dir, progress=progress)
 
     with bar:
-        got = trio.run(run)  # PullFailed and AskFailed exit 1 with their message
+        got = run_trio(run)  # PullFailed and AskFailed exit 1 with their message
     result = got.to_dict()
     if args.json:
         out(result)
@@ -235,7 +234,6 @@ def _table(columns: tuple[str, ...], justify: dict[str, str] | None = None) -> A
 
 
 def _in_swarm(args: argparse.Namespace) -> int:
-    import trio
 
     from ..asking.chain import coverage
 
@@ -244,7 +242,7 @@ def _in_swarm(args: argparse.Namespace) -> int:
             return await swarm.peers()
 
     by_id: dict[str, dict] = {}
-    adverts = [peer.advert for peer in trio.run(run)]
+    adverts = [peer.advert for peer in run_trio(run)]
     for ad in adverts:
         for m in ad.models:
             row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id,

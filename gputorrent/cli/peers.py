@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from . import types
-from .common import Parents, console, note, settings_of, swarm_of
+from .common import Parents, console, note, run_trio, settings_of, swarm_of
 
 
 def register(sub: Any, parents: Parents) -> None:
@@ -87,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
                     live.update(_table(await once(swarm), args.model), refresh=True)
                     await trio.sleep(args.interval)
 
-    trio.run(main)
+    run_trio(main)
     return 0
