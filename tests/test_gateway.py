@@ -181,3 +181,86 @@ def test_metrics_of_the_requester_side(gateways, oa):
     assert samples[("gputorrent_gateway_attempts_count", ())] >= 1
     locked = httpx.get(gateways["locked"] + "/metrics", timeout=10)
     assert locked.status_code == 401  # behind the API key, like every other route
+
+
+def _ndjson(r: httpx.Response) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+def test_the_ollama_cli_request_sequences_for_run_list_ps_show_and_pull(gateways):
+    """What ollama's own CLI sends (cmd/cmd.go: checkServerHeartbeat, showOrPullModel,
+    loadOrUnloadModel, then chat; ListHandler, ListRunningHandler, ShowHandler, PullHandler),
+    request for request, over plain HTTP."""
+    with httpx.Client(base_url=gateways["open"], timeout=60) as http:
+        # ollama run smollm2 (interactive): heartbeat, show, load, chat.
+        assert http.head("/").status_code == 200
+        shown = http.post("/api/show", json={"model": "smollm2"})
+        assert shown.status_code == 200 and "completion" in shown.json()["capabilities"]
+        loaded = _ndjson(http.post("/api/generate", json={"model": "smollm2", "keep_alive": "5m"}))
+        assert loaded[-1]["done"] is True and loaded[-1]["response"] == ""
+        chat = _ndjson(http.post("/api/chat", json={"model": "smollm2", "stream": True, "options": {"temperature": 0},
+                                                    "messages": [{"role": "user", "content": QUESTION}]}))
+        assert "Paris" in "".join(c["message"]["content"] for c in chat) and chat[-1]["done"]
+        assert chat[-1]["eval_count"] > 0 and chat[-1]["eval_duration"] > 0 and chat[-1]["prompt_eval_duration"] > 0
+        # ollama run llama3: show says 404, so the CLI pulls; the pull fails in Ollama's shape.
+        missing = http.post("/api/show", json={"model": "llama3"})
+        assert missing.status_code == 404 and "llama3" in missing.json()["error"]
+        pulled = http.post("/api/pull", json={"model": "llama3", "stream": True})
+        assert pulled.status_code == 404 and "error" in pulled.json()
+        # ollama list / ps / show / pull smollm2
+        assert [m["name"] for m in http.get("/api/tags").json()["models"]] == ["smollm2:latest"]
+        running = http.get("/api/ps").json()["models"]
+        assert [m["name"] for m in running] == ["smollm2:latest"] and running[0]["digest"]
+        assert http.post("/api/show", json={"model": "smollm2:latest"}).json()["details"]["format"] == "gguf"
+        steps = _ndjson(http.post("/api/pull", json={"model": "smollm2", "stream": True}))
+        assert steps[-1] == {"status": "success"}
+        # Anything else under /api or /v1 is a 404 in that API's shape, never a bare "Not Found".
+        assert http.post("/api/copy", json={}).json()["error"].startswith("unknown endpoint")
+        assert http.get("/v1/files").json()["error"]["code"] == "not_found"
+
+
+def test_ollama_and_openai_clients_on_the_endpoints_they_call_and_fields_they_cannot_have(gateways, oa):
+    client = ollama.Client(host=gateways["open"], timeout=60)
+    assert client.show("smollm2").details.quantization_level
+    assert [m.model for m in client.ps().models] == ["smollm2:latest"]
+    assert client.pull("smollm2").status == "success"
+    with pytest.raises(ollama.ResponseError, match="embeddings") as exc:
+        client.embed(model="smollm2", input="hello")
+    assert exc.value.status_code == 501
+    r = client.generate(model="smollm2", prompt=QUESTION, options={"temperature": 0, "num_predict": 8})
+    assert r.eval_count and r.eval_duration and r.prompt_eval_duration and r.load_duration == 0
+    with pytest.raises(ollama.ResponseError, match="'format'") as exc:
+        client.generate(model="smollm2", prompt="hi", format="json")
+    assert exc.value.status_code == 400
+
+    assert oa.models.retrieve("smollm2").id == "smollm2"
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("gpt-4")
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for kw, field in (({"tools": [tool]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"logprobs": True}, "logprobs"), ({"n": 2}, "'n'")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            oa.chat.completions.create(model="smollm2", messages=hi, **kw)
+    ok = oa.chat.completions.create(model="smollm2", messages=hi, max_tokens=2, response_format={"type": "text"})
+    assert ok.choices[0].message.content is not None
+
+
+def test_a_model_whose_only_donor_restarts_is_unavailable_not_unknown(swarm):
+    """Its donor gone for a moment, a model this gateway served is a 503 with Retry-After (clients
+    retry), not a 404 (clients conclude it does not exist); a model never seen stays a 404."""
+    boot = swarm.bootstrap("gone-boot")
+    donor = swarm.start("gone-donor", "--bootstrap", boot.addr, "--ctx", "512")
+    gw = swarm.gateway("gw-gone", "--bootstrap", boot.addr)
+    _wait_for_model(gw.addr)
+    oa = openai.OpenAI(base_url=gw.addr + "/v1", api_key="unused", max_retries=0, timeout=60)
+    hi = [{"role": "user", "content": "hi"}]
+    assert oa.chat.completions.create(model="smollm2", messages=hi, max_tokens=2).choices
+    donor.stop()  # it announces that it is leaving
+    with pytest.raises(openai.APIStatusError) as exc:
+        oa.chat.completions.create(model="smollm2", messages=hi, max_tokens=2)
+    assert exc.value.status_code == 503 and exc.value.response.headers.get("retry-after") == "10", (exc.value.status_code, exc.value.response.text)
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="gpt-4", messages=hi, max_tokens=2)

@@ -1,18 +1,24 @@
 """An HTTP front to the swarm that OpenAI and Ollama clients already speak.
 
-OpenAI: ``/v1/chat/completions``, ``/v1/completions`` (SSE when ``stream``), ``/v1/models``.
-Ollama: ``/api/chat``, ``/api/generate`` (NDJSON, streaming unless ``"stream": false``),
-``/api/tags``, ``/api/version``. Each request becomes one ``Swarm.stream`` call, so peer
-choice, failover and receipts are the same as for ``gputorrent ask``.
+OpenAI: ``/v1/chat/completions``, ``/v1/completions`` (SSE when ``stream``), ``/v1/models``,
+``/v1/models/{id}``. Ollama: ``/api/chat``, ``/api/generate`` (NDJSON, streaming unless
+``"stream": false``; no prompt: the CLI's "load the model"), ``/api/tags``, ``/api/show``,
+``/api/ps``, ``/api/pull`` (a model the swarm serves is present), ``/api/version``, and
+``/api/embed`` answering that peers do not embed. Each request becomes one ``Swarm.stream``
+call, so peer choice, failover and receipts are the same as for ``gputorrent ask``.
 
-Errors come in each API's own shape, with the status codes clients act on: 400 a bad request,
-401 a missing or wrong key, 404 a model no peer serves, 429 every peer busy (with
-Retry-After), 503 no peer can answer. The status is decided before the first byte of a
-stream, by waiting for the stream's first event.
+Errors come in each API's own shape, with the status codes clients act on: 400 a bad request
+(and a field the swarm cannot honour, named: tools, response_format, logprobs, n, format),
+401 a missing or wrong key, 404 a model no peer serves or an unknown endpoint, 429 every peer
+busy (with Retry-After), 503 no peer can answer, with Retry-After when the model was served
+within ``RECENT_S`` (its donor restarting, say: clients must not conclude it does not exist).
+The status is decided before the first byte of a stream, by waiting for the stream's first
+event.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import json
 import time
@@ -33,9 +39,23 @@ from ..api.swarm import answer_of, params_from
 from ..metrics import RequesterMetrics, exposition
 
 STATUS = {"no_peers": 503, "unavailable": 503, "failed": 503, "unknown_model": 404, "busy": 429}
+RECENT_S = 600.0  # a model served this recently and gone now is "unavailable" (503), not unknown (404)
+RETRY_GONE_S = 10  # Retry-After for it: about a donor's restart
 
 
 class BadRequest(Exception):
+    pass
+
+
+class NotFound(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    """A model with no live peer now that this gateway saw served within ``RECENT_S``."""
+
+
+class NotImplementedHere(Exception):
     pass
 
 
@@ -96,15 +116,38 @@ def _stop(value: Any) -> list[str] | None:
     raise BadRequest("'stop' must be a string or a list of strings")
 
 
+def _unsupported(body: dict[str, Any], fields: dict[str, str]) -> None:
+    """400 naming the first field the swarm cannot honour, rather than an answer without it."""
+    for name, why in fields.items():
+        value = body.get(name)
+        if value in (None, False, [], {}, "") or (name == "response_format" and isinstance(value, dict)
+                                                 and value.get("type") == "text"):
+            continue
+        raise BadRequest(f"'{name}' is not supported by the gputorrent swarm: {why}")
+
+
+_OPENAI_UNSUPPORTED = {
+    "tools": "peers generate text only; no tool calls", "tool_choice": "peers generate text only; no tool calls",
+    "functions": "peers generate text only; no function calls",
+    "function_call": "peers generate text only; no function calls",
+    "response_format": "JSON mode and json_schema are not built yet (send no response_format)",
+    "logprobs": "peers do not return log probabilities", "top_logprobs": "peers do not return log probabilities",
+    "audio": "text only", "modalities": "text only", "prediction": "not supported",
+}
+
+
 def _openai_params(body: dict[str, Any]) -> dict[str, Any]:
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported")
+    _unsupported(body, _OPENAI_UNSUPPORTED)
+    if body.get("n", 1) not in (1, None):
+        raise BadRequest("'n' must be 1: the swarm returns one choice per request")
     return {"max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
             "temperature": body.get("temperature"), "top_p": body.get("top_p"), "seed": body.get("seed"),
             "stop": _stop(body.get("stop"))}
 
 
 def _ollama_params(body: dict[str, Any]) -> dict[str, Any]:
+    _unsupported(body, {"format": "JSON output is not built yet (send no format)", "tools": "no tool calls",
+                        "images": "peers serve text models only"})
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'options' must be an object")
@@ -231,15 +274,67 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
                 return err(400, str(exc), "invalid_request_error")
             except ValueError as exc:  # the swarm's own checks of messages and parameters
                 return err(400, str(exc), "invalid_request_error")
+            except NotFound as exc:
+                return err(404, str(exc), "model_not_found")
+            except Unavailable as exc:
+                return err(503, str(exc), "model_unavailable", {"Retry-After": str(RETRY_GONE_S)})
+            except NotImplementedHere as exc:
+                return err(501, str(exc), "not_implemented")
             except AskFailed as exc:
+                if (gone := unavailable(asked.get(None), exc)) is not None:
+                    return err(503, str(gone), "model_unavailable", {"Retry-After": str(RETRY_GONE_S)})
                 return err(_error_status(exc), str(exc), exc.kind, _retry_after(exc))
         return endpoint
+
+    recent: dict[str, float] = {}  # model name or id -> when a live peer last served it here
+    asked: contextvars.ContextVar[str | None] = contextvars.ContextVar("asked")  # this request's model
+
+    def unavailable(model: str | None, exc: AskFailed) -> Unavailable | None:
+        """A failure for a model served here within ``RECENT_S``: say so, so clients retry."""
+        when = recent.get(model or "")
+        if exc.kind == "busy" or when is None or time.monotonic() - when >= RECENT_S:
+            return None
+        return Unavailable(f"no live peer serves {model!r} right now (one did {time.monotonic() - when:.0f} s ago, "
+                           f"through this gateway); retry in a few seconds ({exc})")
+
+    def saw(*names: str) -> None:
+        now = time.monotonic()
+        for name in names:
+            if name:
+                recent[name] = now
+
+    async def start(prompt: Any, **kw: Any) -> _Started:
+        """``_start``, remembering served models so that one gone for a moment is a 503."""
+        model = kw.get("model")
+        asked.set(model)
+        try:
+            started = await _start(swarm, metrics, prompt, **kw)
+        except AskFailed as exc:
+            if (gone := unavailable(model, exc)) is not None:
+                raise gone from exc
+            raise
+        saw(model or "")
+        return started
+
+    async def find_model(name: str | None) -> Any:
+        """The served model ``name`` means (alias, alias:latest, model id or its prefix), or 404."""
+        name = _model(name)
+        if not name:
+            raise BadRequest("'model' is required")
+        for m in await models_in_swarm():
+            if name in (m.alias, m.model_id) or (len(name) >= 8 and m.model_id.startswith(name)):
+                return m
+        if name in recent and time.monotonic() - recent[name] < RECENT_S:
+            raise Unavailable(f"no live peer serves {name!r} right now; retry in a few seconds")
+        raise NotFound(f"model '{name}' not found: no live peer in the swarm serves it")
 
     async def models_in_swarm() -> list[Any]:
         seen: dict[str, Any] = {}
         for p in await swarm.peers():
             for m in p.advert.models:
                 seen.setdefault(m.alias, m)
+        for m in seen.values():
+            saw(m.alias, m.model_id)
         return list(seen.values())
 
     async def prometheus(request: Request) -> Response:
@@ -252,10 +347,15 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
             {"id": m.alias, "object": "model", "created": 0, "owned_by": "gputorrent", "model_id": m.model_id}
             for m in await models_in_swarm()]})
 
+    async def v1_model(request: Request) -> Response:
+        m = await find_model(request.path_params["model"])
+        return JSONResponse({"id": m.alias, "object": "model", "created": 0, "owned_by": "gputorrent",
+                             "model_id": m.model_id})
+
     async def v1_chat(request: Request) -> Response:
         body = await _body(request)
         model = _model(body.get("model")) or default_model
-        started = await _start(swarm, metrics, _messages(body.get("messages")), model=model, **_openai_params(body))
+        started = await start(_messages(body.get("messages")), model=model, **_openai_params(body))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.get("stream"):
             text, answer = await started.collect()
@@ -293,7 +393,7 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string")
         model = _model(body.get("model")) or default_model
-        started = await _start(swarm, metrics, prompt, raw=True, model=model, **_openai_params(body))
+        started = await start(prompt, raw=True, model=model, **_openai_params(body))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.get("stream"):
             text, answer = await started.collect()
@@ -330,35 +430,97 @@ def make_app(swarm: Swarm, *, api_key: str | None = None, default_model: str | N
     async def api_version(request: Request) -> Response:
         return JSONResponse({"version": f"0.0.0-gputorrent-{__version__}"})
 
+    def _details(m: Any) -> dict[str, Any]:
+        return {"parent_model": "", "format": "gguf", "family": "", "families": None, "parameter_size": "",
+                "quantization_level": m.quantization}
+
+    async def api_show(request: Request) -> Response:
+        body = await _body(request)
+        m = await find_model(body.get("model") or body.get("name"))
+        return JSONResponse({
+            "license": "", "modelfile": f"# served by the gputorrent swarm\nFROM {m.alias}\n", "parameters": "",
+            "template": "{{ .Prompt }}", "details": _details(m), "modified_at": _now_iso(),
+            "model_info": {"general.architecture": "", "general.context_length": m.context_length,
+                           "gputorrent.model_id": m.model_id},
+            "capabilities": ["completion"]})
+
+    async def api_ps(request: Request) -> Response:
+        return JSONResponse({"models": [
+            {"name": f"{m.alias}:latest", "model": f"{m.alias}:latest", "size": 0, "size_vram": 0,
+             "digest": m.model_id, "details": _details(m), "context_length": m.context_length,
+             "expires_at": datetime.fromtimestamp(time.time() + 300, UTC).isoformat().replace("+00:00", "Z")}
+            for m in await models_in_swarm()]})
+
+    async def api_pull(request: Request) -> Response:
+        """A model the swarm serves is there already: pull succeeds without a download (a
+        donor fetches files with ``gputorrent models pull``; this gateway only asks)."""
+        body = await _body(request)
+        m = await find_model(body.get("model") or body.get("name"))
+        steps = [{"status": f"{m.alias} is served by the gputorrent swarm: nothing to download"},
+                 {"status": "verifying sha256 digest", "digest": f"sha256:{m.model_id}"}, {"status": "success"}]
+        if body.get("stream") is False:
+            return JSONResponse(steps[-1])
+
+        async def lines() -> AsyncIterator[str]:
+            for step in steps:
+                yield json.dumps(step) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def api_embed(request: Request) -> Response:
+        body = await _body(request)
+        name = _model(body.get("model")) or default_model or "the model"
+        raise NotImplementedHere(f"{name!r} does not support embeddings here: gputorrent peers serve text "
+                                 "generation only; use a local embedding model")
+
     async def api_generate(request: Request) -> Response:
         body = await _body(request)
         prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise BadRequest("'prompt' must be a non-empty string")
         model = _model(body.get("model")) or default_model
+        if prompt in (None, "") and not body.get("images"):  # the ollama CLI's "load the model" request
+            m = await find_model(model)
+            loaded = {"model": model or m.alias, "created_at": _now_iso(), "response": "", "done": True,
+                      "done_reason": "load"}
+            if body.get("stream") is False:
+                return JSONResponse(loaded)
+            return Response(json.dumps(loaded) + "\n", media_type="application/x-ndjson")
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string")
         raw = bool(body.get("raw"))
         system = body.get("system") if isinstance(body.get("system"), str) else None
-        started = await _start(swarm, metrics, prompt, model=model, raw=raw, system=None if raw else system,
+        started = await start(prompt, model=model, raw=raw, system=None if raw else system,
                                **_ollama_params(body))
         return await _ollama_reply(started, body, model, lambda text: {"response": text})
 
     async def api_chat(request: Request) -> Response:
         body = await _body(request)
         model = _model(body.get("model")) or default_model
-        started = await _start(swarm, metrics, _messages(body.get("messages")), model=model, **_ollama_params(body))
+        started = await start(_messages(body.get("messages")), model=model, **_ollama_params(body))
         return await _ollama_reply(started, body, model,
                                    lambda text: {"message": {"role": "assistant", "content": text}})
 
     routes = [
         Route("/v1/models", guarded(v1_models, False), methods=["GET"]),
+        Route("/v1/models/{model:path}", guarded(v1_model, False), methods=["GET"]),
         Route("/v1/chat/completions", guarded(v1_chat, False), methods=["POST"]),
         Route("/v1/completions", guarded(v1_completions, False), methods=["POST"]),
         Route("/api/tags", guarded(api_tags, True), methods=["GET"]),
         Route("/api/version", guarded(api_version, True), methods=["GET"]),
         Route("/api/generate", guarded(api_generate, True), methods=["POST"]),
         Route("/api/chat", guarded(api_chat, True), methods=["POST"]),
+        Route("/api/show", guarded(api_show, True), methods=["POST"]),
+        Route("/api/ps", guarded(api_ps, True), methods=["GET"]),
+        Route("/api/pull", guarded(api_pull, True), methods=["POST"]),
+        Route("/api/embed", guarded(api_embed, True), methods=["POST"]),
+        Route("/api/embeddings", guarded(api_embed, True), methods=["POST"]),
         Route("/metrics", guarded(prometheus, False), methods=["GET"]),
         Route("/", lambda r: Response("gputorrent gateway is running\n"), methods=["GET", "HEAD"]),
+        Route("/api/{rest:path}", lambda r: _ollama_error(404, f"unknown endpoint {r.url.path}: this gateway "
+                                                          "serves chat, generate, tags, show, ps, pull, version",
+                                                          "not_found"), methods=["GET", "POST", "DELETE", "HEAD"]),
+        Route("/v1/{rest:path}", lambda r: _openai_error(404, f"unknown endpoint {r.url.path}: this gateway serves "
+                                                         "chat/completions, completions, models", "not_found"),
+              methods=["GET", "POST", "DELETE"]),
     ]
     return Starlette(routes=routes)
 
@@ -393,10 +555,15 @@ async def _ollama_reply(started: _Started, body: dict[str, Any], model: str | No
 
     def final(answer: Any, text: str) -> dict[str, Any]:
         elapsed = int((time.perf_counter() - started.t0) * 1e9)
+        evals = answer.usage.get("completion_tokens", 0)
+        # Ollama's clients compute tokens/s as eval_count / eval_duration: the time from the
+        # first token to the last, as the peer measured it; the prompt's time is to the first.
+        prompt_ns = int(answer.ttft_ms * 1e6)
+        eval_ns = int((evals - 1) / answer.tokens_per_s * 1e9) if evals > 1 and answer.tokens_per_s > 0 else 0
         return {"model": name or answer.model_id, "created_at": _now_iso(), **piece(text), "done": True,
-                "done_reason": _finish(answer.finish_reason), "total_duration": elapsed,
-                "prompt_eval_count": answer.usage.get("prompt_tokens", 0),
-                "eval_count": answer.usage.get("completion_tokens", 0), "gputorrent": _gt(answer)}
+                "done_reason": _finish(answer.finish_reason), "total_duration": elapsed, "load_duration": 0,
+                "prompt_eval_count": answer.usage.get("prompt_tokens", 0), "prompt_eval_duration": prompt_ns,
+                "eval_count": evals, "eval_duration": max(eval_ns, 1) if evals else 0, "gputorrent": _gt(answer)}
 
     if body.get("stream") is False:
         text, answer = await started.collect()
