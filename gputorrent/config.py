@@ -47,6 +47,13 @@ class Settings:
         return self.identity or self.data_dir / "identity.key"
 
     @property
+    def bootstrap_identity_path(self) -> Path:
+        """The key of ``gputorrent bootstrap``: its own, so a bootstrap node and a ``serve`` on one
+        machine are two peers (sharing a key, the bootstrap's address carried the serve's id and
+        nobody found the serve)."""
+        return self.identity or self.data_dir / "bootstrap.key"
+
+    @property
     def requester_identity_path(self) -> Path:
         """The key ``ask``, ``peers``, the TUI, the gateway and ``Swarm`` use: a separate one,
         so asking and serving on one machine are two peers (the same peer id cannot dial

@@ -232,8 +232,12 @@ def test_a_download_that_does_not_match_the_published_sha256_is_not_kept(hub, tm
 
 def test_pull_of_an_unknown_name_says_what_works(cli):
     done = cli("models", "pull", "llama3")
-    assert done.returncode == 1
+    assert done.returncode == 2  # a usage error, before any work
     assert "hf://OWNER/REPO/FILE.gguf" in done.stderr and "models add PATH.gguf --alias NAME" in done.stderr
+    malformed = cli("models", "pull", "hf://only-an-owner")
+    assert malformed.returncode == 2 and "hf://OWNER/REPO/FILE.gguf" in malformed.stderr
+    served = cli("serve", "--model", "llama3")
+    assert served.returncode == 2 and "llama3" in served.stderr, served.stderr
 
 
 @pytest.mark.slow
@@ -362,3 +366,12 @@ def test_ctrl_c_ends_a_command_within_its_grace_even_when_cleanup_hangs(grace, p
         proc.wait()
     assert proc.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err
     assert took < 10, took
+
+
+def test_a_listen_port_a_live_node_holds_is_a_usage_error(swarm, cli):
+    """py-libp2p listens with SO_REUSEPORT, so a second node would bind it too and steal half its
+    connections; the check refuses it (while a port left in TIME_WAIT passes)."""
+    boot = swarm.bootstrap("port-holder")
+    held = boot.addr.split("/p2p/")[0]
+    done = cli("bootstrap", "--listen", held, "--identity", str(swarm.workdir / "other.key"))
+    assert done.returncode == 2 and "cannot listen on 127.0.0.1" in done.stderr, done.stderr

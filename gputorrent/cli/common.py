@@ -96,7 +96,8 @@ def _relay_policy(text: str | None) -> Any:
 def check_listen(addrs: list[str]) -> None:
     """Each ``--listen`` address parses, and its port is free. py-libp2p listens with
     SO_REUSEPORT, so a second serve on a taken port would bind too and the two would steal
-    each other's connections; a plain bind here fails on a taken port instead."""
+    each other's connections; a bind here with SO_REUSEADDR only fails on a port another socket
+    listens on, and passes one a process that just stopped left in TIME_WAIT."""
     import socket
 
     for addr in addrs:
@@ -110,6 +111,7 @@ def check_listen(addrs: list[str]) -> None:
             continue
         family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
         with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError as exc:
@@ -173,7 +175,8 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Show a default only where there is one worth showing."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "[default" in (action.help or ""):
+        if (action.default in (None, False, argparse.SUPPRESS) or "[default" in (action.help or "")
+                or isinstance(action, argparse._StoreConstAction)):  # a flag: its help says what it does
             return action.help or ""
         return super()._get_help_string(action) or ""
 
