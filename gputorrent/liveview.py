@@ -32,7 +32,9 @@ def event_line(ev: dict[str, Any]) -> str | None:
     if kind == "done":
         if ev.get("finish_reason") == "deadline":
             return f"deadline reached for {who}"
-        return (f"answered {who}: {ev.get('completion_tokens', 0)} tokens, {ev.get('tokens_per_s', 0):.0f} tokens/s, "
+        tokens, rate = ev.get("completion_tokens", 0), ev.get("tokens_per_s", 0)
+        speed = f"{rate:.0f} tokens/s, " if tokens > 1 and rate > 0 else ""  # one token has no rate
+        return (f"answered {who}: {tokens} token{'s' * (tokens != 1)}, {speed}"
                 f"first token {ev.get('ttft_ms', 0):.0f} ms ({ev.get('finish_reason')})")
     if kind == "busy":
         return f"busy for {who}: {ev.get('reason')}"

@@ -139,7 +139,7 @@ def test_peers_show_what_each_peer_gave_and_got():
     from .test_records import advert
 
     st = PeerStatus(advert(Identity.generate()), 1.0, "closed", got=16.4, gave=8.0)
-    assert cells(st)["got/gave"] == "16/8"
+    assert cells(st)["got/gave tok"] == "16/8"
     assert st.to_dict()["got_tokens"] == 16.4 and st.to_dict()["gave_tokens"] == 8.0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..identity import short_id
 from .swarm import PeerStatus
 
-COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "reach", "rep", "got/gave",
+COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "tok/s", "RTT ms", "reach", "rep", "got/gave tok",
            "breaker")
 
 
@@ -45,5 +45,5 @@ def cells(status: PeerStatus) -> dict[str, str]:
             "load": f"{a.load.active}/{a.load.slots}+{a.load.queued}",
             "tok/s": f"{a.tokens_per_s:.0f}", "RTT ms": "-" if status.rtt_ms is None else f"{status.rtt_ms:.0f}",
             "reach": reach(status),
-            "rep": f"{status.reputation:.2f}", "got/gave": f"{status.got:.0f}/{status.gave:.0f}",
+            "rep": f"{status.reputation:.2f}", "got/gave tok": f"{status.got:.0f}/{status.gave:.0f}",
             "breaker": breaker(status)}

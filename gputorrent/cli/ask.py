@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         if args.explain:
             print("reached " + ", then ".join(f"{short_id(a.peer_id)} {a.path or 'not at all'} ({a.outcome})"
                                              for a in answer.attempts), file=sys.stderr)
-        if answer.spot_check:
+        if answer.spot_check and (args.verify or answer.spot_check.agreed is not None):
+            # A random check (--spot-check) that found no second peer is no news: --json has it.
             print(describe_check(answer.spot_check), file=sys.stderr)
     return 0

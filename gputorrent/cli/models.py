@@ -82,11 +82,19 @@ def register(sub: Any, parents: Parents) -> None:
 def pull(args: argparse.Namespace) -> int:
     from ..models import CATALOG, ModelError
     from ..models import pull as pull_catalog
-    from ..models.hub import is_remote, pull_remote
+    from ..models.hub import is_remote, pull_remote, remote_url
 
     settings = settings_of(args)
     if args.model.startswith("swarm:"):
         return _pull_swarm(args, args.model.removeprefix("swarm:"))
+    # Usage errors (exit 2) before any work: a name no catalog knows, an address that does not parse.
+    try:
+        if is_remote(args.model):
+            remote_url(args.model)
+        elif args.model.lower() not in CATALOG:
+            pull_catalog(args.model, settings.models_dir)  # raises the "unknown model" error with its hints
+    except ModelError as exc:
+        raise UsageError(str(exc)) from exc
     if not is_remote(args.model) and args.model.lower() in CATALOG:
         if args.alias:
             raise UsageError(f"{args.model} is a known model with its own name; --alias is for other files")
@@ -102,8 +110,6 @@ def pull(args: argparse.Namespace) -> int:
             return _pull_swarm(args, CATALOG[args.model.lower()].sha256)
         result = {"alias": args.model.lower(), "path": str(path), "fetched": fetched, "verified": True}
     else:
-        if not is_remote(args.model):
-            pull_catalog(args.model, settings.models_dir)  # raises the "unknown model" error with its hints
         got = pull_remote(args.model, settings.models_dir, sha256=args.sha256, quiet=args.json)
         from ..models.gguf_info import remember_model_id
 

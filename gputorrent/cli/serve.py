@@ -186,6 +186,13 @@ def run(args: argparse.Namespace) -> int:
         from ..models.shards import cut_before
 
         cut = cut_before(settings.cache_dir, args.model, args.blocks)
+    if cut is None and args.model.lower() not in CATALOG:
+        from ..models.local import UnknownModel, resolve
+
+        try:
+            resolve(args.model, settings.models_dir)
+        except UnknownModel as exc:  # exit 2, before any work
+            raise UsageError(str(exc)) from None
     fetched = False
     in_use = None  # our hold on the whole file (models/inuse.py): nobody removes it under us
     if cut is None and args.model.lower() in CATALOG:  # like `ollama run`: fetch a known model on first use

@@ -80,6 +80,10 @@ def alias_of(models_dir: Path, path: Path) -> str | None:
     return next((a for a, e in sorted(load_aliases(models_dir).items()) if e.get("path") == resolved), None)
 
 
+class UnknownModel(ModelError):
+    """A ``--model`` that names nothing: a usage error, not a failure of the work."""
+
+
 def resolve(spec: str, models_dir: Path) -> Path:
     """The GGUF file for ``--model``: a catalog alias (already pulled), a path, or a directory."""
     entry = CATALOG.get(spec.lower())
@@ -99,6 +103,6 @@ def resolve(spec: str, models_dir: Path) -> Path:
             raise ModelError(f"{path} is not a .gguf file; gputorrent serves GGUF models")
         return path
     known = ", ".join(sorted(CATALOG))
-    raise ModelError(f"unknown model {spec!r}: not a known model ({known}), an added one (gputorrent models list) "
+    raise UnknownModel(f"unknown model {spec!r}: not a known model ({known}), an added one (gputorrent models list) "
                      "nor an existing .gguf path or directory; serve a file of your own with --model PATH.gguf, "
                      "or name it once: gputorrent models add PATH.gguf --alias NAME")
