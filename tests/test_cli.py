@@ -375,3 +375,29 @@ def test_a_listen_port_a_live_node_holds_is_a_usage_error(swarm, cli):
     held = boot.addr.split("/p2p/")[0]
     done = cli("bootstrap", "--listen", held, "--identity", str(swarm.workdir / "other.key"))
     assert done.returncode == 2 and "cannot listen on 127.0.0.1" in done.stderr, done.stderr
+
+
+def test_models_remove_deletes_what_was_pulled_here_unless_a_serve_uses_it(tmp_path, cli):
+    from gputorrent.models import CATALOG
+    from gputorrent.models.inuse import InUse
+
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    models = tmp_path / "cache" / "gputorrent" / "models"
+    models.mkdir(parents=True)
+    pulled = models / CATALOG["smollm2"].filename
+    pulled.write_bytes(b"GGUF as pulled")
+    listed = cli("models", "list", "--json", env=env)
+    assert [r["alias"] for r in json.loads(listed.stdout)] == ["smollm2"]
+    with InUse(pulled):  # a serve process of this machine serving it
+        busy = cli("models", "remove", "smollm2", env=env)
+    assert busy.returncode == 1 and "in use" in busy.stderr and pulled.exists()
+    done = cli("models", "remove", "smollm2", env=env)
+    assert done.returncode == 0 and not pulled.exists(), done.stderr
+    assert json.loads(cli("models", "list", "--json", env=env).stdout) == []
+    mine = tmp_path / "mine.gguf"  # a file of the user's own, named once: only the name goes
+    write_gguf(mine, __import__("gguf").LlamaFileType.MOSTLY_Q4_K_M, 2)
+    assert cli("models", "add", str(mine), "--alias", "mine", env=env).returncode == 0
+    forgot = cli("models", "remove", "mine", env=env)
+    assert forgot.returncode == 0 and "forgotten" in forgot.stderr and mine.exists()
+    unknown = cli("models", "remove", "nothing", env=env)
+    assert unknown.returncode == 2 and "models list" in unknown.stderr

@@ -54,8 +54,11 @@ def register(sub: Any, parents: Parents) -> None:
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=add)
 
-    s = msub.add_parser("remove", help="forget a name given with 'models add' (the file stays)")
-    s.add_argument("alias", metavar="NAME")
+    s = msub.add_parser("remove", help="delete a model pulled here, or forget a name given with 'models add'",
+                        description="A model in this machine's model cache (pulled from the catalog, a hub or the "
+                                    "swarm) is deleted, unless a serve process of this machine is using it. A name "
+                                    "given with 'models add' to a file elsewhere is forgotten; that file stays.")
+    s.add_argument("alias", metavar="NAME", help="as 'gputorrent models list' shows it (alias or file name)")
     s.set_defaults(func=remove)
 
     s = msub.add_parser("list", parents=[parents.swarm], help="list models here (or in the swarm)")
@@ -193,10 +196,31 @@ def add(args: argparse.Namespace) -> int:
 
 
 def remove(args: argparse.Namespace) -> int:
-    from ..models.local import remove_alias
+    from ..models import CATALOG, ModelError, local_models
+    from ..models.inuse import InUse
+    from ..models.local import load_aliases, remove_alias
 
-    remove_alias(settings_of(args).models_dir, args.alias)
-    note(f"{args.alias}: forgotten (the file was left where it is)")
+    models_dir = settings_of(args).models_dir
+    name = args.alias.lower()
+    added = load_aliases(models_dir).get(name)
+    entry = CATALOG.get(name)
+    path = Path(added["path"]) if added else (models_dir / entry.filename if entry else models_dir / args.alias)
+    ours = path.resolve().parent == models_dir.resolve() and path.is_file()
+    if not ours:
+        if added is None:
+            raise UsageError(f"no model called {args.alias!r} here; see: gputorrent models list "
+                             f"({', '.join(p.name for p in local_models(models_dir)) or 'none pulled'})")
+        remove_alias(models_dir, name)
+        note(f"{args.alias}: forgotten (the file was left where it is: {path})")
+        return 0
+    hold = InUse(path)
+    if not hold.remove_unless_shared():
+        raise ModelError(f"{path.name} is in use by a serve process of this machine; stop it, then remove it")
+    for leftover in (path.with_name(path.name + ".part"),):
+        leftover.unlink(missing_ok=True)
+    if added is not None:
+        remove_alias(models_dir, name)
+    note(f"{args.alias}: deleted {path} ({'its name forgotten too' if added else 'pull it again any time'})")
     return 0
 
 
