@@ -17,6 +17,7 @@ from .. import __version__
 from . import (
     ask,
     bootstrap,
+    chat,
     completion,
     gateway,
     keys,
@@ -29,7 +30,7 @@ from . import (
 )
 from .common import GputorrentError, Parents, Parser, UsageError, err
 
-COMMANDS = (peerid, models, keys, serve, bootstrap, peers, status, tui, gateway, ask, completion)
+COMMANDS = (peerid, models, keys, serve, bootstrap, peers, status, tui, gateway, ask, chat, completion)
 
 
 def build_parser() -> argparse.ArgumentParser:
