@@ -161,6 +161,12 @@ async def _settle(pilot) -> None:
     app = pilot.app
     await until(pilot, lambda: app.query_one("#peers").row_count == 3)
     app.query_one("#log").clear()  # its lines carry the wall-clock time
+    # Minutes of history, as crawls would have brought it: the sparklines have something to draw.
+    app.speed_history.extend([0, 212, 212, 692, 480, 713, 713, 480, 212, 0, 212, 692])
+    for i, pid in enumerate(app.load_history):
+        app.load_history[pid].extend([(k * (i + 1)) % 5 / 4 for k in range(12)])
+    app._update_totals()
+    app._show_detail()
     await pilot.pause()
 
 
@@ -200,3 +206,63 @@ def test_names_from_adverts_are_shown_as_text_never_as_markup():
             assert evil in str(app.query_one("#detail").render())
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_snapshot_at_80x24(snap_compare):
+    """A laptop's terminal: the table keeps the columns that matter most, nothing cut mid-way."""
+    assert snap_compare(_frozen_app(), terminal_size=(80, 24), run_before=_settle)
+
+
+def test_snapshot_at_160x48(snap_compare):
+    assert snap_compare(_frozen_app(), terminal_size=(160, 48), run_before=_settle)
+
+
+def test_columns_collapse_by_priority():
+    from gputorrent.tui.app import COLUMNS, PRIORITY, WIDTH, columns_for
+
+    assert columns_for(10_000) == COLUMNS
+    narrow = columns_for(80 - 30 - 2)
+    assert narrow == ("peer", "models", "load", "breaker")
+    assert sum(WIDTH[c] for c in narrow) <= 48
+    assert columns_for(0) == ("peer",) and set(PRIORITY) == set(COLUMNS)
+
+
+class TalkingSwarm(FrozenSwarm):
+    """The frozen swarm, answering every question with a fixed text and noting what it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    async def stream(self, prompt, **kw):
+        from gputorrent.api import Finished, Text
+        from gputorrent.asking.asker import Answer as Done
+
+        self.sent.append(list(prompt))
+        yield Text("Paris.", "12D3KooWSnapshotPeer")
+        yield Finished(Done("Paris.", "12D3KooWSnapshotPeer", "m" * 64, "stop", {"completion_tokens": 2}, 10.0, 50.0,
+                            True))
+
+
+def test_the_chat_keeps_its_conversation_escape_leaves_the_input_and_ctrl_n_starts_over():
+    async def main() -> None:
+        swarm = TalkingSwarm()
+        app = SwarmApp(swarm)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _settle(pilot)
+            for question in ("What is the capital of France?", "And of Italy?"):
+                await pilot.press("a")
+                await pilot.press(*question, "enter")
+                await until(pilot, lambda: not app.asking and len(app.messages) >= 2 * (len(swarm.sent)))
+            assert [len(m) for m in swarm.sent] == [1, 3]  # the second question carried the first exchange
+            assert swarm.sent[1][1] == {"role": "assistant", "content": "Paris."}
+            assert app.focused is app.query_one("#prompt")
+            await pilot.press("escape")
+            assert app.focused is app.query_one("#peers")
+            await pilot.press("m")  # a table key again, not a letter typed into the question
+            assert app.query_one("#prompt").value == "" and app.model == "smollm2"
+            await pilot.press("ctrl+n", "a", *"Hi", "enter")
+            await until(pilot, lambda: len(swarm.sent) == 3 and not app.asking)
+            assert len(swarm.sent[2]) == 1  # a new conversation
+            assert "^N new" in str(app.query_one("#hints").render())
+
+    asyncio.run(main())

@@ -2,12 +2,16 @@
 
 A Textual app over the API's ``Swarm`` (trio hosted as a guest on Textual's asyncio loop).
 The peers table follows ``Swarm.events()`` (a DHT crawl with pings every couple of seconds);
-answers stream in a worker, so the table, keys and log stay live while tokens arrive.
+answers stream in a worker, so the table, keys and log stay live while tokens arrive. The table
+shows as many columns as the terminal has room for, by priority (80x24 keeps peer, models, load
+and breaker); the chat keeps its conversation until Ctrl+N; sparklines show the swarm's busy
+tokens/s and the selected peer's load over the last minutes.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 from rich.markup import escape
@@ -16,7 +20,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Footer, Header, Input, RichLog, Static
+from textual.widgets import DataTable, Footer, Header, Input, RichLog, Sparkline, Static
 
 from ..api import (
     AskFailed,
@@ -31,9 +35,38 @@ from ..api import (
 from ..api.rows import breaker, cells, short_id
 
 REPAINT_S = 0.1
+HISTORY = 90  # samples kept for a sparkline (one per crawl, ~2 s each: three minutes)
+SAMPLE_S = 2.0  # at most one sample of the swarm's total this often
 
 # tokens/s is in the header's total and the detail pane; the table keeps to what fits.
 COLUMNS = ("peer", "name", "device", "VRAM MB", "models", "load", "RTT ms", "reach", "rep", "breaker")
+# What a narrow terminal keeps, most wanted first, with each column's width (cell padding included).
+PRIORITY = ("peer", "models", "load", "breaker", "RTT ms", "rep", "device", "name", "reach", "VRAM MB")
+WIDTH = {"peer": 13, "name": 16, "device": 20, "VRAM MB": 13, "models": 10, "load": 7, "RTT ms": 8, "reach": 12,
+         "rep": 6, "breaker": 15}
+WIDE = 120  # from here the chat pane is its full width
+
+
+def columns_for(width: int) -> tuple[str, ...]:
+    """The columns of ``COLUMNS`` that fit in ``width`` cells, chosen by ``PRIORITY``, in table order."""
+    chosen: set[str] = set()
+    used = 0
+    for col in PRIORITY:
+        if used + WIDTH[col] <= width or not chosen:
+            chosen.add(col)
+            used += WIDTH[col]
+    return tuple(c for c in COLUMNS if c in chosen)
+
+
+def busy_tokens_per_s(peers: list[PeerStatus]) -> float:
+    """What the swarm is producing now, as its adverts tell: the speed of every peer at work."""
+    return sum(p.advert.tokens_per_s for p in peers if p.advert.load.active > 0)
+
+
+def load_of(p: PeerStatus) -> float:
+    """Requests running and waiting per slot: 1.0 is full, above it a queue."""
+    load = p.advert.load
+    return (load.active + load.queued) / max(1, load.slots)
 
 
 def totals(peers: list[PeerStatus]) -> str:
@@ -80,9 +113,16 @@ class SwarmApp(App):
     #main { height: 1fr; }
     #left { width: 1fr; }
     #right { width: 44; border-left: solid $primary; }
+    #right.narrow { width: 30; }
     #peers { height: 1fr; }
     #detail { height: 9; padding: 0 1; border-top: solid $primary; }
+    .spark-row { height: 1; padding: 0 1; }
+    .spark-label { width: 9; color: $text-muted; }
+    Sparkline { width: 1fr; }
     #chat { height: 1fr; padding: 0 1; }
+    #hints { height: 1; padding: 0 1; color: $text-muted; }
+    .short #detail { height: 6; }
+    .short #log { height: 3; }
     .question { color: $accent; margin-top: 1; }
     .meta { color: $text-muted; }
     #log { height: 7; border-top: solid $primary; }
@@ -93,6 +133,8 @@ class SwarmApp(App):
         Binding("b", "ban", "Ban/unban"),
         Binding("m", "filter_model", "Filter model"),
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+n", "new_chat", "New chat", priority=True),  # works while typing, too
+        Binding("escape", "leave_input", "Back to peers", show=False, priority=True),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),  # what users press to stop
     ]
 
@@ -106,6 +148,11 @@ class SwarmApp(App):
         self.peers: dict[str, PeerStatus] = {}
         self.connected = False
         self.asking = False
+        self.columns: tuple[str, ...] = COLUMNS
+        self.messages: list[dict[str, str]] = []  # the conversation so far, sent with each question
+        self.speed_history: deque[float] = deque(maxlen=HISTORY)
+        self.load_history: dict[str, deque[float]] = {}
+        self._sampled = 0.0
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -114,18 +161,45 @@ class SwarmApp(App):
             with Vertical(id="left"):
                 yield DataTable(id="peers", cursor_type="row", zebra_stripes=True)
                 yield Static("select a peer to see its details", id="detail")
+                with Horizontal(classes="spark-row"):
+                    yield Static("its load", classes="spark-label")
+                    yield Sparkline([], id="peer-load", summary_function=max)
             with Vertical(id="right"):
+                with Horizontal(classes="spark-row"):
+                    yield Static("busy t/s", classes="spark-label")
+                    yield Sparkline([], id="swarm-speed", summary_function=max)
                 yield VerticalScroll(id="chat")
-                yield Input(placeholder="ask the swarm… (Enter to send)", id="prompt")
+                yield Input(placeholder="ask the swarm…", id="prompt")
+                yield Static("⏎ send · Esc back · ^N new", id="hints")
         yield RichLog(id="log", max_lines=500, markup=True)
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#peers", DataTable)
-        for col in COLUMNS:  # the breaker column is sized for "half-open" and "open (banned)" up front
-            table.add_column(col, key=col, width=13 if col == "breaker" else None)
+        self._layout(self.size.width)
         self.sub_title = self._filter_label()
         self.connect()
+
+    def on_resize(self, event: Any) -> None:
+        self._layout(event.size.width)
+
+    def _layout(self, width: int) -> None:
+        """The chat pane's width and the table's columns for a terminal ``width`` cells wide;
+        a short terminal gets a shorter detail pane and log."""
+        self.screen.set_class(self.size.height < 36, "short")
+        right = self.query_one("#right")
+        right.set_class(width < WIDE, "narrow")
+        cols = columns_for(width - (30 if width < WIDE else 44) - 2)
+        table = self.query_one("#peers", DataTable)
+        if cols == self.columns and table.columns:
+            return
+        self.columns = cols
+        table.clear(columns=True)
+        for col in cols:  # the breaker column is sized for "half-open" and "open (banned)" up front
+            table.add_column(col, key=col, width=13 if col == "breaker" else None)
+        for p in self.peers.values():
+            if self._visible(p):
+                row = cells(p)
+                table.add_row(*(self._cell(c, row[c]) for c in cols), key=p.peer_id)
 
     async def on_unmount(self) -> None:
         if self.connected:
@@ -171,22 +245,24 @@ class SwarmApp(App):
 
     def upsert(self, p: PeerStatus) -> None:
         self.peers[p.peer_id] = p
+        self.load_history.setdefault(p.peer_id, deque(maxlen=HISTORY)).append(load_of(p))
         table = self.query_one("#peers", DataTable)
         if not self._visible(p):
             if p.peer_id in table.rows:
                 table.remove_row(p.peer_id)
         elif p.peer_id in table.rows:
             row = cells(p)
-            for col in COLUMNS:
+            for col in self.columns:
                 table.update_cell(p.peer_id, col, self._cell(col, row[col]))
         else:
             row = cells(p)
-            table.add_row(*(self._cell(c, row[c]) for c in COLUMNS), key=p.peer_id)
+            table.add_row(*(self._cell(c, row[c]) for c in self.columns), key=p.peer_id)
         self._update_totals()
         self._show_detail()
 
     def remove(self, peer_id: str) -> None:
         self.peers.pop(peer_id, None)
+        self.load_history.pop(peer_id, None)
         table = self.query_one("#peers", DataTable)
         if peer_id in table.rows:
             table.remove_row(peer_id)
@@ -202,6 +278,11 @@ class SwarmApp(App):
     def _update_totals(self) -> None:
         shown = [p for p in self.peers.values() if self._visible(p)]
         self.query_one("#totals", Static).update(totals(shown))
+        now = time.monotonic()
+        if now - self._sampled >= SAMPLE_S or not self.speed_history:
+            self._sampled = now
+            self.speed_history.append(busy_tokens_per_s(shown))
+        self.query_one("#swarm-speed", Sparkline).data = [0.0, *self.speed_history]  # drawn from zero
 
     def _selected(self) -> PeerStatus | None:
         table = self.query_one("#peers", DataTable)
@@ -213,6 +294,7 @@ class SwarmApp(App):
     def _show_detail(self) -> None:
         p = self._selected()
         self.query_one("#detail", Static).update(detail(p) if p else "select a peer to see its details")
+        self.query_one("#peer-load", Sparkline).data = [0.0, *self.load_history.get(p.peer_id, ())] if p else []
 
     @on(DataTable.RowHighlighted)
     def _highlighted(self) -> None:
@@ -228,6 +310,19 @@ class SwarmApp(App):
 
     def action_ask(self) -> None:
         self.query_one("#prompt", Input).focus()
+
+    def action_leave_input(self) -> None:
+        """Escape: from the question box back to the peers table (its keys work again)."""
+        self.query_one("#peers", DataTable).focus()
+
+    async def action_new_chat(self) -> None:
+        """Ctrl+N: forget the conversation; the next question starts a new one."""
+        if self.asking:
+            return
+        self.messages = []
+        chat = self.query_one("#chat", VerticalScroll)
+        await chat.remove_children()
+        await chat.mount(Static("a new conversation", classes="meta"))
 
     async def action_refresh(self) -> None:
         if self.connected:
@@ -276,8 +371,9 @@ class SwarmApp(App):
         self.asking = True
         text: list[str] = []
         shown = 0.0
+        asked = [*self.messages, {"role": "user", "content": question}]
         try:
-            async for ev in self.swarm.stream(question, model=self.model, **self.params):
+            async for ev in self.swarm.stream(asked, model=self.model, **self.params):
                 if isinstance(ev, Text):
                     text.append(ev.text)
                     # Repaint at most every REPAINT_S: a repaint per token cost the serving
@@ -292,6 +388,7 @@ class SwarmApp(App):
                 elif isinstance(ev, Finished):
                     a = ev.answer
                     answer.update(a.text)
+                    self.messages = [*asked, {"role": "assistant", "content": a.text}]
                     hops = " → ".join(f"{short_id(t.peer_id)} {t.outcome}" for t in a.attempts)
                     meta.update(f"answered by {short_id(a.peer_id)} · {a.usage['completion_tokens']} tokens · "
                                 f"{a.tokens_per_s:.0f} tokens/s · receipt verified"
