@@ -36,6 +36,7 @@ TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 TopK = Annotated[int, Meta(ge=0, le=1 << 17)]
 Seed = Annotated[int, Meta(ge=-1, le=2**32 - 1)]
 Stop = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)]
+Grammar = Annotated[str, Meta(max_length=64 * 1024)]  # GBNF; "" is none
 RequestId = Annotated[bytes, Meta(min_length=8, max_length=32)]
 Role = Literal["system", "user", "assistant"]
 
@@ -54,6 +55,10 @@ class Params(msgspec.Struct, frozen=True, kw_only=True):
     top_k: TopK = 40
     seed: Seed = -1
     stop: Stop = []
+    # A llama.cpp grammar (GBNF) every token must follow: JSON mode and json_schema travel as
+    # one, so the serving peer constrains its own sampling and a spot check compares like with
+    # like. An older peer ignores the field: a requester that needs it checks the answer.
+    grammar: Grammar = ""
 
 
 class Link(msgspec.Struct, array_like=True, frozen=True):

@@ -162,3 +162,23 @@ def test_serve_and_ask_from_asyncio_sharing_one_guest_run(mesh, tmp_path, model_
 
     peer_id, answer = asyncio.run(asyncio.wait_for(main(), 90))
     assert answer.peer_id == peer_id and "Paris" in answer.text
+
+
+async def test_a_grammar_constrains_the_answer_travels_to_the_spot_check_and_a_bad_one_is_refused(mesh, tmp_path):
+    import json
+
+    from gputorrent.asking.formats import json_grammar
+
+    swarm, _ = mesh
+    peers = [swarm.peers["api-a"].addr, swarm.peers["api-b"].addr]
+    async with Swarm(peers=peers, mdns=False, identity=tmp_path / "me.key", data_dir=tmp_path / "data") as s:
+        answer = await s.generate("Name a colour.", temperature=0.0, max_tokens=32, verify=True,
+                                  grammar=json_grammar({"type": "object", "properties": {"colour": {"type": "string"}},
+                                                        "required": ["colour"]}))
+        assert set(json.loads(answer.text)) == {"colour"}
+        # The check ran under the same grammar: two honest peers agree token for token.
+        assert answer.spot_check is not None and answer.spot_check.agreed is True, answer.spot_check
+        with pytest.raises(AskFailed, match="grammar"):
+            await s.generate("hi", max_tokens=4, grammar="root ::= this is not gbnf (")
+        again = await s.generate(QUESTION, temperature=0.0, max_tokens=8)  # and the peers still serve
+        assert "Paris" in again.text

@@ -11,7 +11,7 @@ import gguf
 import pytest
 import trio
 
-from gputorrent.api import Swarm
+from gputorrent.api import AskFailed, Swarm
 from gputorrent.api.swarm import Plan
 from gputorrent.asking.chain import Hop, plan_chain
 from gputorrent.dht.records import Advert, Device, ServedModel, lookup_key
@@ -361,6 +361,29 @@ async def test_chains_of_serve_processes_answer_as_one_whole_peer(shard_swarm, t
         await s.unban(procs["whole"].peer_id)
         ref = await s.generate(PROMPTS[0], model="smollm2", temperature=0, max_tokens=MAX)
         assert ans.text == ref.text and ans.chain
+
+
+async def test_a_chain_samples_under_the_request_s_grammar_and_refuses_a_bad_one(shard_swarm, tmp_path):
+    """The last hop samples: it applies the grammar, token-identical to the whole peer under it;
+    a grammar that does not parse is refused before it takes a session."""
+    import json
+
+    from gputorrent.asking.formats import json_grammar
+
+    boot, procs = shard_swarm
+    grammar = json_grammar({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+    async with _swarm(boot, tmp_path) as s:
+        ads = await _adverts(s, len(procs))
+        plan = Plan("smollm2", [], chain=_hops(ads, procs, ["a", "b"]))
+        chained = await s.generate(PROMPTS[0], plan=plan, temperature=0, max_tokens=MAX, grammar=grammar)
+        whole = await s.generate(PROMPTS[0], model="smollm2", temperature=0, max_tokens=MAX, grammar=grammar,
+                                 plan=Plan("smollm2", [ads[procs["whole"].peer_id]]))
+        assert chained.text == whole.text and set(json.loads(chained.text)) == {"city"}, chained.text
+        with pytest.raises(AskFailed, match="grammar"):
+            await s.generate("hi", plan=Plan("smollm2", [], chain=_hops(ads, procs, ["a", "b"])), max_tokens=4,
+                             grammar="root ::= (")
+        after = await s.generate(PROMPTS[0], plan=plan, temperature=0, max_tokens=MAX)  # its sessions were freed
+        assert after.text
 
 
 @pytest.mark.parametrize("where", DYING)

@@ -546,10 +546,10 @@ class _Core:
                     if verify or (spot_check and self.spot_rng.random() < spot_check):
                         if answer.chain:
                             answer.spot_check = await self._spot_check_chain(answer, model, messages,
-                                                                             prompt if raw else None)
+                                                                             prompt if raw else None, p)
                         else:
                             answer.spot_check = await self._spot_check(answer, addrs, messages,
-                                                                       prompt if raw else None)
+                                                                       prompt if raw else None, p)
                     if answer.spot_check is not None and answer.spot_check.blamed:
                         caught.add(answer.spot_check.blamed)
                     self._settle(earned, caught)
@@ -580,18 +580,21 @@ class _Core:
             self._nursery.start_soon(trio.to_thread.run_sync,  # type: ignore[union-attr]
                                      functools.partial(self.ledger.settle, dict(earned), set(caught)))
 
-    async def _spot_check(self, answer: Answer, candidates: list[Any], messages, prompt) -> Any:
+    async def _spot_check(self, answer: Answer, candidates: list[Any], messages, prompt,
+                          params: wire.Params | None = None) -> Any:
         from ..asking.verify import spot_check
 
         served = [c for c in candidates if peer_id_of(c) == answer.peer_id]
         others = [c for c in candidates if peer_id_of(c) != answer.peer_id]
-        base = wire.InferRequest(request_id=new_request_id(), model=answer.model_id, messages=messages, prompt=prompt)
+        base = wire.InferRequest(request_id=new_request_id(), model=answer.model_id, messages=messages, prompt=prompt,
+                                 params=params or wire.Params())
         check = await spot_check(self.host, served + others, base)
         if check.blamed:
             self.store.record(check.blamed, "integrity")  # type: ignore[union-attr]
         return check
 
-    async def _spot_check_chain(self, answer: Answer, model: str, messages, prompt) -> Any:
+    async def _spot_check_chain(self, answer: Answer, model: str, messages, prompt,
+                                params: wire.Params | None = None) -> Any:
         """Check a chain answer: its own hops against a whole peer, else a chain of other peers."""
         from ..asking.chain import Hop
         from ..asking.verify import SpotCheck, spot_check_chain
@@ -609,7 +612,8 @@ class _Core:
             return found
 
         whole, _ = await self.view.rank(model, model_id=mid)
-        base = wire.InferRequest(request_id=new_request_id(), model=mid, messages=messages, prompt=prompt)
+        base = wire.InferRequest(request_id=new_request_id(), model=mid, messages=messages, prompt=prompt,
+                                 params=params or wire.Params())
         check = await spot_check_chain(self.host, hops, plan, base, [list(a.addrs) for a in whole])
         if check.blamed:
             self.store.record(check.blamed, "integrity")  # type: ignore[union-attr]

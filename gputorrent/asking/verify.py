@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from .. import wire
 from ..net.host import DialError, connect
 from .asker import new_request_id
@@ -30,6 +32,12 @@ if TYPE_CHECKING:
 Planner = Callable[[set[str], int, int], Awaitable["list[Hop] | None"]]  # (exclude, first, end) -> hops
 
 CHECK_PARAMS = wire.Params(max_tokens=16, temperature=0.0, seed=0)
+
+
+def check_params(base: wire.InferRequest) -> wire.Params:
+    """The check's greedy parameters, under the answer's own grammar: like is compared with like
+    (a JSON-mode answer is checked in JSON mode)."""
+    return msgspec.structs.replace(CHECK_PARAMS, grammar=base.params.grammar)
 
 
 @dataclass(slots=True)
@@ -46,7 +54,7 @@ async def _check(host: Any, addr: str | Sequence[str], base: wire.InferRequest) 
     try:
         peer_id = await connect(host, addr)
         req = wire.InferRequest(request_id=new_request_id(), model=base.model, messages=base.messages,
-                                prompt=base.prompt, params=CHECK_PARAMS)
+                                prompt=base.prompt, params=check_params(base))
         return await run_attempt(host, peer_id, req, lambda ids, text: None)
     except (DialError, AttemptFailed):
         return None
@@ -108,7 +116,7 @@ async def _chain_text(host: Any, hops: list[Hop], base: wire.InferRequest) -> st
     try:
         answer = await ask_chain(host, _NoReplacement(), model_id=hops[0].model_id,
                                  total_blocks=hops[0].total_blocks, messages=base.messages, prompt=base.prompt,
-                                 params=CHECK_PARAMS, first_plan=hops, deadline_s=CHAIN_CHECK_S)
+                                 params=check_params(base), first_plan=hops, deadline_s=CHAIN_CHECK_S)
     except AskFailed:
         return None
     return answer.text

@@ -183,8 +183,23 @@ class LlamaRuntime:
     def _is_eog(self, tok: int) -> bool:
         return bool(self._ll.llama_vocab_is_eog(self._vocab, tok))
 
+    def check_grammar(self, grammar: str) -> None:
+        """``EngineError`` for a grammar llama.cpp cannot parse: refused before it takes a slot
+        (its sampler init returns NULL, which a sampler chain must never be given)."""
+        if not grammar:
+            return
+        sampler = self._ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise EngineError("the grammar does not parse (llama.cpp GBNF, with a 'root' rule)")
+        self._ll.llama_sampler_free(sampler)
+
     def _sampler(self, params):
         s = self._new_sampler()
+        if getattr(params, "grammar", ""):  # first in the chain: the others only see allowed tokens
+            grammar = self._ll.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+            if not grammar:  # checked at admission; a request must never crash the engine
+                raise EngineError("the grammar does not parse")
+            self._ll.llama_sampler_chain_add(s.sampler, grammar)
         if params.temperature <= 0.0:
             s.add_greedy()
         else:
@@ -235,6 +250,7 @@ class LlamaEngine(LlamaRuntime):
                 "shorten the prompt or ask a peer with a longer context"
             )
         max_new = min(params.max_tokens, room)
+        self.check_grammar(getattr(params, "grammar", ""))
         if len(forced) >= max_new:
             raise EngineError(f"{len(forced)} tokens were already received of at most {max_new}: nothing to add")
         return Job(prompt_ids=list(prompt_ids), params=params, emit=emit, max_new=max_new, forced=list(forced))

@@ -129,7 +129,10 @@ class ShardEngine(LlamaRuntime):
     # --- sessions --------------------------------------------------------------------------
 
     def open(self, params=None) -> Session | None:
-        """A session in its own sequence slot, or None when every slot is taken."""
+        """A session in its own sequence slot, or None when every slot is taken. ``EngineError``
+        for a grammar that does not parse, before any slot is taken."""
+        if self.is_last and params is not None:
+            self.check_grammar(getattr(params, "grammar", ""))
         with self._cond:
             self._reap_idle()
             # A session just closed frees its slot at the decode thread's next turn: wait for it.

@@ -8,7 +8,8 @@ OpenAI: ``/v1/chat/completions``, ``/v1/completions`` (SSE when ``stream``), ``/
 call, so peer choice, failover and receipts are the same as for ``gputorrent ask``.
 
 Errors come in each API's own shape, with the status codes clients act on: 400 a bad request
-(and a field the swarm cannot honour, named: tools, response_format, logprobs, n, format),
+(and a field the swarm cannot honour, named: tools, logprobs, n, images). JSON mode and
+``json_schema`` (Ollama's ``format``) become a grammar the serving peer samples under,
 401 a missing or wrong key, 404 a model no peer serves or an unknown endpoint, 429 every peer
 busy (with Retry-After), 503 no peer can answer, with Retry-After when the model was served
 within ``RECENT_S`` (its donor restarting, say: clients must not conclude it does not exist).
@@ -120,8 +121,7 @@ def _unsupported(body: dict[str, Any], fields: dict[str, str]) -> None:
     """400 naming the first field the swarm cannot honour, rather than an answer without it."""
     for name, why in fields.items():
         value = body.get(name)
-        if value in (None, False, [], {}, "") or (name == "response_format" and isinstance(value, dict)
-                                                 and value.get("type") == "text"):
+        if value in (None, False, [], {}, ""):
             continue
         raise BadRequest(f"'{name}' is not supported by the gputorrent swarm: {why}")
 
@@ -130,28 +130,50 @@ _OPENAI_UNSUPPORTED = {
     "tools": "peers generate text only; no tool calls", "tool_choice": "peers generate text only; no tool calls",
     "functions": "peers generate text only; no function calls",
     "function_call": "peers generate text only; no function calls",
-    "response_format": "JSON mode and json_schema are not built yet (send no response_format)",
     "logprobs": "peers do not return log probabilities", "top_logprobs": "peers do not return log probabilities",
     "audio": "text only", "modalities": "text only", "prediction": "not supported",
 }
+
+
+def _grammar(value: Any, field: str) -> str | None:
+    """The grammar for a requested output format (``response_format`` or Ollama's ``format``):
+    JSON mode, or a JSON schema; the serving peer samples under it (asking/formats.py)."""
+    from ..asking.formats import json_grammar
+
+    if value in (None, "", {"type": "text"}):
+        return None
+    try:
+        if value in ("json", {"type": "json_object"}):
+            return json_grammar()
+        if isinstance(value, dict) and value.get("type") == "json_schema":
+            schema = (value.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequest(f"'{field}': json_schema needs a 'schema' object")
+            return json_grammar(schema)
+        if isinstance(value, dict) and field == "format":  # Ollama: the schema itself
+            return json_grammar(value)
+    except ValueError as exc:
+        raise BadRequest(f"'{field}': {exc}") from exc
+    raise BadRequest(f"'{field}' must be text, json_object or json_schema (Ollama: \"json\" or a schema)")
 
 
 def _openai_params(body: dict[str, Any]) -> dict[str, Any]:
     _unsupported(body, _OPENAI_UNSUPPORTED)
     if body.get("n", 1) not in (1, None):
         raise BadRequest("'n' must be 1: the swarm returns one choice per request")
-    return {"max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+    return {"grammar": _grammar(body.get("response_format"), "response_format"),
+            "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
             "temperature": body.get("temperature"), "top_p": body.get("top_p"), "seed": body.get("seed"),
             "stop": _stop(body.get("stop"))}
 
 
 def _ollama_params(body: dict[str, Any]) -> dict[str, Any]:
-    _unsupported(body, {"format": "JSON output is not built yet (send no format)", "tools": "no tool calls",
-                        "images": "peers serve text models only"})
+    _unsupported(body, {"tools": "no tool calls", "images": "peers serve text models only"})
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'options' must be an object")
-    return {"max_tokens": opts.get("num_predict"), "temperature": opts.get("temperature"),
+    return {"grammar": _grammar(body.get("format"), "format"),
+            "max_tokens": opts.get("num_predict"), "temperature": opts.get("temperature"),
             "top_p": opts.get("top_p"), "top_k": opts.get("top_k"), "seed": opts.get("seed"),
             "stop": _stop(opts.get("stop"))}
 

@@ -70,7 +70,12 @@ class ShardServer(InferServer):
             except ValueError as exc:
                 await self._refuse_signed(stream, signer, requester, protocol.BAD_REQUEST, str(exc))
                 return
-        if (self.fault and self.fault.kind == "busy") or (session := engine.open(req.params)) is None:
+        try:
+            session = None if (self.fault and self.fault.kind == "busy") else engine.open(req.params)
+        except EngineError as exc:
+            await self._refuse_signed(stream, signer, requester, protocol.BAD_REQUEST, str(exc))
+            return
+        if session is None:
             load = engine.load()
             await self._busy(stream, signer, requester, 1000, f"{load.active} of {load.slots} sessions open")
             return
