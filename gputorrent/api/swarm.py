@@ -495,8 +495,14 @@ class _Core:
                                                 prompt=text, params=p))  # before any lookup
         addrs: list[Any]
         if self.direct:
-            candidates: Any = list(self.direct)
-            addrs, model = list(self.direct), model or ""
+            # In the order given, except that a peer caught lying to this machine (a spot check
+            # or a bad signature) goes last: naming it first must not send every ask to it again.
+            def caught_before(addr: str) -> bool:
+                return self.store.get(peer_id_of(addr)).integrity > 0  # type: ignore[union-attr]
+
+            direct = sorted(self.direct, key=caught_before)
+            candidates: Any = direct
+            addrs, model = list(direct), model or ""
         else:
             plan = plan or await self.rank(model)
             addrs, model = [list(a.addrs) for a in plan.order], plan.model
