@@ -62,7 +62,7 @@ lock:
 # Not part of CI: the newest releases pyproject allows, in .venv-newest, then lint and the tests
 # (PYTEST_ARGS narrows them); prints every version that moved from the lock and what failed.
 newest:
-	PYTHON=$(PYTHON) bash .ci/newest $(PYTEST_ARGS)
+	PYTHON=$(PYTHON) CPU_CMAKE="$(CPU_CMAKE)" LLAMA_CPP_PIN="$(LLAMA_CPP_PIN)" bash .ci/newest $(PYTEST_ARGS)
 
 model: install
 	$(GT) models pull smollm2
