@@ -272,6 +272,7 @@ class _Core:
             await stack.enter_async_context(hole_punching(self.host))
             if not self.direct:
                 self.node = await stack.enter_async_context(swarm_node(self.host, self.identity, server=False))
+                self.node.scope = _join_scope(s.bootstrap)
                 if s.bootstrap and not await self.node.join(s.bootstrap):
                     raise SwarmError(f"none of the bootstrap peers answered ({', '.join(s.bootstrap)}); "
                                      "check the addresses and that those peers are running")

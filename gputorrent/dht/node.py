@@ -70,6 +70,7 @@ OUTBOUND_PER_PEER = 4  # our DHT requests open at one peer at once: within its I
 ADVERT_REPLICAS = 10
 REWALK_S = 600.0
 SUSPECT_S = 30.0  # a peer that let requests time out (STRIKES in a row) is left out of walks this long
+ADDR_TTL_S = 600  # how long a peer's address stays in the peerstore
 STRIKES = 2
 
 
@@ -98,6 +99,11 @@ class SwarmNode:
         self.dht = dht
         self.server = server
         self._suspect: dict[Any, float] = {}  # peer -> trio time until which walks skip it
+        # How far this node's network reaches ("public", "private", "loopback": net.host.scope_of
+        # of the addresses it joined through). A requester that joined through a public address
+        # never dials another network's private address: behind a home router its SYNs vanish
+        # and the dial waits out its 5 s timeout (a home-to-home ask lost 10 s, twice 5, that way).
+        self.scope = "loopback"
         self._strikes: dict[Any, int] = {}  # peer -> requests it let time out since it last answered
         self._closest: dict[bytes, tuple[float, list[Any]]] = {}  # key -> (when walked, closest peers)
         self.last_walk: Walked | None = None  # what the latest walk did (benchmarks read its hops)
@@ -107,10 +113,24 @@ class SwarmNode:
         self._to_peer: dict[Any, trio.Semaphore] = {}  # our requests open at each peer (OUTBOUND_PER_PEER)
 
     def _known_addrs(self, peer: Any) -> list[Any]:
+        """The addresses of ``peer`` this node would dial: what it heard, within its scope."""
+        from ..net.host import reachable_from
+
         try:
-            return list(self.host.get_peerstore().addrs(peer))
+            heard = list(self.host.get_peerstore().addrs(peer))
         except Exception:  # noqa: BLE001 (py-libp2p raises for a peer it never heard of)
             return []
+        return [a for a in heard if reachable_from(str(a), self.scope)]
+
+    def _dial_only(self, peer: Any, addrs: list[Any]) -> None:
+        """Leave only ``addrs`` in the peerstore for ``peer``: py-libp2p dials every address it
+        holds, one after another, each until its 5 s timeout."""
+        store = self.host.get_peerstore()
+        try:
+            store.clear_addrs(peer)
+            store.add_addrs(peer, addrs, ADDR_TTL_S)
+        except Exception as exc:  # noqa: BLE001 (a peerstore that refuses: the dial just has more to try)
+            log.debug("could not narrow the addresses of %s: %s", peer, exc)
 
     def _is_suspect(self, peer: Any) -> bool:
         until = self._suspect.get(peer)
@@ -453,15 +473,20 @@ class SwarmNode:
         owner = _id(peer_id)
         local = self.dht.value_store.store.get(key_bytes)
         consider(local[0].value if local else None)
-        if peer_id != self.identity.peer_id and self._known_addrs(owner) and not self._is_suspect(owner):
+        direct = [a for a in self._known_addrs(owner) if "/p2p-circuit" not in str(a)]
+        if peer_id != self.identity.peer_id and direct and not self._is_suspect(owner):
             # The owner holds its own newest advert: one request instead of a walk. Fetching
             # the adverts of a lookup walked for each (5 requests at once, 16 adverts at once)
-            # flooded a loaded machine's swarm, and answers slowed past every deadline.
+            # flooded a loaded machine's swarm, and answers slowed past every deadline. Only at
+            # its own addresses within our scope: py-libp2p dials every address it holds for a
+            # peer, and one behind NAT (only circuits in scope) is left to the replicas.
+            self._dial_only(owner, direct)
             with trio.move_on_after(self._late_for(self.round_trips.timeout, owner)) as timer:
                 try:
                     value = await self._ask(owner, lambda p: _get_value(self.host, p, key_bytes))
                 except Exception as exc:  # noqa: BLE001 (any failure to answer: the replicas have copies)
                     log.debug("advert from its owner %s failed: %s", peer_id, exc)
+                    self._suspect[owner] = trio.current_time() + SUSPECT_S  # not again for a while
                 else:
                     # The owner answered: that is final. It stores its newest advert before sending
                     # copies anywhere, and a replica holds only what the owner signed; an owner with

@@ -55,15 +55,27 @@ def dialable(addr: str) -> bool:
 def scope_of(addr: str) -> str:
     """Where an address lives: "loopback", "private" (RFC 1918, CGNAT, IPv6 ULA) or "public"
     (names and anything else)."""
-    import ipaddress
 
     ip = _ip(addr)
     if ip is None or ip is False:
         return "public"
     if ip.is_loopback:
         return "loopback"
-    shared = ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10")
-    return "private" if ip.is_private or shared else "public"
+    # What is private on a real network: RFC 1918, CGNAT, IPv6 ULA. Not Python's is_private,
+    # which also counts the documentation ranges (TEST-NET-1/2/3), never seen on the internet:
+    # the NAT lab's "internet" is TEST-NET-2, and a requester joined there must act as one
+    # joined through a public address would (never dial another network's LAN address).
+    return "private" if any(ip in net for net in _PRIVATE_NETS if net.version == ip.version) else "public"
+
+
+def _private_nets() -> tuple:
+    import ipaddress
+
+    return tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                                                   "fc00::/7"))
+
+
+_PRIVATE_NETS = _private_nets()
 
 
 def reachable_from(addr: str, scope: str) -> bool:
