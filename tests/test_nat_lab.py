@@ -86,6 +86,16 @@ def test_an_ask_from_another_home_is_answered_through_a_relay(lab, nat_swarm, mo
     assert relayed["text"] == direct["text"] and relayed["usage"]["completion_tokens"] == MAX_TOKENS
 
 
+def test_ask_peer_with_a_donor_s_relayed_address_answers(lab, nat_swarm):
+    """`ask --peer` with the circuit address a donor behind NAT prints (#35: it was refused as
+    "lacks the peer id"); every circuit it advertises names its relay once."""
+    donor = nat_swarm.peers["donor"]
+    for addr in donor.info["addrs"]:
+        assert addr.count("/p2p/") == 2 and "/p2p-circuit/" in addr, addr
+    answer = ask_from(lab, "home-c", nat_swarm, "--peer", donor.info["addrs"][0])
+    assert answer["peer_id"] == donor.peer_id and answer["attempts"][-1]["path"] in ("relayed", "hole-punched")
+
+
 def test_the_donor_runs_the_dht_as_a_client_and_lookups_do_not_stall_on_it(lab, nat_swarm):
     """The requester's lookups never meet the donor as a DHT server (it cannot be dialed), so a
     `peers` listing from home B is quick and complete."""

@@ -148,3 +148,26 @@ def test_a_relay_book_bounds_networks_keys_and_keeps_a_share_for_servers():
     assert book.open_circuit("e", "k3", "n1") is None  # another destination has its own count
     book.close_circuit("d", "k2", "n1")
     assert book.open_circuit("d", "k3", "n1") is None
+
+
+def test_a_relay_is_named_once_and_counted_once():
+    from gputorrent.serving.node import one_per_relay, relay_address
+
+    rid = "12D3KooWRelay"
+    assert relay_address(f"/ip4/198.51.100.1/tcp/4001/p2p/{rid}", rid) == f"/ip4/198.51.100.1/tcp/4001/p2p/{rid}"
+    assert relay_address("/ip4/198.51.100.1/tcp/4001", rid) == f"/ip4/198.51.100.1/tcp/4001/p2p/{rid}"
+    two = [f"/ip4/198.51.100.1/tcp/4001/p2p/{rid}", f"/ip4/10.0.0.1/tcp/4001/p2p/{rid}", "/ip4/1.2.3.4/tcp/1/p2p/X"]
+    assert one_per_relay(two) == [two[0], two[2]]
+
+
+def test_ask_peer_takes_a_relayed_address():
+    import argparse
+
+    from gputorrent.cli.types import peer_addr
+    from gputorrent.identity import Identity
+
+    relay, donor = Identity.generate().peer_id, Identity.generate().peer_id
+    circuit = f"/ip4/198.51.100.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{donor}"
+    assert peer_addr(circuit) == circuit
+    with pytest.raises(argparse.ArgumentTypeError, match="lacks the peer id"):
+        peer_addr(f"/ip4/198.51.100.1/tcp/4001/p2p/{relay}/p2p-circuit")

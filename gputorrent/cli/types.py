@@ -76,12 +76,17 @@ def _parts(text: str) -> list[str]:
 
 
 def peer_addr(text: str) -> str:
-    """A full address of a peer: host, TCP port and ``/p2p/PEER_ID`` (serve prints these)."""
+    """A full address of a peer: host, TCP port and ``/p2p/PEER_ID`` (serve prints these), or
+    a relayed one, ``/ip4/…/tcp/…/p2p/RELAY/p2p-circuit/p2p/PEER`` (a donor behind NAT prints those)."""
     parts = _parts(text)
-    if len(parts) != 6 or parts[4] != "p2p":
+    relayed = len(parts) == 9 and parts[4] == "p2p" and parts[6] == "p2p-circuit" and parts[7] == "p2p"
+    if not relayed and (len(parts) != 6 or parts[4] != "p2p"):
         raise argparse.ArgumentTypeError(f"{text!r} lacks the peer id; give the full address serve or bootstrap "
-                                         "printed, e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW…")
+                                         "printed, e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW… (or a relayed one, "
+                                         "…/p2p/RELAY_ID/p2p-circuit/p2p/PEER_ID)")
     peer_id(parts[5])
+    if relayed:
+        peer_id(parts[8])
     return text.strip()
 
 

@@ -98,8 +98,22 @@ def _relay_candidates(node: SwarmNode, bootstrap: list[str]) -> list[str]:
         except Exception:  # noqa: BLE001 (a peer the peerstore forgot: not a candidate)
             continue
         if tcp:
-            out.append(f"{tcp[0]}/p2p/{pid.to_base58()}")
-    return list(dict.fromkeys(out))
+            out.append(relay_address(tcp[0], pid.to_base58()))
+    return one_per_relay(out)
+
+
+def relay_address(addr: str, peer_id: str) -> str:
+    """``addr`` as a full address of ``peer_id``, whether or not it already ends in its id (the
+    peerstore has both: naming the relay twice made an advertised circuit address undialable)."""
+    return f"{addr.split('/p2p/')[0]}/p2p/{peer_id}"
+
+
+def one_per_relay(addrs: list[str]) -> list[str]:
+    """The first address of each relay: two spellings of one relay are one relay, not two."""
+    seen: dict[str, str] = {}
+    for a in addrs:
+        seen.setdefault(a.rsplit("/p2p/", 1)[-1], a)
+    return list(seen.values())
 
 
 async def keep_reservations(node: SwarmNode, bootstrap: list[str],
