@@ -47,3 +47,14 @@ def swarm(model_path):
     """Serve processes for one test module; all stopped (bounded) when the module ends."""
     with LocalSwarm() as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A NAT lab of network namespaces (gputorrent/lab/natlab.py), torn down after the module,
+    even on failure; modules that use it skip themselves where it cannot be built."""
+    from gputorrent.lab import natlab
+
+    with natlab.NatLab() as built:
+        yield built
+    assert not built.leftovers()

@@ -28,13 +28,6 @@ if _reason:
 
 
 @pytest.fixture(scope="module")
-def lab():
-    with natlab.NatLab() as built:
-        yield built
-    assert not built.leftovers()
-
-
-@pytest.fixture(scope="module")
 def nat_swarm(lab, model_path, tmp_path_factory):
     """Two public relays; a donor at home A (cone NAT) that learns by dial-back that it is not
     reachable; nothing at home B yet (requesters run there)."""

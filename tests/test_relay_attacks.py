@@ -33,13 +33,6 @@ LAB_LIMITS = ("--relay-limits", "v4-prefix=32")
 
 
 @pytest.fixture(scope="module")
-def lab():
-    with natlab.NatLab() as built:
-        yield built
-    assert not built.leftovers()
-
-
-@pytest.fixture(scope="module")
 def relays(lab, tmp_path_factory):
     with LocalSwarm(workdir=tmp_path_factory.mktemp("relay-attacks")) as swarm:
         for name, ip in (("relay1", natlab.RELAY_IP), ("relay2", natlab.RELAY2_IP)):
