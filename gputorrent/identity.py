@@ -125,3 +125,47 @@ class Identity:
             mode = Path(path).stat().st_mode & 0o777
             raise IdentityError(f"{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")
         return cls(seed)
+
+
+class KeyHold:
+    """An exclusive hold on a key file while one process uses it, so that no two live processes
+    of a machine present one peer id: two hosts with one id knock each other out of the swarm
+    (one ``ask`` beside a running gateway made the gateway answer 404, then 503, for a minute).
+    An advisory ``flock`` on a small file beside the key, released when the process ends,
+    however it ends."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def take(cls, key: Path) -> KeyHold | None:
+        """The hold on ``key``, or None when another live process has it."""
+        import os
+
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks (Windows): every process holds its key
+            return cls(-1, Path(key))
+        lock = Path(key).with_name(f".{Path(key).name}.held")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(fd, Path(key))
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = None
+
+
+def key_in_use(path: Path) -> str:
+    """What to tell a user whose key another live process of this machine holds."""
+    return (f"another gputorrent process of this machine is using the key {path}; two processes must never "
+            "present one peer id: stop that one, or give this one a key of its own with --identity PATH")

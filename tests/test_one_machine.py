@@ -58,11 +58,11 @@ def test_serve_and_ask_on_one_machine_with_the_default_identity(tmp_path, user):
         keys = sorted(p.name for p in (tmp_path / "data" / "gputorrent").glob("*.key"))
         assert keys == ["identity.key", "requester.key"]
 
-        # One key for both, by hand: the requester says what is wrong instead of "no peers".
-        same = run_cli("ask", QUESTION, "--bootstrap", addr, "--identity",
+        # One key for both, by hand: the serve holds it, so the ask takes a key of its own for the
+        # session (linked to that serving key for credit) and is answered, never a duplicate id.
+        same = run_cli("ask", QUESTION, "--bootstrap", addr, "--temperature", "0", "--identity",
                        str(tmp_path / "data" / "gputorrent" / "identity.key"), env=user)
-        assert same.returncode == 1
-        assert "same peer id" in same.stderr and "--identity" in same.stderr
+        assert same.returncode == 0 and "Paris" in same.stdout, same.stderr
 
         # A second serve on the port the first one holds: a one-line usage error, before any work.
         port = addr.split("/tcp/")[1].split("/")[0]
@@ -74,3 +74,40 @@ def test_serve_and_ask_on_one_machine_with_the_default_identity(tmp_path, user):
         assert time.monotonic() - t0 < 10  # no model load first
     finally:
         server.stop()
+
+
+def test_no_two_live_processes_of_a_machine_present_one_peer_id(tmp_path, user, swarm):
+    """#33: ask, the TUI, the gateway and the API shared requester.key, so one ask beside a running
+    gateway was the same peer id twice and knocked the gateway out. A requester whose key another
+    live process holds now gets a key of its own for the session; a second serve on one key is
+    refused, saying what to do."""
+    import trio
+
+    from gputorrent import Swarm
+
+    peer = swarm.start("one-key-peer", "--ctx", "512", "--log-format", "json")
+    data = Path(user["XDG_DATA_HOME"]) / "gputorrent"
+
+    async def main() -> None:
+        async with Swarm(peers=[peer.addr], mdns=False, data_dir=data) as first:
+            # A CLI ask with the same default key, while the first holds it, and the first again.
+            asked = await trio.to_thread.run_sync(lambda: run_cli("ask", QUESTION, "--peer", peer.addr,
+                                                                  "--max-tokens", "4", env=user))
+            assert asked.returncode == 0, asked.stderr
+            async with Swarm(peers=[peer.addr], mdns=False, data_dir=data) as second:
+                assert second.peer_id != first.peer_id
+                assert (await second.generate(QUESTION, max_tokens=4, temperature=0)).text
+            assert (await first.generate(QUESTION, max_tokens=4, temperature=0)).text
+
+    trio.run(main)
+    requesters = [json.loads(line).get("requester") for line in peer.log.read_text().splitlines()
+                  if line.startswith("{") and '"accepted"' in line]
+    assert len(requesters) == 3 and len(set(requesters)) == 3, requesters  # three processes, three ids
+    # Two serves on one key: the second says so, before it loads anything.
+    first = _spawn(tmp_path, "serve-1", user, "serve", "--model", "smollm2", "--ctx", "512")
+    try:
+        first.wait_ready(120)
+        second = run_cli("serve", "--model", "smollm2", "--ctx", "512", env=user, timeout=60)
+        assert second.returncode == 2 and "using the key" in second.stderr and "--identity" in second.stderr
+    finally:
+        first.stop()

@@ -222,6 +222,8 @@ class _Core:
                  deadline: float) -> None:
         self.settings = settings
         self.identity = identity
+        self.key_path: Path | None = None  # the key file ``identity`` came from, held while open
+        self._hold: Any = None
         self.direct = direct
         self.weights = weights
         self.choose_top = choose_top
@@ -254,6 +256,14 @@ class _Core:
 
         s = self.settings
         check_findable(s, self.direct)
+        if self.key_path is not None and self._hold is None:
+            from ..identity import KeyHold
+
+            self._hold = KeyHold.take(self.key_path)
+            if self._hold is None:
+                # Another live process of this machine (a gateway, the TUI, an ask) uses the key:
+                # a key of this process's own, linked to the machine's serving key for credit.
+                self.identity = Identity.generate()
         mine = [a for a in [*s.bootstrap, *self.direct] if a.rstrip("/").endswith("/p2p/" + self.identity.peer_id)]
         if mine:
             raise SwarmError(_SAME_ID.format(self.identity.peer_id) + f" ({mine[0]})")
@@ -286,6 +296,9 @@ class _Core:
                 self._nursery.start_soon(self.view.ping_forever)
         except BaseException:
             await stack.aclose()
+            if self._hold is not None:
+                self._hold.release()
+                self._hold = None
             raise
         self._stack = stack
 
@@ -301,6 +314,9 @@ class _Core:
                 ch.close()
             stack, self._stack = self._stack, None
             await stack.aclose()
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
 
     # --- peers ------------------------------------------------------------------------------
 
@@ -698,6 +714,8 @@ class Swarm(Hosted):
             Identity.load_or_create(settings.requester_identity_path)
         self._core = _Core(settings, ident, list(peers), weights or Weights(), choose_top, attempts,
                            stall_timeout, watch_interval, deadline)
+        if not isinstance(identity, Identity):  # a key file: held while open, shared by nobody
+            self._core.key_path = settings.requester_identity_path
 
     @property
     def peer_id(self) -> str:

@@ -20,7 +20,7 @@ def register(sub: Any, parents: Parents) -> None:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from ..identity import Identity
+    from ..identity import Identity, KeyHold, key_in_use
     from ..serving.node import run_node
 
     settings = settings_of(args)
@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     _same_port_as_last_time(args, settings.listen, saved)
     opts = node_options(args, settings)
     identity = Identity.load_or_create(settings.bootstrap_identity_path)
+    hold = KeyHold.take(settings.bootstrap_identity_path)  # kept until this process ends
+    if hold is None:
+        raise UsageError(key_in_use(settings.bootstrap_identity_path))
 
     def on_ready(info: dict) -> None:
         note(f"bootstrap node {info['peer_id']} (DHT only, serves no model)")

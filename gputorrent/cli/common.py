@@ -63,7 +63,8 @@ def swarm_of(args: argparse.Namespace, **kw: Any) -> Swarm:
         check_findable(settings, kw.get("peers") or ())
     except SwarmError as exc:
         raise UsageError(str(exc)) from None
-    return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=identity_of(args, requester=True),
+    identity_of(args, requester=True)  # an unusable key file fails here, before any work
+    return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=settings.requester_identity_path,
                  swarm_key=settings.swarm_key, **kw)
 
 

@@ -232,6 +232,11 @@ def run(args: argparse.Namespace) -> int:
                         seed_rate=int(args.seed_rate * 1e6) if args.seed_rate else 0, cache_dir=settings.cache_dir,
                         ready_extra={"metrics": metrics_server.url + "/metrics"} if metrics_server else {})
     ident = identity_of(args)
+    from ..identity import KeyHold, key_in_use
+
+    hold = KeyHold.take(settings.identity_path)  # kept until this process ends: one peer id, one process
+    if hold is None:
+        raise UsageError(key_in_use(settings.identity_path))
     engine = _load(info, opts, device, settings, quiet=json_log)
     if in_use is not None and blocks and blocks != (0, info.blocks):  # a shard: the whole file is used no more
         if fault and fault.kind == "pause-before-drop":
