@@ -220,7 +220,7 @@ async def fetch_file(host: Any, sources: Sequence[Source], file_id: str, manifes
                             n.start_soon(worker, src, gone, strikes, busy)
             finally:  # every stream of this source has ended
                 live[0] -= 1
-                if not complete.is_set() and src.peer_id not in report.caught:
+                if not complete.is_set() and src.peer_id not in report.caught and not stall.cancel_called:
                     report.dropped.setdefault(src.peer_id, "refused every stream as busy" if busy[0]
                                               else "stopped sending")
                 if not live[0]:  # nobody left to send what is missing: end now, not never

@@ -56,7 +56,6 @@ class _SwarmThread:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._stop: Any = None
-        self.turn_scope: Any = None
         self._thread = threading.Thread(target=lambda: trio.run(self._main), name="swarm", daemon=True)
 
     async def _main(self) -> None:
@@ -86,25 +85,31 @@ class _SwarmThread:
         from ..api.swarm import answer_of
 
         got: list[str] = []
+        # Made here, before the turn starts: a Ctrl-C that comes before the trio side enters it
+        # still cancels this turn (cancelled before entry, it cancels on entry), never a past one.
+        scope, ended = trio.CancelScope(), threading.Event()
 
         async def one() -> None:
-            with trio.CancelScope() as self.turn_scope:
-                events = self.swarm.stream(messages, model=model, **params)
+            try:
+                with scope:
+                    events = self.swarm.stream(messages, model=model, **params)
 
-                def write(piece: Any) -> None:
-                    got.append(piece.text)
-                    sys.stdout.write(piece.text)
-                    sys.stdout.flush()
+                    def write(piece: Any) -> None:
+                        got.append(piece.text)
+                        sys.stdout.write(piece.text)
+                        sys.stdout.flush()
 
-                await answer_of(events, write)
+                    await answer_of(events, write)
+            finally:
+                ended.set()
 
         try:
             trio.from_thread.run(one, trio_token=self.token)
         except KeyboardInterrupt:
-            if self.turn_scope is not None:
-                trio.from_thread.run_sync(self.turn_scope.cancel, trio_token=self.token)
+            trio.from_thread.run_sync(scope.cancel, trio_token=self.token)
+            ended.wait(5)  # its last tokens are written before the next prompt, not under it
             return "".join(got), True
-        return "".join(got), bool(self.turn_scope is not None and self.turn_scope.cancelled_caught)
+        return "".join(got), scope.cancelled_caught
 
     def close(self) -> None:
         import trio

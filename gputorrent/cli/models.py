@@ -216,8 +216,7 @@ def remove(args: argparse.Namespace) -> int:
     hold = InUse(path)
     if not hold.remove_unless_shared():
         raise ModelError(f"{path.name} is in use by a serve process of this machine; stop it, then remove it")
-    for leftover in (path.with_name(path.name + ".part"),):
-        leftover.unlink(missing_ok=True)
+    path.with_name(path.name + ".part").unlink(missing_ok=True)
     if added is not None:
         remove_alias(models_dir, name)
     note(f"{args.alias}: deleted {path} ({'its name forgotten too' if added else 'pull it again any time'})")
