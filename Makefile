@@ -85,6 +85,7 @@ test: model lint nat-deps
 
 bench: model
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/dht.py
 	$(PY) benchmarks/failover.py
 	$(PY) benchmarks/concurrency.py

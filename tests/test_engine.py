@@ -189,3 +189,21 @@ async def test_a_cached_prefix_is_reused_and_answers_exactly_as_a_fresh_prefill(
     finally:
         warm.close()
         cold.close()
+
+
+def test_a_rows_logits_do_not_depend_on_threads_or_on_what_shares_its_step(model_path):
+    """Failover, chains and spot checks compare answers across peers with other core counts,
+    other tuners and other traffic: with a context past 512 cells, flash attention's CPU path
+    split the keys by thread, and the same row came out up to 1.03 apart."""
+    from gputorrent.engine.llama import LlamaRuntime
+    from gputorrent.lab.logits import greedy_steps
+
+    rt = LlamaRuntime(model_path, slots=2, n_ctx=1024, n_threads=2)
+    long = rt.encode_chat([ChatMessage("user", "Here is a list of words: " + "apple pear plum " * 180)])
+    other = rt.encode_chat([ChatMessage("user", "Count from one to five.")])
+    assert len(long) > 512
+    alone_1 = greedy_steps(rt, [long], threads=1)
+    alone_2 = greedy_steps(rt, [long], threads=2)
+    shared_2 = greedy_steps(rt, [long, other], threads=2)
+    for a, b, c in zip(alone_1, alone_2, shared_2, strict=True):
+        assert (a == b).all() and (a == c).all(), (abs(a - b).max(), abs(a - c).max())

@@ -73,6 +73,12 @@ class _Seq:
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
+# How attention runs (see LlamaRuntime): "rows", the engine's; "split", llama.cpp's default;
+# "plain", without flash attention. The last two are there to be compared with the first.
+ATTENTION = ("rows", "split", "plain")
+GGML_TYPE_BF16 = 30  # ggml.h's number; llama_cpp's module does not name it
+
+
 class LlamaRuntime:
     """A GGUF loaded into one llama.cpp context with ``slots`` sequences, and its vocabulary:
     what the whole-model engine and the shard engine share."""
@@ -88,6 +94,7 @@ class LlamaRuntime:
         progress: Callable[[float], None] | None = None,
         verbose: bool = False,
         n_threads_batch: int | None = None,
+        attention: str = "rows",
     ) -> None:
         from llama_cpp import _internals, _logger
 
@@ -132,6 +139,23 @@ class LlamaRuntime:
         cparams.n_threads_batch = n_threads_batch or self.n_threads  # prompt chunks (and batched steps)
         self._n_threads_batch = cparams.n_threads_batch
         cparams.no_perf = True
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}")
+        if self.offloaded_layers == 0 and attention != "split":
+            # On the CPU, flash attention's one-token path cuts a context of 512 cells or more
+            # into one piece per thread when K and V share a type, and sums the pieces: a row's
+            # logits then depended on the thread count and on whether another answer shared the
+            # step (measured: up to 1.03 apart; a chain's answer left the whole peer's). With V
+            # in bf16 against K in f16 that path is not taken, and every row is computed whole
+            # on one thread: the same on every CPU peer whatever its cores, its tuner or its
+            # neighbours, which failover and spot checks rest on (tests/test_engine.py). Same
+            # size and, measured, the same speed; flash attention off ("plain") cost 7-17 %
+            # below 512 positions (benchmarks/attention.py compares all three).
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            cparams.type_v = GGML_TYPE_BF16
+        if attention == "plain":
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cparams.type_v = llama_cpp.GGML_TYPE_F16
         self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=verbose)
         self._batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=verbose)
         self._new_sampler = _internals.LlamaSampler

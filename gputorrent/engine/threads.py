@@ -10,7 +10,8 @@ with 1 (and peers reported "0 tokens/s" answers). On an idle machine 2 threads a
 So the engine keeps measuring: each option's time per decoded row (an exponential average), the
 best one used, the others tried for a few steps now and then, so a change of load is followed
 within seconds either way. Row-parallel ops compute every row on one thread whatever the count,
-so the answer does not depend on it (tests/test_engine.py checks).
+so the answer does not depend on it (with attention set up
+as engine/llama.py does; tests/test_engine.py checks).
 """
 
 from __future__ import annotations
