@@ -65,6 +65,13 @@ class Settings:
     def models_dir(self) -> Path:
         return self.cache_dir / "models"
 
+    def unfindable(self, direct: Any = ()) -> str:
+        """Why a requester with these settings could find no swarm ("" when it can)."""
+        if direct or self.bootstrap or self.mdns:
+            return ""
+        return ("no way to find the swarm: give a peer to join by (--bootstrap MULTIADDR, bootstrap=[...] in the "
+                "API, or GPUTORRENT_BOOTSTRAP), or leave mDNS on to find peers on this network")
+
     def with_overrides(self, **flags: Any) -> Settings:
         """Apply command-line flags; ``None`` means the flag was not given."""
         unknown = set(flags) - {f.name for f in fields(Settings)}

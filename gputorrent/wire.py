@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 from msgspec import Meta
@@ -488,3 +488,22 @@ class ReplyVerifier:
         elif isinstance(msg, Done) and msg.transcript != self.transcript:
             raise IntegrityError("receipt does not match the tokens received")
         return msg
+
+
+def params_from(**kw: Any) -> Params:
+    """Sampling parameters from keywords, checked (``ValueError`` names the bad one). An
+    unknown keyword is a ``TypeError``, as for any Python call: a typo must not silently
+    run with the defaults."""
+    known = Params.__struct_fields__
+    for key in kw:
+        if key not in known:
+            import difflib
+
+            near = difflib.get_close_matches(key, known, n=1)
+            raise TypeError(f"unexpected keyword argument {key!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                       f" (generation keywords: {', '.join(known)})"))
+    given = {k: v for k, v in kw.items() if v is not None}
+    try:
+        return msgspec.convert(given, Params)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad generation parameter: {exc}") from exc

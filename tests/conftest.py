@@ -15,6 +15,11 @@ from gputorrent.models import pull
 
 QUESTION = "What is the capital of France? Answer in one word."
 
+# Commands join in-process unless a test asks for the agent (the ``cli`` fixture's "agent"
+# mode, tests/test_agent.py): an agent outlives its command, and only a test that stops it
+# may start one.
+os.environ["GPUTORRENT_AGENT"] = "off"
+
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
@@ -30,16 +35,67 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 120,
                           input=input, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def agent_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for commands that use an agent of the test's own (stop it with stop_agents)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    return {"GPUTORRENT_AGENT": "on", "XDG_RUNTIME_DIR": str(run), "GPUTORRENT_MDNS": "0"}
+
+
+def stop_agents(run_dir: Path, timeout: float = 10.0) -> list[int]:
+    """Stop every agent whose files are in the runtime dir ``run_dir`` (SIGTERM, then SIGKILL
+    after ``timeout``); the pids that were running."""
+    import signal
+    import time
+
+    from gputorrent.agent.client import running_pid
+    from gputorrent.agent.paths import AgentFiles
+
+    pids = []
+    for life in (run_dir / "gputorrent").glob("agent-*.lock"):
+        pid = running_pid(AgentFiles(*(life.with_suffix(s) for s in (".sock", ".json", ".lock", ".start", ".log"))))
+        if pid and pid > 0:
+            pids.append(pid)
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a child of this process that exited is a zombie until reaped
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
 @pytest.fixture
-def cli(tmp_path):
+def cli(tmp_path, request):
     """`gputorrent …` with a throwaway identity and data dir (reputation store), so tests never
-    touch the user's; the model cache stays shared."""
+    touch the user's; the model cache stays shared. Parametrized indirectly with "agent", the
+    commands go through an agent of the test's own, stopped after the test."""
     env = {"XDG_DATA_HOME": str(tmp_path / "data"), "GPUTORRENT_IDENTITY": str(tmp_path / "asker.key")}
+    through_agent = getattr(request, "param", "in-process") == "agent"
+    if through_agent:
+        env |= agent_env(tmp_path)
 
     def _run(*args: str, **kw) -> subprocess.CompletedProcess:
         return run_cli(*args, env=env | kw.pop("env", {}), **kw)
 
-    return _run
+    yield _run
+    if through_agent:
+        stop_agents(tmp_path / "run")
+
+
+BOTH_WAYS = pytest.mark.parametrize("cli", ["in-process", "agent"], indirect=True)
 
 
 @pytest.fixture(scope="module")

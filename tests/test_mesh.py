@@ -14,7 +14,7 @@ from gputorrent.asking.client import RemoteError, run_attempt
 from gputorrent.identity import Identity
 from gputorrent.net.host import connect, running_host
 
-from .conftest import QUESTION
+from .conftest import BOTH_WAYS, QUESTION
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def _ask_json(cli, *args, input=None):
     return done, (json.loads(done.stdout) if done.stdout.strip().startswith("{") else None)
 
 
+@BOTH_WAYS
 def test_ask_answers_paris_with_a_verified_receipt(peers, cli):
     done, out = _ask_json(cli, QUESTION, "--peer", peers["good"].addr, "--temperature", "0")
     assert done.returncode == 0, done.stderr
@@ -44,11 +45,13 @@ def test_ask_answers_paris_with_a_verified_receipt(peers, cli):
                                 "tokens": out["attempts"][0]["tokens"], "error": "", "path": "direct"}]
 
 
+@BOTH_WAYS
 def test_ask_streams_plain_text_and_reads_stdin(peers, cli):
     done = cli("ask", "-", "--peer", peers["good"].addr, "--temperature", "0", input=QUESTION)
     assert done.returncode == 0 and "Paris" in done.stdout
 
 
+@BOTH_WAYS
 def test_a_peer_that_corrupts_signatures_is_refused(peers, cli):
     done, out = _ask_json(cli, QUESTION, "--peer", peers["corrupt"].addr, "--temperature", "0")
     assert done.returncode == 1
@@ -56,6 +59,7 @@ def test_a_peer_that_corrupts_signatures_is_refused(peers, cli):
     assert out["attempts"][0]["outcome"] == "integrity" and out["text"] == ""
 
 
+@BOTH_WAYS
 def test_refused_peer_fails_over_to_an_honest_one(peers, cli):
     done, out = _ask_json(cli, QUESTION, "--peer", peers["corrupt"].addr, "--peer", peers["good"].addr,
                           "--temperature", "0")
@@ -77,6 +81,7 @@ def test_peer_dying_mid_answer_resumes_token_identical(peers, cli):
     assert peers["dies"].proc.wait(10) == 17  # it really died
 
 
+@BOTH_WAYS
 def test_unknown_model_says_what_the_peer_serves(peers, cli):
     done = cli("ask", QUESTION, "--peer", peers["good"].addr, "--model", "llama-70b")
     assert done.returncode == 1
@@ -89,6 +94,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error(peers, cli):
     assert "context_exceeded" in done.stderr and "shorten the prompt" in done.stderr
 
 
+@BOTH_WAYS
 @pytest.mark.parametrize("flags, fragment", [
     (("--max-tokens", "-1"), "--max-tokens"), (("--temperature", "9"), "--temperature"),
     (("--top-p", "0"), "--top-p"),
@@ -99,6 +105,7 @@ def test_absurd_parameters_exit_2_before_any_network(flags, fragment, cli):
     assert fragment in done.stderr and done.stderr.count("\n") == 1
 
 
+@BOTH_WAYS
 def test_unreachable_and_malformed_peer_addresses(cli):
     dead = Identity.generate().peer_id
     done = cli("ask", QUESTION, "--peer", f"/ip4/127.0.0.1/tcp/1/p2p/{dead}")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import agent_env, stop_agents
+
 pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -44,7 +46,8 @@ def test_the_readme_by_hand_block_answers_on_one_machine(tmp_path, model_path):
     commands = _by_hand()
     assert [c[0] for c in commands] == ["models", "bootstrap", "serve", "peers", "ask"], commands
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "GPUTORRENT_MDNS": "false", "XDG_CACHE_HOME": str(model_path.parent.parent.parent)}
+           "GPUTORRENT_MDNS": "false", "XDG_CACHE_HOME": str(model_path.parent.parent.parent),
+           **agent_env(tmp_path)}  # as a newcomer's: ask starts this user's agent
     py = [sys.executable, "-m", "gputorrent.cli"]
 
     def run(args: list[str], addr: str) -> subprocess.CompletedProcess:
@@ -75,7 +78,9 @@ def test_the_readme_by_hand_block_answers_on_one_machine(tmp_path, model_path):
                                  env=env)
         started.append(again)
         assert _first_line(again, 60) == addr
+        assert list((tmp_path / "run" / "gputorrent").glob("agent-*.json"))  # the ask went through the agent
     finally:
+        stop_agents(tmp_path / "run")
         for p in started:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)

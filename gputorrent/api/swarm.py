@@ -7,6 +7,7 @@ the gateway all choose peers, keep reputations and fail over the same way.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import random
@@ -150,23 +151,7 @@ def to_messages(prompt: str | Sequence[Any] | None, system: str | None = None) -
     return msgs
 
 
-def params_from(**kw: Any) -> wire.Params:
-    """Sampling parameters from keywords, checked (``ValueError`` names the bad one). An
-    unknown keyword is a ``TypeError``, as for any Python call: a typo must not silently
-    run with the defaults."""
-    known = wire.Params.__struct_fields__
-    for key in kw:
-        if key not in known:
-            import difflib
-
-            near = difflib.get_close_matches(key, known, n=1)
-            raise TypeError(f"unexpected keyword argument {key!r}" + (f"; did you mean {near[0]!r}?" if near else
-                                                                       f" (generation keywords: {', '.join(known)})"))
-    given = {k: v for k, v in kw.items() if v is not None}
-    try:
-        return msgspec.convert(given, wire.Params)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"bad generation parameter: {exc}") from exc
+params_from = wire.params_from  # kept here too: the API's callers import it from this module
 
 
 _OUTCOME: dict[str, Outcome] = {"ok": "ok", "integrity": "integrity", "stalled": "timeout", "dropped": "failed",
@@ -208,10 +193,9 @@ async def answer_of(events: AsyncGenerator[StreamEvent, None],
 
 def check_findable(settings: Settings, direct: Sequence[str] = ()) -> None:
     """A requester needs some way to find the swarm (``SwarmError`` says which)."""
-    if not direct and not settings.bootstrap and not settings.mdns:
-        raise SwarmError("no way to find the swarm: give a peer to join by (--bootstrap MULTIADDR, "
-                         "bootstrap=[...] in the API, or GPUTORRENT_BOOTSTRAP), or leave mDNS on to find peers "
-                         "on this network")
+    problem = settings.unfindable(direct)
+    if problem:
+        raise SwarmError(problem)
 
 
 class _Core:
@@ -246,6 +230,7 @@ class _Core:
         self._subscribers: list[trio.MemorySendChannel] = []
         self._watching = False
         self._known: set[str] = set()  # peer ids live at the last crawl
+        self.join_later = False  # open with no bootstrap peer and no mDNS: join() comes later
 
     async def open(self) -> None:
         from ..asking.view import SwarmView
@@ -255,7 +240,8 @@ class _Core:
         from ..swarmkey import load
 
         s = self.settings
-        check_findable(s, self.direct)
+        if not self.join_later:
+            check_findable(s, self.direct)
         if self.key_path is not None and self._hold is None:
             from ..identity import KeyHold
 
@@ -301,6 +287,17 @@ class _Core:
                 self._hold = None
             raise
         self._stack = stack
+
+    async def join(self, addrs: Sequence[str]) -> None:
+        """Join the swarm by more bootstrap peers, once each (the agent, for a client that names
+        peers it was not started with)."""
+        new = [a for a in addrs if a not in self.settings.bootstrap]
+        if not new or self.node is None:
+            return
+        if not await self.node.join(new):
+            raise SwarmError(f"none of the bootstrap peers answered ({', '.join(new)}); "
+                             "check the addresses and that those peers are running")
+        self.settings = self.settings.with_overrides(bootstrap=[*self.settings.bootstrap, *new])
 
     async def close(self) -> None:
         if self._stack is not None:
@@ -694,6 +691,8 @@ class Swarm(Hosted):
 
     Works under trio and under asyncio (where trio runs as a guest on the asyncio loop).
     ``peers=[MULTIADDR, ...]`` asks those peers directly, in that order, without the DHT.
+    ``join_later=True`` opens with no way to find the swarm yet (no bootstrap peer, no mDNS):
+    ``join`` adds bootstrap peers, and ``using(peers=...)`` asks peers directly meanwhile.
     Settings left as ``None`` come from the config file and ``GPUTORRENT_*`` variables.
     """
 
@@ -701,7 +700,7 @@ class Swarm(Hosted):
                  identity: Identity | str | Path | None = None, swarm_key: str | Path | None = None,
                  data_dir: str | Path | None = None, peers: Sequence[str] = (), weights: Weights | None = None,
                  choose_top: int = 3, attempts: int | None = None, stall_timeout: float = 10.0,
-                 watch_interval: float = 2.0, deadline: float = 600.0) -> None:
+                 watch_interval: float = 2.0, deadline: float = 600.0, join_later: bool = False) -> None:
         if choose_top < 1 or (attempts is not None and attempts < 1) or stall_timeout <= 0 or watch_interval <= 0 \
                 or deadline <= 0:
             raise ValueError("choose_top and attempts must be 1 or more; stall_timeout, watch_interval and "
@@ -716,11 +715,29 @@ class Swarm(Hosted):
                            stall_timeout, watch_interval, deadline)
         if not isinstance(identity, Identity):  # a key file: held while open, shared by nobody
             self._core.key_path = settings.requester_identity_path
+        self._core.join_later = join_later
 
     @property
     def peer_id(self) -> str:
         """This requester's own peer id."""
         return self._core.identity.peer_id
+
+    def using(self, *, peers: Sequence[str] | None = None, attempts: int | None = None,
+              stall_timeout: float | None = None, deadline: float | None = None) -> Swarm:
+        """A handle on this same open swarm (its connections, view, reputation and ledger)
+        with other limits for the requests made through it: what the agent does for each
+        client's ``ask``. ``peers`` asks those peers directly, as ``Swarm(peers=...)``."""
+        if (attempts is not None and attempts < 1) or (stall_timeout is not None and stall_timeout <= 0) \
+                or (deadline is not None and deadline <= 0):
+            raise ValueError("attempts must be 1 or more; stall_timeout and deadline positive")
+        twin = copy.copy(self)
+        twin._core = copy.copy(self._core)
+        twin._core.direct = list(peers or ())
+        twin._core.attempts = attempts
+        for name, value in (("stall_timeout", stall_timeout), ("deadline", deadline)):
+            if value is not None:
+                setattr(twin._core, name, value)
+        return twin
 
     async def _open(self) -> None:
         await self._core.open()
@@ -760,6 +777,10 @@ class Swarm(Hosted):
             raise SwarmError("this Swarm asks fixed peers (peers=[...]); pulling needs the DHT")
         where = Path(models_dir) if models_dir is not None else self._core.settings.models_dir
         return await self._call(pull_from_swarm, self._core, model, where, progress=progress)
+
+    async def join(self, bootstrap: Sequence[str]) -> None:
+        """Also join the swarm by these peers (those not joined yet); ``SwarmError`` if none answers."""
+        await self._call(self._core.join, list(bootstrap))
 
     async def ban(self, peer_id: str) -> str:
         """Never choose ``peer_id`` again (kept across runs) until ``unban``; returns the breaker state."""

@@ -15,6 +15,7 @@ import sys
 
 from .. import __version__
 from . import (
+    agent,
     ask,
     bootstrap,
     chat,
@@ -30,7 +31,7 @@ from . import (
 )
 from .common import GputorrentError, Parents, Parser, UsageError, err
 
-COMMANDS = (peerid, models, keys, serve, bootstrap, peers, status, tui, gateway, ask, chat, completion)
+COMMANDS = (peerid, models, keys, serve, bootstrap, peers, status, tui, gateway, ask, chat, agent, completion)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,13 +6,14 @@ import argparse
 import sys
 from typing import Any
 
+from ..errors import GputorrentError
 from ..limits import MAX_TOKENS
 from . import types
-from .common import Help, Parents, UsageError, out, run_trio, swarm_of
+from .common import Help, Parents, UsageError, agent_call, run_trio, swarm_of, use_agent
 
 
 def register(sub: Any, parents: Parents) -> None:
-    s = sub.add_parser("ask", parents=[parents.swarm], help="ask the swarm; streams the answer",
+    s = sub.add_parser("ask", parents=[parents.swarm, parents.agent], help="ask the swarm; streams the answer",
                        description="Find peers serving the model in the DHT (or use --peer), stream the answer to "
                                    "stdout, and continue on another peer if one fails mid-answer.",
                        epilog="examples:\n  gputorrent ask 'What is the capital of France?' --bootstrap /ip4/…/p2p/…\n"
@@ -55,93 +56,48 @@ def register(sub: Any, parents: Parents) -> None:
     s.set_defaults(func=run)
 
 
-_FLAG_OF = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
-            "top_k": "--top-k", "seed": "--seed", "stop": "--stop"}
-
-
-def _flag_message(exc: Exception) -> str:
-    msg = str(exc)
-    for name, flag in _FLAG_OF.items():
-        msg = msg.replace(f"`$.{name}`", flag).replace(f"$.{name}", flag)
-    return msg
-
-
-def describe_check(check: Any) -> str:
-    if check.agreed is None:
-        return f"spot check: {check.note}"
-    if check.agreed:
-        if len(check.peers) > 2:  # a chain: its hops, and a whole peer or another chain
-            return f"spot check: the chain and a second computation ({len(check.peers)} peers) agree token for token"
-        return f"spot check: {check.peers[0][:16]}… and {check.peers[1][:16]}… agree token for token"
-    if check.blamed:
-        where = f" (blocks {check.blocks[0]}:{check.blocks[1]})" if getattr(check, "blocks", None) else ""
-        return f"spot check: {check.blamed[:16]}…{where} disagreed with the majority and loses reputation"
-    return f"spot check: disagreement; {check.note}"
-
-
 def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UsageError("the prompt is empty; give it as an argument or pipe it in with '-'")
+    req = {"op": "ask", "prompt": prompt, "model": args.model, "system": args.system, "raw": args.raw,
+           "gen": {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                   "top_k": args.top_k, "seed": args.seed, "stop": args.stop or []},
+           "peers": args.peer or [], "attempts": args.attempts, "stall_timeout": args.stall_timeout,
+           "deadline": args.deadline, "verify": args.verify, "spot_check": args.spot_check,
+           "explain": args.explain, "weights": args.weights, "choose_top": args.choose_top}
+    from ..agent.ops import check_ask
 
-    from ..api import Text
-    from ..api.swarm import answer_of, params_from
-    from ..asking.asker import AskFailed
-    from ..asking.choose import explain
-    from ..identity import short_id
+    usage = check_ask(req)
+    if usage:
+        raise UsageError(usage)
+    # The agent asks with the machine's requester key and the default scoring; a command that
+    # names its own key or scoring is a presence of its own, in-process.
+    if use_agent(args) and not args.weights and args.choose_top == 3:
+        from ..agent.client import render
+
+        return render(agent_call(args, req), json_mode=args.json, error=GputorrentError, usage=UsageError)
+    return _in_process(args, req)
+
+
+def _in_process(args: argparse.Namespace, req: dict[str, Any]) -> int:
+    from ..agent.client import AskPrinter
+    from ..agent.ops import ask_events
     from ..scoring import Weights
 
-    gen = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-           "top_k": args.top_k, "seed": args.seed, "stop": args.stop or []}
-    try:
-        params_from(**gen)
-    except ValueError as exc:
-        raise UsageError(_flag_message(exc)) from exc
     try:
         weights = Weights.parse(args.weights) if args.weights else Weights()
     except ValueError as exc:
         raise UsageError(f"--weights: {exc}") from exc
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise UsageError("the prompt is empty; give it as an argument or pipe it in with '-'")
-    streamed = not args.json
     swarm = swarm_of(args, peers=args.peer or (), weights=weights, choose_top=args.choose_top,
                      attempts=args.attempts, stall_timeout=args.stall_timeout, deadline=args.deadline)
+    printer = AskPrinter(json_mode=args.json, error=GputorrentError, usage=UsageError)
 
-    async def main() -> Any:
+    async def main() -> int:
         async with swarm:
-            plan = None
-            if not args.peer:
-                plan = await swarm.rank(args.model)
-                if args.explain and plan.chain:
-                    from ..asking.chain import explain_chain
+            async for ev in ask_events(swarm, req):
+                if printer.feed(ev) == 0:
+                    return 0
+        raise GputorrentError("the answer ended without a receipt")
 
-                    print(explain_chain(plan.chain), file=sys.stderr)
-                elif args.explain:
-                    print(explain(plan.considered, plan.order[0].peer_id, weights, args.choose_top), file=sys.stderr)
-            events = swarm.stream(prompt, model=args.model, system=args.system, raw=args.raw, plan=plan,
-                                  verify=args.verify, spot_check=args.spot_check, **gen)
-            return await answer_of(events, write if streamed else None)
-
-    def write(piece: Text) -> None:
-        sys.stdout.write(piece.text)
-        sys.stdout.flush()
-
-    try:
-        answer = run_trio(main)
-    except AskFailed as exc:
-        if streamed and exc.partial_text:
-            print()
-        if args.json:
-            from dataclasses import asdict
-
-            out({"error": str(exc), "attempts": [asdict(a) for a in exc.attempts], "text": exc.partial_text})
-        raise
-    if args.json:
-        out(answer.to_dict())
-    else:
-        print()
-        if args.explain:
-            print("reached " + ", then ".join(f"{short_id(a.peer_id)} {a.path or 'not at all'} ({a.outcome})"
-                                             for a in answer.attempts), file=sys.stderr)
-        if answer.spot_check and (args.verify or answer.spot_check.agreed is not None):
-            # A random check (--spot-check) that found no second peer is no news: --json has it.
-            print(describe_check(answer.spot_check), file=sys.stderr)
-    return 0
+    return int(run_trio(main))

@@ -68,6 +68,30 @@ def swarm_of(args: argparse.Namespace, **kw: Any) -> Swarm:
                  swarm_key=settings.swarm_key, **kw)
 
 
+def use_agent(args: argparse.Namespace) -> bool:
+    """Whether this command goes through the agent: not with ``--no-agent``,
+    GPUTORRENT_AGENT=off or an ``--identity`` of its own (a presence of its own)."""
+    from ..agent.client import wanted
+
+    return wanted(getattr(args, "no_agent", False)) and not getattr(args, "identity", None)
+
+
+def agent_call(args: argparse.Namespace, req: dict[str, Any]) -> Any:
+    """The agent's events for ``req``, with this command's swarm flags (the agent joins a
+    bootstrap peer it does not know yet; a first command starts the agent with them)."""
+    from ..agent.client import call
+    from ..agent.paths import AgentFiles
+
+    settings = settings_of(args)
+    problem = settings.unfindable(req.get("peers"))
+    if problem:
+        raise UsageError(problem)
+    argv = [f"--bootstrap={a}" for a in settings.bootstrap]
+    argv += ["--no-mdns"] if not settings.mdns else []
+    argv += [f"--swarm-key={settings.swarm_key}"] if settings.swarm_key else []
+    return call(AgentFiles.of(settings), {**req, "bootstrap": list(settings.bootstrap)}, argv)
+
+
 def node_options(args: argparse.Namespace, settings: Settings) -> NodeOptions:
     """Options of a node that listens (serve, bootstrap); a taken port fails here, before any work."""
     from ..serving.node import NodeOptions
@@ -206,6 +230,11 @@ class Parents:
         self.swarm.add_argument("--swarm-key", type=types.existing_file, metavar="FILE",
                                 help="join the private swarm of this key (peers without it cannot connect); "
                                      "make one with: gputorrent keys new-swarm-key")
+
+        self.agent = argparse.ArgumentParser(add_help=False)
+        self.agent.add_argument("--no-agent", action="store_true",
+                                help="join the swarm in this process instead of through this machine's agent "
+                                     "(also GPUTORRENT_AGENT=off); see: gputorrent agent --help")
 
 
 def print_addrs(ready: dict[str, Any]) -> None:

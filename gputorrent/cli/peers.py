@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from . import types
-from .common import Parents, console, note, run_trio, settings_of, swarm_of
+from .common import Parents, console, note, run_trio, settings_of, swarm_of, use_agent
 
 
 def register(sub: Any, parents: Parents) -> None:
@@ -46,10 +46,29 @@ def _table(peers: list, model: str | None) -> Any:
     return table
 
 
+def _through_agent(args: argparse.Namespace) -> bool:
+    """Reset and ban through the running agent, if one runs: it keeps the breakers it uses in
+    memory, and a write to the store beside it would not reach them until it restarts."""
+    from ..agent.client import request
+    from ..agent.paths import AgentFiles
+
+    events = request(AgentFiles.of(settings_of(args)), {"op": "breakers", "reset": args.reset, "ban": args.ban})
+    said = next(iter(events), {}) if events is not None else {}
+    if said.get("t") != "breakers":
+        return False
+    for pid in args.reset or []:
+        note(f"{pid}: breaker reset (and unbanned)")
+    for pid in args.ban or []:
+        note(f"{pid}: banned (its breaker stays open until peers --reset)")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     import trio
 
     if args.reset or args.ban:
+        if use_agent(args) and _through_agent(args):
+            return 0
         from ..scoring.reputation import ReputationStore
 
         store = ReputationStore(settings_of(args).data_dir / "reputation.sqlite")

@@ -1,0 +1,203 @@
+"""The resident agent (gputorrent/agent/): started by the first ask, shared by the next,
+replaced when it crashed or is of another version, told of a client's Ctrl-C, serving its own
+user only, and gone when idle. Real processes: a bootstrap node, a serve, the CLI, the agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import QUESTION, agent_env, stop_agents
+
+PY = [sys.executable, "-m", "gputorrent.cli"]
+
+
+@pytest.fixture(scope="module")
+def boot(swarm):
+    b = swarm.bootstrap()
+    swarm.start("p1", "--bootstrap", b.addr)
+    return b.addr
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Default key and data dirs of a user of their own (no --identity), and their runtime dir."""
+    e = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), **agent_env(tmp_path)}
+    e.pop("GPUTORRENT_IDENTITY", None)
+    yield e
+    stop_agents(tmp_path / "run")
+
+
+def gt(env, *args, timeout=120, py=PY):
+    return subprocess.run([*py, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def status(env) -> dict:
+    done = gt(env, "agent", "status", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def ask(boot: str, *extra: str) -> tuple[str, ...]:
+    return ("ask", QUESTION, "--bootstrap", boot, "--temperature", "0", "--max-tokens", "8", *extra)
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_first_ask_starts_the_agent_the_next_ones_reuse_it_and_stop_ends_it(boot, env):
+    assert status(env)["running"] is False
+    first = gt(env, *ask(boot, "--json"))
+    assert first.returncode == 0, first.stderr
+    st = status(env)
+    assert st["running"] and st["requests"] == 1 and Path(st["socket"]).exists()
+    assert oct(Path(st["socket"]).stat().st_mode & 0o777) == "0o600"
+    # A warm ask is thin: it imports neither trio nor py-libp2p.
+    second = gt(env, *ask(boot, "--json"), py=[sys.executable, "-X", "importtime", "-m", "gputorrent.cli"])
+    assert second.returncode == 0, second.stderr
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in second.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "gputorrent" in imported and not imported & {"trio", "libp2p", "multiaddr", "llama_cpp"}
+    again = status(env)
+    assert again["pid"] == st["pid"] and again["requests"] == 2
+    in_process = gt(env, *ask(boot, "--json", "--no-agent"))
+    assert in_process.returncode == 0, in_process.stderr
+    texts = {json.loads(d.stdout)["text"] for d in (first, second, in_process)}
+    assert len(texts) == 1 and "Paris" in texts.pop()
+    assert status(env)["requests"] == 2  # --no-agent did not go through it
+    stopped = gt(env, "agent", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert _gone(st["pid"], 5) and not Path(st["socket"]).exists() and status(env)["running"] is False
+
+
+def test_two_asks_at_once_start_one_agent(boot, env):
+    procs = [subprocess.Popen([*PY, *ask(boot)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1] for o in outs]
+    assert all("Paris" in o[0] for o in outs)
+    st = status(env)
+    assert st["requests"] == 3
+    assert Path(st["log"]).read_text().count(" serves ") == 1  # one agent ever started
+
+
+def test_a_crashed_agent_leaves_a_stale_socket_and_the_next_ask_replaces_it(boot, env):
+    assert gt(env, *ask(boot)).returncode == 0
+    st = status(env)
+    os.kill(st["pid"], signal.SIGKILL)
+    assert _gone(st["pid"], 10)
+    assert Path(st["socket"]).exists()  # nobody listens on it any more
+    done = gt(env, *ask(boot))
+    assert done.returncode == 0 and "Paris" in done.stdout, done.stderr
+    assert status(env)["pid"] not in (st["pid"], None)
+
+
+def test_an_agent_of_another_version_is_replaced(boot, env):
+    old = subprocess.Popen([*PY, "agent", "run", "--bootstrap", boot], env={**env, "GPUTORRENT_AGENT_CLAIM": "0.0.1/0"},
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready, _, _ = select.select([old.stdout], [], [], 60)
+        said = json.loads(old.stdout.readline()) if ready else {}
+        assert said.get("ready") and said["version"] == "0.0.1/0", said
+        done = gt(env, *ask(boot))
+        assert done.returncode == 0 and "Paris" in done.stdout, done.stderr
+        assert old.wait(15) == 0  # told to stop, it stopped
+        st = status(env)
+        assert st["pid"] != said["pid"] and st["version"] != "0.0.1/0"
+    finally:
+        old.kill()
+
+
+def test_ctrl_c_on_a_thin_ask_cancels_its_answer_in_the_agent(boot, env):
+    assert gt(env, *ask(boot)).returncode == 0  # the agent runs
+    proc = subprocess.Popen([*PY, "ask", "Write a very long story about the sea.", "--bootstrap", boot,
+                             "--max-tokens", "1500"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and proc.stdout.read1(64), "no text streamed"
+        assert status(env)["in_flight"] == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 130
+        deadline = time.monotonic() + 10  # 1,500 tokens would take ~20 s more here
+        while status(env)["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status(env)["in_flight"] == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_an_idle_agent_exits_and_the_next_ask_starts_another(boot, env):
+    env["GPUTORRENT_AGENT_IDLE"] = "1"
+    assert gt(env, *ask(boot)).returncode == 0
+    pid = status(env)["pid"]
+    assert _gone(pid, 20)
+    assert status(env)["running"] is False
+    assert gt(env, *ask(boot)).returncode == 0
+
+
+OTHER_PYTHON = shutil.which("python3", path="/usr/bin:/bin")  # one another user may run
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not OTHER_PYTHON, reason="connecting as another user needs root and a "
+                                                                  "system python3")
+def test_another_user_is_refused_even_with_the_socket_open_to_all(boot, env):
+    run = Path(tempfile.mkdtemp(prefix="gt-run-"))  # under /tmp: another user can walk to it once opened
+    try:
+        env["XDG_RUNTIME_DIR"] = str(run)
+        assert gt(env, *ask(boot)).returncode == 0
+        st = status(env)
+        os.chmod(run, 0o711)
+        os.chmod(run / "gputorrent", 0o711)
+        os.chmod(st["socket"], 0o666)
+        hello = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                 "s.sendall(b'{\"op\": \"ask\", \"version\": \"x\", \"prompt\": \"hi\"}\\n'); print(s.recv(4096).decode())")
+        other = subprocess.run([OTHER_PYTHON, "-c", hello, st["socket"]], user=65534, cwd="/", capture_output=True,
+                               text=True, timeout=30)
+        assert "its own user only" in other.stdout, other.stderr
+        os.chmod(run / "gputorrent", 0o700)
+        assert status(env)["refused"] == 1
+    finally:
+        stop_agents(run)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_runtime_dir_others_can_open_is_refused(tmp_path, env):
+    (tmp_path / "run" / "gputorrent").mkdir(mode=0o755)
+    os.chmod(tmp_path / "run" / "gputorrent", 0o755)
+    done = gt(env, "ask", "hi", "--bootstrap", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWA8p5zrKnzJKJ69KvSdQDhGvDKFeHRiAfcKFu2H2yVLh6")
+    assert done.returncode == 1 and "nobody else can open" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_peers_ban_and_reset_reach_the_running_agent(boot, env, swarm):
+    assert gt(env, *ask(boot)).returncode == 0
+    p1 = swarm.peers["p1"].peer_id
+    assert gt(env, "peers", "--ban", p1).returncode == 0
+    banned = gt(env, *ask(boot))  # the agent's own breakers, not only the file beside it
+    assert banned.returncode == 1 and "breaker open" in banned.stderr, banned.stderr
+    assert gt(env, "peers", "--reset", p1).returncode == 0
+    again = gt(env, *ask(boot))
+    assert again.returncode == 0 and "Paris" in again.stdout, again.stderr
+    assert status(env)["requests"] == 3
