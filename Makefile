@@ -76,9 +76,10 @@ lint: install
 
 # The NAT lab (tests/test_nat_*.py) needs root, iproute2 and nftables; as root, install them.
 nat-deps:
-	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null; then \
-		(apt-get install -y -qq nftables iproute2 >/dev/null 2>&1 || \
-		 (apt-get update -qq && apt-get install -y -qq nftables iproute2 >/dev/null)) && echo "installed nftables"; fi
+	@if [ "$$(id -u)" = 0 ] && ! (command -v nft && command -v iptables-legacy) >/dev/null; then \
+		(apt-get install -y -qq nftables iptables iproute2 >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq nftables iptables iproute2 >/dev/null)) && \
+		echo "installed nftables and iptables"; fi
 
 test: model lint nat-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

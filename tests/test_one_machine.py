@@ -111,3 +111,111 @@ def test_no_two_live_processes_of_a_machine_present_one_peer_id(tmp_path, user, 
         assert second.returncode == 2 and "using the key" in second.stderr and "--identity" in second.stderr
     finally:
         first.stop()
+
+
+SOAK_S = 120.0
+
+
+def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path, user, swarm):
+    """#33's day on one machine: a gateway, the TUI under its pilot, CLI asks through the agent
+    and a Python API program, all with the default keys, side by side for two minutes. Every
+    request is answered (no 404, no 503), and the TUI sees no live peer leave."""
+    import asyncio
+    import threading
+    import urllib.request
+
+    from gputorrent import Swarm
+    from gputorrent.tui import SwarmApp
+    from gputorrent.tui.app import Answer
+
+    from .conftest import agent_env, stop_agents
+    from .test_tui import until
+
+    boot = swarm.bootstrap("soak-boot")
+    for name in ("soak-a", "soak-b"):
+        swarm.spawn(name, "--bootstrap", boot.addr, "--slots", "4", "--rate-limit", "0")
+    for name in ("soak-a", "soak-b"):
+        swarm.peers[name].wait_ready(120)
+    env = {**user, **agent_env(tmp_path), "GPUTORRENT_BOOTSTRAP": boot.addr}
+    data = Path(user["XDG_DATA_HOME"]) / "gputorrent"
+    gateway = _spawn(tmp_path, "gateway", env, "gateway", "--port", "0")
+    api = subprocess.Popen([sys.executable, "-c", _API_PROGRAM, str(SOAK_S)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    failures: list[str] = []
+    counts = {"cli": 0, "http": 0}
+    stop_at = time.monotonic() + SOAK_S
+
+    def cli_asks() -> None:
+        while time.monotonic() < stop_at or counts["cli"] < 20:
+            done = run_cli("ask", QUESTION, "--max-tokens", "8", env=env)
+            counts["cli"] += 1
+            if done.returncode != 0:
+                failures.append(f"cli: {done.stderr.strip()}")
+
+    def http_asks() -> None:
+        body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": QUESTION}],
+                           "max_tokens": 8}).encode()
+        while time.monotonic() < stop_at:
+            req = urllib.request.Request(f"{gateway.addr}/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    counts["http"] += resp.status == 200 and bool(json.loads(resp.read())["choices"])
+            except Exception as exc:  # every failure is the finding
+                failures.append(f"gateway: {exc}")
+
+    app = SwarmApp(Swarm(mdns=False, data_dir=data, watch_interval=1.0), params={"temperature": 0, "max_tokens": 8})
+    tui_answers = 0
+
+    async def tui() -> None:
+        nonlocal tui_answers
+        async with app.run_test(size=(150, 42)) as pilot:
+            table = app.query_one("#peers")
+            await until(pilot, lambda: table.row_count == 2, timeout=60, what="both peers in the table")
+            while time.monotonic() < stop_at:
+                await pilot.press("a", *QUESTION, "enter")
+                await until(pilot, lambda: not app.asking and len(app.query(Answer)) > tui_answers, timeout=60,
+                            what="the TUI's answer")
+                tui_answers += 1
+                await pilot.pause(2.0)
+            log = "\n".join(str(line.text) for line in app.query_one("#log").lines)
+            assert "peer left" not in log, log
+            metas = [str(m.render()) for m in app.query(".meta")]
+            assert all("receipt verified" in m for m in metas), metas
+
+    try:
+        gateway.wait_ready(60)
+        workers = [threading.Thread(target=f, daemon=True) for f in (cli_asks, cli_asks, http_asks)]
+        for w in workers:
+            w.start()
+        asyncio.run(asyncio.wait_for(tui(), SOAK_S + 120))
+        for w in workers:
+            w.join(SOAK_S + 120)
+        out, err = api.communicate(timeout=120)
+    finally:
+        api.kill()
+        gateway.stop()
+        stop_agents(tmp_path / "run")
+    api_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert api.returncode == 0 and api_rows and all(r["ok"] for r in api_rows), err[-2000:]
+    assert not failures, failures[:5]
+    assert counts["cli"] >= 20 and counts["http"] >= 20 and tui_answers >= 10, (counts, tui_answers)
+
+
+# The Python API program of the soak test: Swarm() with every default (its key, the user's),
+# asking until its time is up; one JSON line per answer.
+_API_PROGRAM = """
+import json, sys, time, trio
+from gputorrent import Swarm, AskFailed
+async def main():
+    stop = time.monotonic() + float(sys.argv[1])
+    async with Swarm() as swarm:
+        while time.monotonic() < stop:
+            try:
+                a = await swarm.generate("Name a colour.", max_tokens=8)
+                print(json.dumps({"ok": bool(a.text), "peer": a.peer_id}), flush=True)
+            except AskFailed as exc:
+                print(json.dumps({"ok": False, "error": str(exc)}), flush=True)
+            await trio.sleep(1.0)
+trio.run(main)
+"""

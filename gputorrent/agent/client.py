@@ -140,6 +140,7 @@ def start(files: AgentFiles, argv: list[str]) -> bool:
             _wait(lambda: _connect(files) is not None or running_pid(files) is None, STOP_S)
             if _connect(files) is not None:
                 return True
+        _rotate(files.log)
         with open(files.log, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "gputorrent.cli", "agent", "run", *argv],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
@@ -162,6 +163,15 @@ def start(files: AgentFiles, argv: list[str]) -> bool:
         raise AgentError(f"the agent did not start within {START_S:.0f} s; see {files.log}, or run with --no-agent")
     finally:
         os.close(fd)
+
+
+def _rotate(log: Any, keep: int = 1 << 20) -> None:
+    """One older log beside the current one, each about ``keep`` bytes at most at start."""
+    try:
+        if log.stat().st_size > keep:
+            log.replace(log.with_suffix(".log.1"))
+    except OSError:
+        pass
 
 
 def _exited(proc: subprocess.Popen) -> bool:

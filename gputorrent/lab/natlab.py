@@ -37,7 +37,8 @@ STEP_S = 10.0  # one ip/nft command
 
 
 class LabUnavailable(RuntimeError):
-    """This machine cannot build the lab (not root, no ``ip netns``, no nftables); says why."""
+    """This machine cannot build the lab (not root, no ``ip netns``, no nftables; for delay, no
+    iptables); says why."""
 
 
 def unavailable_reason() -> str | None:
@@ -98,6 +99,29 @@ def sweep(*, only_dead: bool = True) -> list[str]:
     return removed
 
 
+@dataclass(frozen=True)
+class Link:
+    """What a home's access link adds at its router, each way: ``one_way_ms`` of delay and
+    ``loss`` (gputorrent/lab/delay.py, in user space: this kernel has no netem) and a rate
+    (``mbit``, TBF). A home to a public host is one router (RTT 2x``one_way_ms``), a home to
+    another home two (4x)."""
+
+    name: str
+    one_way_ms: float
+    loss: float = 0.0
+    mbit: float | None = None
+
+    @property
+    def rtt_ms(self) -> float:
+        """Round trip between a home and a public host."""
+        return 2 * self.one_way_ms
+
+
+# The profiles of issue #35, as RTTs between a home and the public internet.
+LINKS = {"lan": Link("lan", 0.25), "continent": Link("continent", 15.0, 0.001, 100.0),
+         "intercontinental": Link("intercontinental", 75.0, 0.005, 50.0)}
+
+
 @dataclass
 class Home:
     name: str
@@ -114,6 +138,7 @@ class NatLab:
     tag: str = field(default_factory=lambda: f"{PREFIX}{os.getpid()}")
     homes: dict[str, Home] = field(default_factory=dict)
     made: list[str] = field(default_factory=list)
+    shapers: list[subprocess.Popen] = field(default_factory=list)  # delay programs (``shape``)
 
     def ns(self, host: str) -> str:
         return f"{self.tag}-{host}"
@@ -191,7 +216,35 @@ table ip gtnat {{
         self.homes[letter] = Home(name=f"home-{letter}", router=f"router-{letter}", ip=f"{lan_net}.2",
                                   router_wan=wan, nat=nat)
 
+    def shape(self, link: Link) -> None:
+        """Give every home's access link ``link``'s delay, loss and rate (until ``down``)."""
+        import sys
+
+        if shutil.which("iptables-legacy") is None:
+            raise LabUnavailable("`iptables-legacy` is missing (apt-get install iptables): delay uses its NFQUEUE")
+        for letter, home in self.homes.items():
+            router = self.ns(home.router)
+            # iptables' NFQUEUE target: this kernel has it, and not nftables' own queue (NFT_QUEUE).
+            _run(["ip", "netns", "exec", router, "iptables-legacy", "-t", "mangle", "-A", "FORWARD", "-j", "NFQUEUE",
+                  "--queue-num", "0", "--queue-bypass"])
+            proc = subprocess.Popen(self.exec_argv(home.router, [
+                sys.executable, "-m", "gputorrent.lab.delay", "--ms", str(link.one_way_ms), "--loss", str(link.loss),
+                "--seed", str(ord(letter))]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                proc.kill()
+                raise LabUnavailable(f"the delay program did not start in {router}: {proc.communicate()[1][-500:]}")
+            self.shapers.append(proc)
+            if link.mbit:
+                for dev in ("wan0", "lan0"):
+                    _run(["ip", "netns", "exec", router, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                          f"{link.mbit}mbit", "burst", "64kb", "latency", "400ms"])
+
     def down(self) -> None:
+        for proc in self.shapers:
+            proc.kill()
+            proc.wait(5)
+        self.shapers.clear()
         for ns in reversed(self.made):
             _delete(ns)
         self.made.clear()
