@@ -164,7 +164,8 @@ def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path,
             except Exception as exc:  # every failure is the finding
                 failures.append(f"gateway: {exc}")
 
-    app = SwarmApp(Swarm(mdns=False, data_dir=data, watch_interval=1.0), params={"temperature": 0, "max_tokens": 8})
+    app = SwarmApp(Swarm([boot.addr], mdns=False, data_dir=data, watch_interval=1.0),
+                   params={"temperature": 0, "max_tokens": 8})
     tui_answers = 0
 
     async def tui() -> None:
