@@ -8,7 +8,7 @@ import pytest
 
 from gputorrent.identity import short_id
 
-from .conftest import QUESTION
+from .conftest import BOTH_WAYS, QUESTION
 
 SMALL = ("--ctx", "512")
 
@@ -42,6 +42,7 @@ def _peers(cli, boot) -> dict:
     return {p["name"]: p for p in json.loads(done.stdout)}
 
 
+@BOTH_WAYS
 def test_a_stall_fails_over_after_the_deadline_with_nothing_lost(crowd, cli):
     _, peers = crowd
     q = ("--temperature", "0", "--max-tokens", "24")
@@ -60,6 +61,7 @@ def test_a_busy_peer_is_skipped(crowd, cli):
     assert [a["outcome"] for a in out["attempts"]] == ["busy", "ok"]
 
 
+@BOTH_WAYS
 def test_a_corrupt_peer_is_refused_and_its_breaker_opens_and_stays_open(crowd, cli):
     boot, peers = crowd
     out = _json(cli("ask", QUESTION, "--peer", peers["corrupt"].addr, "--peer", peers["roomy"].addr, "--json"))

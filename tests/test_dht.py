@@ -15,7 +15,7 @@ from gputorrent.dht.node import swarm_node
 from gputorrent.identity import Identity
 from gputorrent.net.host import running_host
 
-from .conftest import QUESTION
+from .conftest import BOTH_WAYS, QUESTION
 from .test_records import advert
 
 INTERVAL, TTL = 4.0, 12.0  # short, so departures and expiry are quick to see; 8 peers on 2 cores
@@ -89,6 +89,7 @@ def test_ask_with_only_bootstrap_answers(dht_swarm, swarm, cli):
     assert "Failed to read DHT message" not in done.stderr  # py-libp2p's noise stays quiet
 
 
+@BOTH_WAYS
 def test_peers_and_models_list_from_the_swarm(dht_swarm, cli):
     boot, peers = dht_swarm
     done = cli("peers", "--bootstrap", boot.addr, "--no-mdns", "--json")

@@ -197,6 +197,8 @@ def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path,
         api.kill()
         gateway.stop()
         stop_agents(tmp_path / "run")
+    logs = "".join(p.read_text() for p in (tmp_path / "run" / "gputorrent").glob("agent-*.log"))
+    assert logs.count(" serves ") == 1, logs  # one agent all along: none stopped or replaced mid-way
     api_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert api.returncode == 0 and api_rows and all(r["ok"] for r in api_rows), err[-2000:]
     assert not failures, failures[:5]

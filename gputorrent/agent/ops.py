@@ -95,3 +95,12 @@ async def ask_events(swarm: Any, req: dict[str, Any]) -> AsyncGenerator[dict[str
         # A random check (--spot-check) that found no second peer is no news: --json has it.
         notes.append(describe_check(check))
     yield {"t": "done", "answer": answer.to_dict(), "notes": notes}
+
+
+async def peers_rows(swarm: Any, model: str | None, ping: bool) -> list[dict[str, Any]]:
+    """``gputorrent peers``'s rows: the table's cells, the advert's age and the ``--json`` object
+    of each live peer (made where the Swarm is; printed by ``cli/peers.py``)."""
+    from ..api.rows import cells
+
+    return [{"cells": cells(p), "issued_at": p.advert.issued_at, "json": p.to_dict()}
+            for p in await swarm.peers(model, ping=ping)]

@@ -22,7 +22,7 @@ import trio
 
 from ..api import Swarm
 from ..config import Settings
-from .ops import ask_events
+from .ops import ask_events, peers_rows
 from .paths import AgentFiles
 from .protocol import MAX_LINE, VERSION, dump, load
 
@@ -54,15 +54,21 @@ class Agent:
             await self.stopping.wait()
             n.cancel_scope.cancel()
 
+    def stop(self, why: str) -> None:
+        if not self.stopping.is_set():
+            print(f"agent {os.getpid()} stops: {why}", file=sys.stderr, flush=True)
+        self.stopping.set()
+
     async def _idle(self) -> None:
         while True:
             await trio.sleep(1.0)
             if self.in_flight == 0 and trio.current_time() - self.last > self.idle_s:
-                self.stopping.set()
+                self.stop(f"{self.idle_s:g} s without a request")
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
-            if _peer_uid(stream.socket) != os.getuid():
+            pid, uid = _peer_cred(stream.socket)
+            if uid != os.getuid():
                 self.refused += 1
                 await _send(stream, {"t": "error", "message": "this agent serves its own user only", "end": True})
                 return
@@ -74,7 +80,7 @@ class Agent:
             working = req.get("op") == "ask"  # a status or a stop is not use: it keeps no agent alive
             self.in_flight += working
             try:
-                await self._answer(stream, req)
+                await self._answer(stream, req, pid)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client left: its request is cancelled with this task
             finally:
@@ -83,17 +89,19 @@ class Agent:
                 if working:
                     self.last = trio.current_time()
 
-    async def _answer(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
+    async def _answer(self, stream: trio.SocketStream, req: dict[str, Any], pid: int) -> None:
         op = req.get("op")
         if op == "stop":  # any version's client may stop any agent: that is how one is replaced
             await _send(stream, {"t": "stopping", "end": True})
-            self.stopping.set()
+            self.stop(f"asked to by pid {pid}")
         elif req.get("version") != VERSION:
             await _send(stream, {"t": "mismatch", "version": VERSION, "end": True})
         elif op == "hello":
             await _send(stream, {"t": "hello", **self.info(), "end": True})
         elif op == "ask":
             await self._ask(stream, req)
+        elif op == "peers":
+            await self._peers(stream, req)
         elif op == "breakers":  # peers --reset/--ban: into the agent's store, which caches records
             states = {pid: await self.swarm.unban(pid) for pid in req.get("reset") or []}
             states |= {pid: await self.swarm.ban(pid) for pid in req.get("ban") or []}
@@ -127,9 +135,20 @@ class Agent:
             n.cancel_scope.cancel()
 
 
-def _peer_uid(sock: Any) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    async def _peers(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
+        try:
+            await self.swarm.join(req.get("bootstrap") or [])
+            rows = await peers_rows(self.swarm, req.get("model"), bool(req.get("ping", True)))
+        except Exception as exc:  # noqa: BLE001 (a SwarmError: the client prints it)
+            await _send(stream, {"t": "error", "message": str(exc), "end": True})
+            return
+        await _send(stream, {"t": "peers", "rows": rows, "end": True})
+
+
+def _peer_cred(sock: Any) -> tuple[int, int]:
+    """The connecting process's pid and uid, as the kernel saw them at connect."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return int(pid), int(uid)
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
@@ -212,8 +231,8 @@ def run(settings: Settings, files: AgentFiles, idle_s: float) -> int:
 
 
 async def _stop_on(signals: Any, agent: Agent) -> None:
-    async for _ in signals:
-        agent.stopping.set()
+    async for signum in signals:
+        agent.stop(signal.Signals(signum).name)
 
 
 def _ready(obj: dict[str, Any]) -> None:

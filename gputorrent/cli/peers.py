@@ -8,11 +8,11 @@ import time
 from typing import Any
 
 from . import types
-from .common import Parents, console, note, run_trio, settings_of, swarm_of, use_agent
+from .common import Parents, agent_call, console, note, run_trio, settings_of, swarm_of, use_agent
 
 
 def register(sub: Any, parents: Parents) -> None:
-    s = sub.add_parser("peers", parents=[parents.swarm], help="list the peers of the swarm",
+    s = sub.add_parser("peers", parents=[parents.swarm, parents.agent], help="list the peers of the swarm",
                        description="List the peers the DHT knows, from their signed adverts: device, VRAM, "
                                    "models, load, tokens/s and the age of each advert.")
     s.add_argument("--model", help="only peers serving this model (alias or model id)")
@@ -29,21 +29,60 @@ def register(sub: Any, parents: Parents) -> None:
     s.set_defaults(func=run)
 
 
-def _table(peers: list, model: str | None) -> Any:
+def _table(rows: list[dict[str, Any]], model: str | None) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from ..api.rows import COLUMNS, cells
-
-    table = Table(title=f"{len(peers)} peers" + (f" serving {model}" if model else ""))
-    for col in (*COLUMNS, "advert age"):
+    table = Table(title=f"{len(rows)} peers" + (f" serving {model}" if model else ""))
+    for col in (*(rows[0]["cells"] if rows else _columns()), "advert age"):
         table.add_column(col)
     now = time.time()
-    for p in peers:
-        age = now - p.advert.issued_at
+    for row in rows:
+        age = now - row["issued_at"]
         # Text, not str: names come from other peers' adverts and must not be read as markup.
-        table.add_row(*(Text(v) for v in cells(p).values()), f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m")
+        table.add_row(*(Text(v) for v in row["cells"].values()), f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m")
     return table
+
+
+def _columns() -> tuple[str, ...]:
+    from ..api.rows import COLUMNS
+
+    return COLUMNS
+
+
+def _show(rows: list[dict[str, Any]], args: argparse.Namespace, live: Any = None) -> None:
+    if args.json:
+        print(json.dumps([r["json"] for r in rows]), flush=True)
+    elif live is not None:
+        live.update(_table(rows, args.model), refresh=True)
+    else:
+        console(stderr=False).print(_table(rows, args.model))
+
+
+def _through_agent_loop(args: argparse.Namespace) -> int:
+    """The table (or JSON) from the agent's view, once or every ``--interval`` with ``--watch``."""
+    from ..errors import GputorrentError
+
+    def rows() -> list[dict[str, Any]]:
+        got = list(agent_call(args, {"op": "peers", "model": args.model, "ping": not args.no_ping}))
+        last = got[-1] if got else {}
+        if last.get("t") != "peers":
+            raise GputorrentError(last.get("message", "the agent sent no peers"))
+        return list(last["rows"])
+
+    if not args.watch:
+        _show(rows(), args)
+        return 0
+    if args.json:
+        while True:
+            _show(rows(), args)
+            time.sleep(args.interval)
+    from rich.live import Live
+
+    with Live(_table([], args.model), console=console(stderr=False), auto_refresh=False) as live:
+        while True:
+            _show(rows(), args, live)
+            time.sleep(args.interval)
 
 
 def _through_agent(args: argparse.Namespace) -> bool:
@@ -83,27 +122,28 @@ def run(args: argparse.Namespace) -> int:
             store.close()
         return 0
 
+    if use_agent(args):
+        return _through_agent_loop(args)
+
     async def once(swarm: Any) -> list:
-        return await swarm.peers(args.model, ping=not args.no_ping)
+        from ..agent.ops import peers_rows
+
+        return await peers_rows(swarm, args.model, not args.no_ping)
 
     async def main() -> None:
         async with swarm_of(args) as swarm:
             if not args.watch:
-                peers = await once(swarm)
-                if args.json:
-                    print(json.dumps([p.to_dict() for p in peers]))
-                else:
-                    console(stderr=False).print(_table(peers, args.model))
+                _show(await once(swarm), args)
                 return
             if args.json:
                 while True:
-                    print(json.dumps([p.to_dict() for p in await once(swarm)]), flush=True)
+                    _show(await once(swarm), args)
                     await trio.sleep(args.interval)
             from rich.live import Live
 
             with Live(_table([], args.model), console=console(stderr=False), auto_refresh=False) as live:
                 while True:
-                    live.update(_table(await once(swarm), args.model), refresh=True)
+                    _show(await once(swarm), args, live)
                     await trio.sleep(args.interval)
 
     run_trio(main)
