@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +51,18 @@ def series(lab, env, args: list[str], rounds: int, before: list[str] | None = No
     return out
 
 
+def reachable(lab, env: dict, relay: str, timeout: float = 90) -> None:
+    """Wait until the donor's advert holds an address (a donor at home has one once a relay
+    took its reservation, a little after it says it is ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        t = gputorrent(lab, "home-c", "peers", "--bootstrap", relay, "--json", "--no-ping", "--no-agent", env=env)
+        if t.rc == 0 and isinstance(t.out, list) and any(p.get("addrs") for p in t.out):
+            return
+        time.sleep(1)
+    raise RuntimeError("the donor never advertised an address")
+
+
 def one_link(link: natlab.Link, rounds: int, model: Path, work: Path) -> list[dict]:
     rows = []
     with natlab.NatLab() as lab:
@@ -71,6 +84,7 @@ def one_link(link: natlab.Link, rounds: int, model: Path, work: Path) -> list[di
                 env.pop("GPUTORRENT_IDENTITY", None)
                 ask = ["ask", "Name three colours.", "--bootstrap", relay.addr, "--max-tokens", "8",
                        "--temperature", "0", "--json"]
+                reachable(lab, env, relay.addr)
                 try:
                     peers = ["peers", "--bootstrap", relay.addr, "--json", "--no-ping"]
                     measured = {

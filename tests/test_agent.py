@@ -152,8 +152,10 @@ def test_ctrl_c_on_a_thin_ask_cancels_its_answer_in_the_agent(boot, env):
 def test_an_idle_agent_exits_and_the_next_ask_starts_another(boot, env):
     env["GPUTORRENT_AGENT_IDLE"] = "1"
     assert gt(env, *ask(boot)).returncode == 0
-    pid = status(env)["pid"]
+    (log,) = (Path(env["XDG_RUNTIME_DIR"]) / "gputorrent").glob("agent-*.log")
+    pid = int(log.read_text().split()[1])  # "agent PID (VERSION) serves ...": it may be gone already
     assert _gone(pid, 20)
+    assert "stops: 1 s without a request" in log.read_text()
     assert status(env)["running"] is False
     assert gt(env, *ask(boot)).returncode == 0
 
