@@ -39,14 +39,23 @@ from gputorrent.models import pull
 FLOORS = {"peers, cold": 4, "peers (agent)": 1, "cold ask": 8, "first ask (agent)": 8, "warm ask (agent)": 1}
 
 
+FAILED: list[str] = []  # what failed, to say under the table
+
+
 def series(lab, env, args: list[str], rounds: int, before: list[str] | None = None) -> list[Timed]:
+    """``rounds`` timed runs; a failed one is set aside (and said), and the donor's breaker is
+    reset after it, so that one failure does not fail every later round."""
     out = []
     for _ in range(rounds):
         if before:
             gputorrent(lab, "home-c", *before, env=env)
         t = gputorrent(lab, "home-c", *args, env=env, timeout=300)
         if t.rc != 0:
-            raise RuntimeError(f"{' '.join(args)} failed: {t.stderr}")
+            FAILED.append(f"{' '.join(a for a in args if not a.startswith('/ip4'))}: {t.stderr.strip()[-300:]}")
+            print("FAILED", FAILED[-1], flush=True)
+            for pid in env.get("_DONOR", "").split():
+                gputorrent(lab, "home-c", "peers", "--reset", pid, env=env)
+            continue
         out.append(t)
     return out
 
@@ -82,6 +91,7 @@ def one_link(link: natlab.Link, rounds: int, model: Path, work: Path) -> list[di
                 env = {**swarm.env, "XDG_DATA_HOME": str(work / f"data-{link.name}-{where[0]}"),
                        "XDG_RUNTIME_DIR": str(run), "GPUTORRENT_MDNS": "0", "GPUTORRENT_AGENT_IDLE": "600"}
                 env.pop("GPUTORRENT_IDENTITY", None)
+                env["_DONOR"] = swarm.peers["donor"].peer_id
                 ask = ["ask", "Name three colours.", "--bootstrap", relay.addr, "--max-tokens", "8",
                        "--temperature", "0", "--json"]
                 reachable(lab, env, relay.addr)
@@ -97,6 +107,8 @@ def one_link(link: natlab.Link, rounds: int, model: Path, work: Path) -> list[di
                 finally:
                     gputorrent(lab, "home-c", "agent", "stop", env=env)
                 for name, (ts, r) in measured.items():
+                    if not ts:
+                        continue
                     path = ts[-1].out["attempts"][-1]["path"] if isinstance(ts[-1].out, dict) else ""
                     rows.append({"link": link, "where": where, "path": path, "command": name, "rtt_ms": r,
                                  "seconds": median([t.seconds for t in ts]),
@@ -150,7 +162,10 @@ shaped links). "Beyond the model" = whole process − the answer's own first tok
 
 | link (home RTT) | donor | command | RTT to it, ms | seconds | beyond the model, s | round trips added | floor |
 |---|---|---|---|---|---|---|---|
-{table(rows)}"""
+{table(rows)}
+
+Failed runs (set aside; the donor's breaker reset after each): {len(FAILED)}.
+{chr(10).join("- " + f for f in FAILED)}"""
     print(body)
     if not args.no_write:
         write_section("wan", body)

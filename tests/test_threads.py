@@ -7,7 +7,7 @@ import trio
 from gputorrent.engine import Finished, Tokens
 from gputorrent.engine.llama import LlamaEngine
 from gputorrent.engine.streaming import EventChannel
-from gputorrent.engine.threads import EXPLORE_EVERY, ThreadTuner
+from gputorrent.engine.threads import EXPLORE_EVERY, MAX_GAP, PROBE_STEPS, ThreadTuner
 from gputorrent.wire import Params
 
 
@@ -31,6 +31,24 @@ def test_the_tuner_follows_a_change_of_load_both_ways():
     assert tuner.best == 1 and used[-EXPLORE_EVERY:].count(1) > 0.9 * EXPLORE_EVERY
     used = drive(tuner, idle.__getitem__, 6 * EXPLORE_EVERY)
     assert tuner.best == 2
+
+
+def test_a_quiet_machine_tries_the_other_count_rarely_and_a_change_still_shows_within_seconds():
+    """#36: a try every 48 steps cost a few per cent when nothing changes; tries that lose now
+    back off, and the best option's own cost moving brings them back."""
+    idle = {1: 0.014, 2: 0.010}
+    steady = ThreadTuner(2, max_gap=EXPLORE_EVERY)  # the old rhythm
+    tuner = ThreadTuner(2)
+    old = drive(steady, idle.__getitem__, 3000).count(1)
+    new = drive(tuner, idle.__getitem__, 3000).count(1)
+    assert old >= 150 and new <= 40, (old, new)  # about 3 % of steps, then under 1.5 %
+    assert tuner.gap == MAX_GAP
+    # Other work arrives: two threads' own cost jumps, and one thread is back within 48 steps.
+    used = drive(tuner, {1: 0.020, 2: 0.300}.__getitem__, EXPLORE_EVERY + 2 * PROBE_STEPS)
+    assert tuner.best == 1 and used[-PROBE_STEPS:] == [1] * PROBE_STEPS
+    # It leaves without changing one thread's cost: found at the next try, MAX_GAP steps at most.
+    used = drive(tuner, {1: 0.020, 2: 0.010}.__getitem__, MAX_GAP + 4 * PROBE_STEPS)
+    assert tuner.best == 2 and used[-1] == 2
 
 
 def test_one_core_has_nothing_to_choose():

@@ -97,6 +97,13 @@ async def ask_events(swarm: Any, req: dict[str, Any]) -> AsyncGenerator[dict[str
     yield {"t": "done", "answer": answer.to_dict(), "notes": notes}
 
 
+async def listing(swarm: Any, req: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a listing op: ``peers`` or ``models``."""
+    if req.get("op") == "models":
+        return await models_rows(swarm)
+    return await peers_rows(swarm, req.get("model"), bool(req.get("ping", True)))
+
+
 async def peers_rows(swarm: Any, model: str | None, ping: bool) -> list[dict[str, Any]]:
     """``gputorrent peers``'s rows: the table's cells, the advert's age and the ``--json`` object
     of each live peer (made where the Swarm is; printed by ``cli/peers.py``)."""
@@ -104,3 +111,24 @@ async def peers_rows(swarm: Any, model: str | None, ping: bool) -> list[dict[str
 
     return [{"cells": cells(p), "issued_at": p.advert.issued_at, "json": p.to_dict()}
             for p in await swarm.peers(model, ping=ping)]
+
+
+async def models_rows(swarm: Any) -> list[dict[str, Any]]:
+    """``gputorrent models list --swarm``'s rows: each model id announced, how many peers serve it
+    (whole and in shards), and whether its shards cover every block (a chain can answer)."""
+    from ..asking.chain import coverage
+
+    adverts = [peer.advert for peer in await swarm.peers()]
+    by_id: dict[str, dict[str, Any]] = {}
+    for ad in adverts:
+        for m in ad.models:
+            row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id,
+                                                "quantization": m.quantization, "peers": 0, "whole": 0,
+                                                "total_blocks": m.total_blocks})
+            row["peers"] += 1
+            row["whole"] += m.whole
+    for row in by_id.values():
+        counts = coverage(adverts, row["model_id"], row["total_blocks"])
+        row["fewest_copies_per_block"] = min(counts, default=0)
+        row["covered"] = bool(counts) and min(counts) > 0
+    return sorted(by_id.values(), key=lambda r: -r["peers"])

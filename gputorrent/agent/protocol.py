@@ -3,11 +3,11 @@
 One JSON object per line over the unix socket. A client sends one request,
 ``{"op": ..., "version": ..., ...}``, and reads events until one has ``"end": true``. Ops:
 ``hello`` (who runs: pid, version, peer id, counts); ``ask`` (the events ``ask`` prints:
-``text``, ``note``, then ``done`` or ``error``); ``peers`` (the rows of ``gputorrent peers``);
-``breakers`` (``peers --reset/--ban``: the agent's store caches what it wrote); ``stop``. An
-agent answers ``mismatch`` to a client of another version, except for ``stop``, so that the
-client can replace it. Closing the socket cancels the request: that is how Ctrl-C reaches the
-agent.
+``text``, ``note``, then ``done`` or ``error``); ``peers`` and ``models`` (the rows of
+``peers`` and ``models list --swarm``); ``breakers`` (``peers --reset/--ban``: the agent's
+store caches what it wrote); ``stop``. An agent answers ``mismatch`` to a client of another
+version, except for ``stop``, so that the client can replace it. Closing the socket cancels the
+request: that is how Ctrl-C reaches the agent.
 
 The agent trusts its clients only as far as its own user: the socket is 0600 in a 0700 dir and
 the agent checks each connection's uid (SO_PEERCRED). A client may ask anything the user's own

@@ -22,7 +22,7 @@ import trio
 
 from ..api import Swarm
 from ..config import Settings
-from .ops import ask_events, peers_rows
+from .ops import ask_events, listing
 from .paths import AgentFiles
 from .protocol import MAX_LINE, VERSION, dump, load
 
@@ -100,8 +100,8 @@ class Agent:
             await _send(stream, {"t": "hello", **self.info(), "end": True})
         elif op == "ask":
             await self._ask(stream, req)
-        elif op == "peers":
-            await self._peers(stream, req)
+        elif op in ("peers", "models"):
+            await self._listing(stream, req)
         elif op == "breakers":  # peers --reset/--ban: into the agent's store, which caches records
             states = {pid: await self.swarm.unban(pid) for pid in req.get("reset") or []}
             states |= {pid: await self.swarm.ban(pid) for pid in req.get("ban") or []}
@@ -135,14 +135,14 @@ class Agent:
             n.cancel_scope.cancel()
 
 
-    async def _peers(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
+    async def _listing(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
         try:
             await self.swarm.join(req.get("bootstrap") or [])
-            rows = await peers_rows(self.swarm, req.get("model"), bool(req.get("ping", True)))
+            rows = await listing(self.swarm, req)
         except Exception as exc:  # noqa: BLE001 (a SwarmError: the client prints it)
             await _send(stream, {"t": "error", "message": str(exc), "end": True})
             return
-        await _send(stream, {"t": "peers", "rows": rows, "end": True})
+        await _send(stream, {"t": "rows", "rows": rows, "end": True})
 
 
 def _peer_cred(sock: Any) -> tuple[int, int]:

@@ -92,6 +92,15 @@ def agent_call(args: argparse.Namespace, req: dict[str, Any]) -> Any:
     return call(AgentFiles.of(settings), {**req, "bootstrap": list(settings.bootstrap)}, argv)
 
 
+def agent_rows(args: argparse.Namespace, op: str, **fields: Any) -> list[dict[str, Any]]:
+    """A listing's rows from the agent (``peers``, ``models``)."""
+    got = list(agent_call(args, {"op": op, **fields}))
+    last = got[-1] if got else {}
+    if last.get("t") != "rows":
+        raise GputorrentError(last.get("message", f"the agent sent no {op}"))
+    return list(last["rows"])
+
+
 def node_options(args: argparse.Namespace, settings: Settings) -> NodeOptions:
     """Options of a node that listens (serve, bootstrap); a taken port fails here, before any work."""
     from ..serving.node import NodeOptions

@@ -8,7 +8,20 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from . import types
-from .common import ByteBar, Help, Parents, UsageError, console, note, out, run_trio, settings_of, swarm_of
+from .common import (
+    ByteBar,
+    Help,
+    Parents,
+    UsageError,
+    agent_rows,
+    console,
+    note,
+    out,
+    run_trio,
+    settings_of,
+    swarm_of,
+    use_agent,
+)
 
 if TYPE_CHECKING:
     from ..dht.records import Device
@@ -61,7 +74,7 @@ def register(sub: Any, parents: Parents) -> None:
     s.add_argument("alias", metavar="NAME", help="as 'gputorrent models list' shows it (alias or file name)")
     s.set_defaults(func=remove)
 
-    s = msub.add_parser("list", parents=[parents.swarm], help="list models here (or in the swarm)")
+    s = msub.add_parser("list", parents=[parents.swarm, parents.agent], help="list models here (or in the swarm)")
     s.add_argument("--swarm", action="store_true", help="list the models peers announce, with how many serve each")
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=list_models)
@@ -263,27 +276,16 @@ def _table(columns: tuple[str, ...], justify: dict[str, str] | None = None) -> A
 
 
 def _in_swarm(args: argparse.Namespace) -> int:
+    if use_agent(args):
+        rows = agent_rows(args, "models")
+    else:
+        from ..agent.ops import models_rows
 
-    from ..asking.chain import coverage
+        async def run() -> list:
+            async with swarm_of(args) as swarm:
+                return await models_rows(swarm)
 
-    async def run() -> list:
-        async with swarm_of(args) as swarm:
-            return await swarm.peers()
-
-    by_id: dict[str, dict] = {}
-    adverts = [peer.advert for peer in run_trio(run)]
-    for ad in adverts:
-        for m in ad.models:
-            row = by_id.setdefault(m.model_id, {"alias": m.alias, "model_id": m.model_id,
-                                                "quantization": m.quantization, "peers": 0, "whole": 0,
-                                                "total_blocks": m.total_blocks})
-            row["peers"] += 1
-            row["whole"] += m.whole
-    for row in by_id.values():  # shards: is every block held by someone (a chain can answer)?
-        counts = coverage(adverts, row["model_id"], row["total_blocks"])
-        row["fewest_copies_per_block"] = min(counts, default=0)
-        row["covered"] = bool(counts) and min(counts) > 0
-    rows = sorted(by_id.values(), key=lambda r: -r["peers"])
+        rows = run_trio(run)
     if args.json:
         out(rows)
         return 0

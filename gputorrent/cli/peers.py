@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from . import types
-from .common import Parents, agent_call, console, note, run_trio, settings_of, swarm_of, use_agent
+from .common import Parents, agent_rows, console, note, run_trio, settings_of, swarm_of, use_agent
 
 
 def register(sub: Any, parents: Parents) -> None:
@@ -61,14 +61,8 @@ def _show(rows: list[dict[str, Any]], args: argparse.Namespace, live: Any = None
 
 def _through_agent_loop(args: argparse.Namespace) -> int:
     """The table (or JSON) from the agent's view, once or every ``--interval`` with ``--watch``."""
-    from ..errors import GputorrentError
-
     def rows() -> list[dict[str, Any]]:
-        got = list(agent_call(args, {"op": "peers", "model": args.model, "ping": not args.no_ping}))
-        last = got[-1] if got else {}
-        if last.get("t") != "peers":
-            raise GputorrentError(last.get("message", "the agent sent no peers"))
-        return list(last["rows"])
+        return agent_rows(args, "peers", model=args.model, ping=not args.no_ping)
 
     if not args.watch:
         _show(rows(), args)
