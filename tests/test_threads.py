@@ -59,9 +59,9 @@ def test_one_core_has_nothing_to_choose():
 class Flip(ThreadTuner):
     """A new thread count every step: the worst a tuner could do to an answer."""
 
-    def choose(self) -> int:
-        self._step += 1
-        return 1 + self._step % 2
+    def choose(self, rows: int = 1) -> int:
+        self._flips = getattr(self, "_flips", 0) + 1
+        return 1 + self._flips % 2
 
 
 def test_answers_do_not_depend_on_the_thread_count(model_path):
@@ -97,3 +97,17 @@ def test_answers_do_not_depend_on_the_thread_count(model_path):
     steady = answers(None)
     assert all(len(ids) > 10 for ids in steady.values())
     assert answers(Flip(2)) == steady
+
+
+def test_steps_of_other_batch_sizes_do_not_read_as_a_change_of_load():
+    """A step of 8 rows costs less per row than a step of one: per batch size, or every change
+    of traffic reset the wait between tries."""
+    tuner = ThreadTuner(2)
+    used = []
+    for i in range(3000):
+        rows = 1 if (i // 160) % 2 == 0 else 8  # one answer, then eight at once, by turns
+        n = tuner.choose(rows)
+        used.append(n)
+        per_row = {1: 0.014, 2: 0.010}[n] if rows == 1 else {1: 0.004, 2: 0.0025}[n]
+        tuner.record(n, per_row * rows, rows)
+    assert used.count(1) <= 60, used.count(1)

@@ -359,7 +359,7 @@ class LlamaEngine(LlamaRuntime):
         """
         running = [s for s in self._active.values() if s.pos >= len(s.job.prompt_ids)]
         if running:
-            n = self.tuner.choose()
+            n = self.tuner.choose(len(running))
             self._use_threads(n, n)  # a step of several rows runs on the batch threads: both
             t = time.perf_counter()
             self._decode_safely(running, 1)

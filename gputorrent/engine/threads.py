@@ -26,77 +26,108 @@ SHIFT = 1.3  # the best option's cost moved this much either way: the load chang
 
 
 @dataclass
+class _Arms:
+    """What the tuner knows for one batch size (``bucket``): per-row costs differ by batch size,
+    and so may the best thread count."""
+
+    cost: dict[int, float] = field(default_factory=dict)  # seconds per decoded row, averaged
+    gap: int = EXPLORE_EVERY  # steps from the end of one try to the next
+    step: int = 0
+    next_try: int = EXPLORE_EVERY
+    probe: int | None = None
+    probe_left: int = 0
+    reference: float | None = None  # the best option's cost when the last try ended
+    stale: bool = False  # the option being tried has no figure from this try yet
+
+
+def bucket(rows: int) -> int:
+    """Batch sizes grouped by powers of two: 1, 2, 4, 8 and more."""
+    return min(8, 1 << (max(1, rows).bit_length() - 1))
+
+
+@dataclass
 class ThreadTuner:
     """Which thread count the next decode step uses.
 
     Tries cost: on 2 cores one thread decodes at ~0.7x two, so a try every 48 steps cost a few
-    per cent on a quiet machine (issue #36). A try that loses doubles the wait before the next
-    (up to ``max_gap`` steps); a try that wins, or a move of the best option's own cost by
-    ``SHIFT`` either way since the last try (other work arrived or left), brings the wait back
-    to ``EXPLORE_EVERY``. So a quiet machine tries rarely and a change of load is still
-    followed within a few dozen steps. ``max_gap=EXPLORE_EVERY`` is the old fixed rhythm.
+    per cent on a quiet machine (issue #36, benchmarks/tuner.py). A try that loses doubles the
+    wait before the next (up to ``max_gap`` steps); a try that wins, or a move of the best
+    option's own cost by ``SHIFT`` either way since the last try (other work arrived or left),
+    brings the wait back to ``EXPLORE_EVERY``. Costs are kept per batch size (``bucket``): a
+    step of 8 rows costs less per row than a step of one, which must not read as a change of
+    load. So a quiet machine tries rarely and a change of load is still followed within a few
+    dozen steps. ``max_gap=EXPLORE_EVERY`` is the old fixed rhythm.
     """
 
     most: int
     options: list[int] = field(default_factory=list)
-    cost: dict[int, float] = field(default_factory=dict)  # seconds per decoded row, averaged
     max_gap: int = MAX_GAP
-    gap: int = EXPLORE_EVERY  # steps from the end of one try to the next
-    _step: int = 0
-    _next_try: int = EXPLORE_EVERY
-    _probe: int | None = None
-    _probe_left: int = 0
+    arms: dict[int, _Arms] = field(default_factory=dict)
+    _arm: _Arms = field(default_factory=_Arms)  # the batch size of the step in progress
     _current: int = 0
     _skip_next: bool = False
-    _reference: float | None = None  # the best option's cost when the last try ended
-    _stale: bool = False  # the option being tried has no figure from this try yet
+
     def __post_init__(self) -> None:
         self.most = max(1, self.most)
         self.options = self.options or sorted({1, max(1, self.most // 2), self.most})
         self._current = self.most
 
     @property
-    def best(self) -> int:
-        measured = [o for o in self.options if o in self.cost]
-        return min(measured, key=lambda o: self.cost[o]) if measured else self.most
+    def cost(self) -> dict[int, float]:
+        return self._arm.cost
 
-    def choose(self) -> int:
-        """Threads for the next decode step."""
-        self._step += 1
-        if self._probe is None:
-            unmeasured = [o for o in self.options if o not in self.cost]
-            due = self._step >= self._next_try
+    @property
+    def gap(self) -> int:
+        return self._arm.gap
+
+    @property
+    def best(self) -> int:
+        return self._best(self._arm)
+
+    def _best(self, arm: _Arms) -> int:
+        measured = [o for o in self.options if o in arm.cost]
+        return min(measured, key=lambda o: arm.cost[o]) if measured else self.most
+
+    def choose(self, rows: int = 1) -> int:
+        """Threads for the next decode step, of ``rows`` rows."""
+        arm = self._arm = self.arms.setdefault(bucket(rows), _Arms())
+        arm.step += 1
+        if arm.probe is None:
+            unmeasured = [o for o in self.options if o not in arm.cost]
+            due = arm.step >= arm.next_try
             if unmeasured or (due and len(self.options) > 1):
-                others = unmeasured or [o for o in self.options if o != self.best]
-                self._probe = others[(self._step // EXPLORE_EVERY) % len(others)]
-                self._probe_left = PROBE_STEPS
-                self._stale = True  # its average is from the last try: the first new figure replaces it
-        n = self._probe if self._probe is not None else self.best
+                others = unmeasured or [o for o in self.options if o != self._best(arm)]
+                arm.probe = others[(arm.step // EXPLORE_EVERY) % len(others)]
+                arm.probe_left = PROBE_STEPS
+                arm.stale = True  # its average is from the last try: the first new figure replaces it
+        n = arm.probe if arm.probe is not None else self._best(arm)
         self._skip_next = n != self._current
         self._current = n
         return n
 
     def record(self, threads: int, seconds: float, rows: int) -> None:
         """What the step that ran with ``threads`` took, for ``rows`` decoded rows."""
+        arm = self._arm
         ended = False
-        if self._probe is not None and threads == self._probe:
-            self._probe_left -= 1
-            ended = self._probe_left <= 0
+        if arm.probe is not None and threads == arm.probe:
+            arm.probe_left -= 1
+            ended = arm.probe_left <= 0
         if not self._skip_next:
             per_row = seconds / max(1, rows)
-            old = None if self._stale and threads == self._probe else self.cost.get(threads)
-            self.cost[threads] = per_row if old is None else old + ALPHA * (per_row - old)
-            if threads == self._probe:
-                self._stale = False
+            old = None if arm.stale and threads == arm.probe else arm.cost.get(threads)
+            arm.cost[threads] = per_row if old is None else old + ALPHA * (per_row - old)
+            if threads == arm.probe:
+                arm.stale = False
+        best = self._best(arm)
         if ended:
-            won = self.best == self._probe
-            self._probe = None
-            self.gap = EXPLORE_EVERY if won else min(self.max_gap, self.gap * 2)
-            self._next_try = self._step + self.gap
-            self._reference = self.cost.get(self.best)
-        elif self._probe is None and self._reference and threads == self.best and threads in self.cost:
-            ratio = self.cost[threads] / self._reference
+            won = best == arm.probe
+            arm.probe = None
+            arm.gap = EXPLORE_EVERY if won else min(self.max_gap, arm.gap * 2)
+            arm.next_try = arm.step + arm.gap
+            arm.reference = arm.cost.get(best)
+        elif arm.probe is None and arm.reference and threads == best and threads in arm.cost:
+            ratio = arm.cost[threads] / arm.reference
             if ratio > SHIFT or ratio < 1 / SHIFT:  # the load changed: look again soon
-                self.gap = EXPLORE_EVERY
-                self._next_try = min(self._next_try, self._step + EXPLORE_EVERY)
-                self._reference = self.cost[threads]
+                arm.gap = EXPLORE_EVERY
+                arm.next_try = min(arm.next_try, arm.step + EXPLORE_EVERY)
+                arm.reference = arm.cost[threads]
