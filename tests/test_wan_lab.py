@@ -1,7 +1,9 @@
 """Real distance in the NAT lab: every home's access link delayed in user space
-(gputorrent/lab/delay.py, "continent": 30 ms between a home and the internet, 0.1 % loss,
-100 Mbit/s). A donor at home A, a relay in the internet, asks from home C through the agent and
-in-process. The lab, the delay programs and the agents are gone after the module, even on
+(gputorrent/lab/delay.py, "intercontinental": 150 ms between a home and the internet, 300 ms
+between homes, 0.5 % loss, 50 Mbit/s). A donor at home A, a relay in the internet, asks from
+home C through the agent and in-process. At this distance a relayed circuit takes longer to
+open than the ranking's pings may wait, and every cold ask failed "unreachable" until ranking
+kept a far relayed peer as a candidate. The lab, the delay programs and the agents are gone after the module, even on
 failure. benchmarks/wan.py measures the full matrix."""
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _reason = natlab.unavailable_reason()
 if _reason:
     pytest.skip(f"NAT lab unavailable: {_reason}", allow_module_level=True)
 
-LINK = natlab.LINKS["continent"]
+LINK = natlab.LINKS["intercontinental"]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +44,10 @@ def wan(model_path, tmp_path_factory):
     assert not lab.leftovers() and not lab.shapers
 
 
-def test_a_link_a_continent_long_measures_so_and_asks_across_it_agree(wan, tmp_path):
+def test_asks_from_a_home_an_ocean_away_from_the_internet_are_answered_and_agree(wan, tmp_path):
     lab, swarm, relay = wan
     rtt = tcp_rtt_ms(lab, "home-c", natlab.RELAY_IP, 4001)
-    assert LINK.rtt_ms <= rtt <= LINK.rtt_ms + 15, rtt
+    assert LINK.rtt_ms <= rtt <= LINK.rtt_ms + 25, rtt
     env = {**swarm.env, **agent_env(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
     env.pop("GPUTORRENT_IDENTITY", None)
     ask = ("ask", "Name three colours.", "--bootstrap", relay, "--max-tokens", "8", "--temperature", "0", "--json")

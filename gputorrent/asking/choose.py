@@ -42,6 +42,10 @@ def free_slots(pong: Any) -> int:
     return min(pong.slots, MAX_SLOTS) - max(0, pong.active) - max(0, pong.queued)
 
 
+def _relayed_only(ad: Advert) -> bool:
+    return bool(ad.addrs) and all("/p2p-circuit" in a for a in ad.addrs)
+
+
 def _plausible_memory_mb(ad: Advert) -> int:
     """The most free memory this advert's device can have: its VRAM, else its RAM."""
     d = ad.device
@@ -162,7 +166,12 @@ async def rank_peers(
     # Kept for failover: only peers that were merely slower than the first pong. A peer whose
     # dial or stream failed is dead, and when nobody answered at all each had the whole
     # ping_timeout: trying them one by one cost 5 s each (30 s to fail with every peer gone).
-    silent = [ad for ad in silent if ad.peer_id not in refused and first_pong.is_set()]
+    # A peer reached only through a relay, not refused but silent when time ran out, is far,
+    # not dead: a circuit between two homes 150 ms from the internet (300 ms apart) takes longer
+    # to open and ping through than ``ping_timeout`` allows, and leaving it out failed every
+    # such ask (benchmarks/wan.py). A dead one is refused by its relay at once; its own dial
+    # deadline (net/host.RELAYED_DIAL_S) bounds the rest.
+    silent = [ad for ad in silent if ad.peer_id not in refused and (first_pong.is_set() or _relayed_only(ad))]
     silent.sort(key=lambda ad: -store.get(ad.peer_id, now).reputation)
     order = [by_id[s.candidate.peer_id] for s in choose(scored, rng, top)] + silent
     return order, [considered[ad.peer_id] for ad in adverts if ad.peer_id in considered]
