@@ -168,7 +168,8 @@ def cold_asks(boot: str, n: int) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "gputorrent", "ask", "Hi", "--bootstrap", boot, "--no-mdns",
-                        "--max-tokens", "1", "--spot-check", "0"], check=True, capture_output=True, timeout=60)
+                        "--max-tokens", "1", "--spot-check", "0", "--no-agent"],  # cold: in-process, no agent
+                       check=True, capture_output=True, timeout=60)
         times.append(time.perf_counter() - t0)
     return times
 
