@@ -205,3 +205,22 @@ def test_peers_ban_and_reset_reach_the_running_agent(boot, env, swarm):
     again = gt(env, *ask(boot))
     assert again.returncode == 0 and "Paris" in again.stdout, again.stderr
     assert status(env)["requests"] == 3
+
+
+def test_a_stuck_agent_fails_a_thin_ask_in_bounded_time_and_stop_ends_it(boot, env):
+    assert gt(env, *ask(boot)).returncode == 0
+    st = status(env)
+    os.kill(st["pid"], signal.SIGSTOP)  # it still accepts connections (the kernel does), answers nothing
+    try:
+        t0 = time.monotonic()
+        stuck = status(env)
+        assert stuck["running"] and stuck["pid"] == st["pid"] and "requests" not in stuck
+        done = gt(env, *ask(boot, "--deadline", "1"), timeout=60)
+        assert done.returncode == 1 and "sent nothing for 16 s" in done.stderr, done.stderr
+        assert gt(env, "agent", "stop").returncode == 0
+        assert _gone(st["pid"], 5) and time.monotonic() - t0 < 45
+    finally:
+        try:
+            os.kill(st["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass

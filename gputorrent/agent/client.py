@@ -25,6 +25,11 @@ from .protocol import MAX_LINE, VERSION, dump, load
 
 START_S = 120.0  # joining the swarm (a bootstrap walk) plus an interpreter start, at most
 STOP_S = 15.0
+HELLO_S = 5.0  # a status or a stop: an agent that answers nothing in this long is stuck
+# An ask's events can be minutes apart (a model loading at the peer): its own --deadline bounds
+# it in the agent, and this margin covers the agent saying so. A listing walks the DHT.
+MARGIN_S = 15.0
+ASK_S = 600.0
 
 
 class AgentError(GputorrentError):
@@ -46,11 +51,26 @@ def _connect(files: AgentFiles) -> socket.socket | None:
     return sock
 
 
+def quiet_s(req: dict[str, Any]) -> float:
+    """How long the agent may stay silent on ``req`` before the client gives up on it."""
+    op = req.get("op")
+    if op in ("hello", "stop", "breakers"):
+        return HELLO_S
+    if op in ("ask", "stream"):
+        return float(req.get("deadline") or ASK_S) + MARGIN_S
+    return START_S
+
+
 def _events(sock: socket.socket) -> Iterator[dict[str, Any]]:
     buf = b""
     while True:
         while b"\n" not in buf:
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                raise AgentError(f"the agent sent nothing for {sock.gettimeout():.0f} s; it may be stuck: see its "
+                                 "log (gputorrent agent status), stop it (gputorrent agent stop), "
+                                 "or run with --no-agent") from None
             if not data:
                 raise AgentError("the agent closed the connection mid-answer (see its log: gputorrent agent status)")
             buf += data
@@ -68,6 +88,7 @@ def request(files: AgentFiles, req: dict[str, Any]) -> Iterator[dict[str, Any]] 
     sock = _connect(files)
     if sock is None:
         return None
+    sock.settimeout(quiet_s(req))
     sock.sendall(dump({**req, "version": VERSION}))
     return _closing(sock, _events(sock))
 
@@ -191,17 +212,28 @@ def _last_line(log: Any) -> str:
 
 
 def stop(files: AgentFiles) -> bool:
-    """Ask a running agent to stop and wait until it has; False when none ran."""
+    """Ask a running agent to stop and wait until it has; False when none ran. An agent that
+    does not answer (stuck), or does not end in time, is killed."""
     events = request(files, {"op": "stop"})
     if events is None:
         return False
     try:
         for _ in events:
             pass
+        stuck = False
     except AgentError:
-        pass
-    if not _wait(lambda: running_pid(files) is None, STOP_S):
-        raise AgentError(f"the agent (pid {running_pid(files)}) did not stop within {STOP_S:.0f} s")
+        stuck = True
+    if stuck or not _wait(lambda: running_pid(files) is None, STOP_S):
+        pid = running_pid(files)
+        if pid and pid > 0:
+            import signal
+
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not _wait(lambda: running_pid(files) is None, STOP_S):
+            raise AgentError(f"the agent (pid {running_pid(files)}) did not stop; kill it by hand")
     return True
 
 

@@ -45,11 +45,14 @@ def _files(args: argparse.Namespace) -> Any:
 
 
 def status(args: argparse.Namespace) -> int:
-    from ..agent.client import request, running_pid
+    from ..agent.client import AgentError, request, running_pid
 
     files = _files(args)
     events = request(files, {"op": "hello"})
-    info = next(iter(events), {}) if events is not None else {}
+    try:
+        info = next(iter(events), {}) if events is not None else {}
+    except AgentError:  # it listens but is stuck: said below, with its pid
+        info = {}
     if info.get("t") != "hello":
         pid = running_pid(files)
         st = {"running": pid is not None, "pid": pid, "socket": str(files.socket), "log": str(files.log)}
