@@ -224,3 +224,125 @@ def test_a_stuck_agent_fails_a_thin_ask_in_bounded_time_and_stop_ends_it(boot, e
             os.kill(st["pid"], signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+# A Python program on the user's machine: Swarm() with its defaults while the agent runs.
+_API = """
+import json, sys, trio
+from gputorrent import AskFailed, Finished, Swarm, Text
+async def main():
+    out = {}
+    async with Swarm([sys.argv[1]]) as s:
+        out.update(through=s.through_agent, peer_id=s.peer_id, text="")
+        async for ev in s.stream(sys.argv[2], model="smollm2", max_tokens=8, temperature=0):
+            if isinstance(ev, Text):
+                out["text"] += ev.text
+            elif isinstance(ev, Finished):
+                out.update(answer=ev.answer.text, verified=ev.answer.receipt_verified, served_by=ev.answer.peer_id,
+                           attempts=len(ev.answer.attempts))
+        out["peers"] = [p.peer_id for p in await s.peers(ping=True)]
+        out["plan"] = [ad.peer_id for ad in (await s.rank("smollm2")).order]
+        try:
+            await s.generate("hi", model="no-such-model")
+        except AskFailed as exc:
+            out["unknown"] = exc.kind
+        try:
+            await s.generate("hi", max_tokens=0)
+        except ValueError as exc:
+            out["bad"] = str(exc)
+    async with Swarm([sys.argv[1]], agent=False) as s:
+        out.update(own_through=s.through_agent, own_id=s.peer_id)
+    print(json.dumps(out))
+trio.run(main)
+"""
+
+
+def test_the_api_uses_the_running_agent_and_agent_false_joins_in_process(boot, env, swarm):
+    assert gt(env, *ask(boot)).returncode == 0
+    st = status(env)
+    done = subprocess.run([sys.executable, "-c", _API, boot, QUESTION], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    p1 = swarm.peers["p1"].peer_id
+    assert got["through"] and got["peer_id"] == st["peer_id"]
+    assert "Paris" in got["text"] and got["answer"] == got["text"] and got["verified"] and got["served_by"] == p1
+    assert got["peers"] == [p1] and got["plan"] == [p1]
+    assert got["unknown"] == "unknown_model" and "max_tokens" in got["bad"]
+    assert not got["own_through"] and got["own_id"] != st["peer_id"]  # the agent holds the key: one of its own
+    after = status(env)
+    assert after["pid"] == st["pid"] and after["requests"] >= st["requests"] + 5
+
+
+def test_the_gateway_starts_the_agent_and_answers_through_it(boot, env, tmp_path):
+    import httpx
+
+    ready = tmp_path / "gw.json"
+    gw = subprocess.Popen([*PY, "gateway", "--port", "0", "--ready-file", str(ready), "--bootstrap", boot], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and gw.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), gw.stderr.read() if gw.poll() is not None else "no ready file"
+        url = json.loads(ready.read_text())["url"]
+        st = status(env)
+        assert st["running"] and json.loads(ready.read_text())["peer_id"] == st["peer_id"]
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["smollm2"]
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,
+                "temperature": 0}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as sse:
+            chunks = [line for line in sse.iter_lines() if line.startswith("data: {")]
+        assert len(chunks) >= 2 and "Paris" in "".join(json.loads(c[6:])["choices"][0]["delta"].get("content", "")
+                                                      for c in chunks)
+        missing = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "no-such-model"}, timeout=60)
+        assert missing.status_code == 404
+        assert gt(env, *ask(boot)).returncode == 0  # a thin ask beside it: the same agent, no knock-out
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        after = status(env)
+        assert after["pid"] == st["pid"] and after["requests"] >= st["requests"] + 4
+        gw.send_signal(signal.SIGINT)
+        assert gw.wait(15) == 0
+        assert status(env)["pid"] == st["pid"]  # the agent outlives its clients (until idle)
+    finally:
+        gw.kill()
+        gw.wait(10)
+
+
+def test_the_tui_watches_asks_and_bans_through_the_agent(boot, env, swarm, monkeypatch):
+    import asyncio
+
+    from gputorrent import Swarm
+    from gputorrent.tui import SwarmApp
+    from gputorrent.tui.app import Answer
+
+    from .test_tui import until
+
+    for key in ("GPUTORRENT_AGENT", "XDG_RUNTIME_DIR", "XDG_DATA_HOME", "GPUTORRENT_MDNS"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("GPUTORRENT_IDENTITY", raising=False)
+    p1 = swarm.peers["p1"].peer_id
+    app = SwarmApp(Swarm([boot], agent=True), params={"temperature": 0, "max_tokens": 8})
+
+    async def scenario() -> None:
+        async with app.run_test(size=(150, 42)) as pilot:
+            table = app.query_one("#peers")
+            await until(pilot, lambda: table.row_count == 1, what="the peer in the table")
+            assert app.swarm.through_agent and app.swarm.peer_id == status(env)["peer_id"]
+            await pilot.press("a", *QUESTION, "enter")
+            await until(pilot, lambda: "receipt verified" in str(app.query_one(".meta").render()),
+                        what="a finished answer")
+            assert "Paris" in str(app.query_one(Answer).render())
+            table.focus()
+            await pilot.press("home", "b")
+            await until(pilot, lambda: app.peers[p1].banned, what="the ban")
+            assert status(env)["in_flight"] >= 1  # the TUI's watch keeps the agent busy, so never idle
+            await pilot.press("b")
+            await until(pilot, lambda: not app.peers[p1].banned, what="the unban")
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+    banned = gt(env, *ask(boot))  # the ban and its lifting were the agent's own
+    assert banned.returncode == 0 and "Paris" in banned.stdout, banned.stderr

@@ -116,10 +116,11 @@ def test_no_two_live_processes_of_a_machine_present_one_peer_id(tmp_path, user, 
 SOAK_S = 120.0
 
 
-def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path, user, swarm):
-    """#33's day on one machine: a gateway, the TUI under its pilot, CLI asks through the agent
-    and a Python API program, all with the default keys, side by side for two minutes. Every
-    request is answered (no 404, no 503), and the TUI sees no live peer leave."""
+def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path, user, swarm, monkeypatch):
+    """#33's day on one machine: a gateway, the TUI under its pilot, CLI asks and a Python API
+    program, all with the default keys, side by side for two minutes, all through the one agent
+    the first of them starts. Every request is answered (no 404, no 503), and the TUI sees no
+    live peer leave."""
     import asyncio
     import threading
     import urllib.request
@@ -139,8 +140,7 @@ def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path,
     env = {**user, **agent_env(tmp_path), "GPUTORRENT_BOOTSTRAP": boot.addr}
     data = Path(user["XDG_DATA_HOME"]) / "gputorrent"
     gateway = _spawn(tmp_path, "gateway", env, "gateway", "--port", "0")
-    api = subprocess.Popen([sys.executable, "-c", _API_PROGRAM, str(SOAK_S)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    api: subprocess.Popen | None = None
     failures: list[str] = []
     counts = {"cli": 0, "http": 0}
     stop_at = time.monotonic() + SOAK_S
@@ -164,7 +164,9 @@ def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path,
             except Exception as exc:  # every failure is the finding
                 failures.append(f"gateway: {exc}")
 
-    app = SwarmApp(Swarm([boot.addr], mdns=False, data_dir=data, watch_interval=1.0),
+    for key, value in env.items():  # the TUI runs in this process, as the user's
+        monkeypatch.setenv(key, value)
+    app = SwarmApp(Swarm([boot.addr], mdns=False, data_dir=data, watch_interval=1.0, agent=True),
                    params={"temperature": 0, "max_tokens": 8})
     tui_answers = 0
 
@@ -185,7 +187,9 @@ def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path,
             assert all("receipt verified" in m for m in metas), metas
 
     try:
-        gateway.wait_ready(60)
+        gateway.wait_ready(60)  # the gateway started the agent: Swarm() below finds it running
+        api = subprocess.Popen([sys.executable, "-c", _API_PROGRAM, str(SOAK_S)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
         workers = [threading.Thread(target=f, daemon=True) for f in (cli_asks, cli_asks, http_asks)]
         for w in workers:
             w.start()
@@ -194,13 +198,15 @@ def test_a_gateway_a_tui_cli_asks_and_an_api_program_share_one_machine(tmp_path,
             w.join(SOAK_S + 120)
         out, err = api.communicate(timeout=120)
     finally:
-        api.kill()
+        if api is not None:
+            api.kill()
         gateway.stop()
         stop_agents(tmp_path / "run")
     logs = "".join(p.read_text() for p in (tmp_path / "run" / "gputorrent").glob("agent-*.log"))
     assert logs.count(" serves ") == 1, logs  # one agent all along: none stopped or replaced mid-way
     api_rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert api.returncode == 0 and api_rows and all(r["ok"] for r in api_rows), err[-2000:]
+    assert all(r["through_agent"] for r in api_rows) and app.swarm.through_agent
     assert not failures, failures[:5]
     # Each face kept asking throughout (the TUI waits for each answer and 2 s more; on a CI
     # machine's loaded cores it got 9 to 25 in the two minutes).
@@ -218,7 +224,8 @@ async def main():
         while time.monotonic() < stop:
             try:
                 a = await swarm.generate("Name a colour.", max_tokens=8)
-                print(json.dumps({"ok": bool(a.text), "peer": a.peer_id}), flush=True)
+                print(json.dumps({"ok": bool(a.text), "peer": a.peer_id, "through_agent": swarm.through_agent}),
+                      flush=True)
             except AskFailed as exc:
                 print(json.dumps({"ok": False, "error": str(exc)}), flush=True)
             await trio.sleep(1.0)

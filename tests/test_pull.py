@@ -17,7 +17,7 @@ from gputorrent.identity import Identity
 from gputorrent.models import CATALOG, pieces
 from gputorrent.net.host import connect, finish_stream, running_host
 
-from .conftest import QUESTION
+from .conftest import BOTH_WAYS, QUESTION
 
 PEER = ("--slots", "2", "--ctx", "512", "--threads", "1", "--announce-interval", "5")
 DEMO = CATALOG["smollm2"]
@@ -44,6 +44,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@BOTH_WAYS
 def test_a_fresh_machine_pulls_the_model_from_several_peers_and_serves_it(seeders, swarm, cli, tmp_path, model_path):
     boot, peers = seeders
     env = _fresh(tmp_path)
@@ -63,10 +64,14 @@ def test_a_fresh_machine_pulls_the_model_from_several_peers_and_serves_it(seeder
     assert not list(path.parent.glob("*.part"))
     # The machine now serves what it pulled, with no hub in reach.
     me = swarm.start("pull-fresh", "--bootstrap", boot.addr, *PEER, env=env)
-    asked = cli("ask", QUESTION, "--peer", me.addr, "--max-tokens", "8", "--temperature", "0", "--json")
-    assert asked.returncode == 0 and "Paris" in json.loads(asked.stdout)["text"], asked.stderr + me.log.read_text()[-3000:]
-    again = cli("models", "pull", "swarm:smollm2", "--bootstrap", boot.addr, "--json", env=env)
-    assert json.loads(again.stdout)["fetched"] is False
+    try:
+        asked = cli("ask", QUESTION, "--peer", me.addr, "--max-tokens", "8", "--temperature", "0", "--json")
+        assert asked.returncode == 0 and "Paris" in json.loads(asked.stdout)["text"], \
+            asked.stderr + me.log.read_text()[-3000:]
+        again = cli("models", "pull", "swarm:smollm2", "--bootstrap", boot.addr, "--json", env=env)
+        assert json.loads(again.stdout)["fetched"] is False
+    finally:
+        me.stop()  # a seeder the module's other tests do not expect
 
 
 def test_a_cut_off_pull_resumes_from_its_verified_pieces(seeders, cli, tmp_path, model_path):
@@ -88,6 +93,7 @@ def test_a_cut_off_pull_resumes_from_its_verified_pieces(seeders, cli, tmp_path,
     assert _sha256(Path(got["path"])) == DEMO.sha256
 
 
+@BOTH_WAYS
 def test_no_seed_and_unknown_models_say_so(seeders, cli, tmp_path):
     boot, _ = seeders
     env = _fresh(tmp_path)

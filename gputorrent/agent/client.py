@@ -41,6 +41,17 @@ def wanted(no_agent: bool) -> bool:
     return not no_agent and os.environ.get("GPUTORRENT_AGENT", "on").strip().lower() not in ("0", "off", "no", "false")
 
 
+def start_argv(settings: Any) -> list[str]:
+    """``gputorrent agent run``'s flags for these settings: what a first command starts it with.
+    The key and data dir go too, so that the agent's files are the ones the command looks for."""
+    argv = [f"--bootstrap={a}" for a in settings.bootstrap]
+    argv += ["--no-mdns"] if not settings.mdns else []
+    argv += [f"--swarm-key={settings.swarm_key}"] if settings.swarm_key else []
+    argv += [f"--identity={settings.identity}"] if settings.identity else []
+    argv += [f"--data-dir={settings.data_dir}"]
+    return argv
+
+
 def _connect(files: AgentFiles) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -15,12 +15,15 @@ import socket
 import struct
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
-from ..api import Swarm
+from ..api import Finished, Swarm
+from ..api.codec import encode_error, encode_event, encode_stream
 from ..config import Settings
 from .ops import ask_events, listing
 from .paths import AgentFiles
@@ -77,12 +80,15 @@ class Agent:
                     req = load(await _read_line(stream))
             except (trio.TooSlowError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            working = req.get("op") == "ask"  # a status or a stop is not use: it keeps no agent alive
+            working = req.get("op") not in ("hello", "stop", "breakers")  # not use: they keep no agent alive
             self.in_flight += working
             try:
                 await self._answer(stream, req, pid)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client left: its request is cancelled with this task
+            except* Exception as group:  # noqa: BLE001 (a bug of ours: this client's request ends, not the agent)
+                print(f"agent: request {req.get('op')!r} of pid {pid} failed: {group.exceptions!r}", file=sys.stderr,
+                      flush=True)
             finally:
                 self.in_flight -= working
                 self.served += working
@@ -102,6 +108,8 @@ class Agent:
             await self._ask(stream, req)
         elif op in ("peers", "models"):
             await self._listing(stream, req)
+        elif op in ("stream", "events", "rank", "pull", "join"):
+            await _until_hang_up(stream, partial(self._api, stream, req))
         elif op == "breakers":  # peers --reset/--ban: into the agent's store, which caches records
             states = {pid: await self.swarm.unban(pid) for pid in req.get("reset") or []}
             states |= {pid: await self.swarm.ban(pid) for pid in req.get("ban") or []}
@@ -109,22 +117,19 @@ class Agent:
         else:
             await _send(stream, {"t": "error", "message": f"unknown op {op!r}", "end": True})
 
-    async def _ask(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
-        async with trio.open_nursery() as n:
-            async def hang_up() -> None:  # EOF before the end: the client was stopped
-                while await stream.receive_some(4096):
-                    pass
-                n.cancel_scope.cancel()
+    async def _scoped(self, req: dict[str, Any]) -> Swarm:
+        """The agent's swarm, joined by the client's bootstrap peers, with the client's limits."""
+        await self.swarm.join(req.get("bootstrap") or [])
+        return self.swarm.using(peers=req.get("peers") or None, attempts=req.get("attempts"),
+                                stall_timeout=req.get("stall_timeout"), deadline=req.get("deadline"))
 
-            n.start_soon(hang_up)
+    async def _ask(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
+        async def answer() -> None:
             try:
-                await self.swarm.join(req.get("bootstrap") or [])
-                swarm = self.swarm.using(peers=req.get("peers") or None, attempts=req.get("attempts"),
-                                         stall_timeout=req.get("stall_timeout"), deadline=req.get("deadline"))
+                swarm = await self._scoped(req)
             except Exception as exc:  # noqa: BLE001 (a SwarmError or a bad limit: the client prints it)
                 await _send(stream, {"t": "error", "message": str(exc), "usage": isinstance(exc, ValueError),
                                      "end": True})
-                n.cancel_scope.cancel()
                 return
             events = ask_events(swarm, req)
             try:
@@ -132,7 +137,67 @@ class Agent:
                     await _send(stream, {**ev, "end": ev["t"] in ("done", "error")})
             finally:
                 await events.aclose()
+
+        await _until_hang_up(stream, answer)
+
+    async def _api(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
+        """The API's own calls, for ``Swarm()``, the gateway and the TUI through this agent
+        (``remote.py``): their events, then an end, or the error that ``codec`` rebuilds."""
+        op = req["op"]
+        try:
+            swarm = await self._scoped(req)
+            if op == "stream":
+                events = swarm.stream(req.get("prompt"), **req.get("kw", {}))
+                try:
+                    async for ev in events:
+                        await _send(stream, {**encode_stream(ev), "end": isinstance(ev, Finished)})
+                finally:
+                    await events.aclose()
+            elif op == "events":
+                async for event in swarm.events():  # until the client hangs up
+                    await _send(stream, encode_event(event))
+            elif op == "rank":
+                plan = await swarm.rank(req.get("model"))
+                await _send(stream, {"t": "plan", "model": plan.model, "order": msgspec.to_builtins(plan.order),
+                                     "end": True})
+            elif op == "pull":
+                await self._pull(stream, swarm, req)
+            else:
+                await _send(stream, {"t": "joined", "end": True})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise
+        except Exception as exc:  # noqa: BLE001 (sent to the client, which raises it as its own)
+            await _send(stream, encode_error(exc))
+
+    async def _pull(self, stream: trio.SocketStream, swarm: Swarm, req: dict[str, Any]) -> None:
+        """A pull into the client's models dir (the same user's), its progress sent at most
+        ten times a second."""
+        latest: list[int] = []
+        moved = trio.Event()
+
+        def progress(done: int, total: int, peers: int) -> None:
+            latest[:] = [done, total, peers]
+            moved.set()
+
+        async def report() -> None:
+            nonlocal moved
+            while True:
+                await moved.wait()
+                moved = trio.Event()
+                await _send(stream, {"t": "progress", "progress": list(latest)})
+                await trio.sleep(0.1)
+
+        failed: Exception | None = None
+        async with trio.open_nursery() as n:
+            n.start_soon(report)
+            try:
+                got = await swarm.pull(req["model"], req.get("models_dir"), progress=progress)
+            except Exception as exc:  # noqa: BLE001 (raised below, outside the nursery: not in a group)
+                failed = exc
             n.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+        await _send(stream, {"t": "pulled", "pull": got.to_dict(), "end": True})
 
 
     async def _listing(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
@@ -143,6 +208,19 @@ class Agent:
             await _send(stream, {"t": "error", "message": str(exc), "end": True})
             return
         await _send(stream, {"t": "rows", "rows": rows, "end": True})
+
+
+async def _until_hang_up(stream: trio.SocketStream, work: Any) -> None:
+    """``work()``, cancelled if the client hangs up first (EOF: it was stopped, or Ctrl-C)."""
+    async with trio.open_nursery() as n:
+        async def hang_up() -> None:
+            while await stream.receive_some(4096):
+                pass
+            n.cancel_scope.cancel()
+
+        n.start_soon(hang_up)
+        await work()
+        n.cancel_scope.cancel()
 
 
 def _peer_cred(sock: Any) -> tuple[int, int]:
@@ -197,7 +275,8 @@ def run(settings: Settings, files: AgentFiles, idle_s: float) -> int:
 
     async def main() -> None:
         swarm = Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=settings.requester_identity_path,
-                      swarm_key=settings.swarm_key, data_dir=settings.data_dir, join_later=True)
+                      swarm_key=settings.swarm_key, data_dir=settings.data_dir, join_later=True,
+                      agent=False)
         agent: Agent | None = None
         try:
             async with swarm:

@@ -59,6 +59,14 @@ class SwarmPull:
                 "peers": len(self.pieces_from), "pieces_from": self.pieces_from, "caught": self.caught,
                 "dropped": self.dropped, "resumed_pieces": self.resumed, "direct": self.direct}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SwarmPull:
+        """The pull ``to_dict`` wrote (the agent pulled for a client)."""
+        return cls(Path(d["path"]), d["model_id"], d["alias"], bool(d["fetched"]), size=d.get("size_bytes", 0),
+                   seconds=d.get("seconds", 0.0), lookup_seconds=d.get("lookup_seconds", 0.0),
+                   pieces_from=d.get("pieces_from") or {}, caught=d.get("caught") or {},
+                   dropped=d.get("dropped") or {}, resumed=d.get("resumed_pieces", 0), direct=d.get("direct") or [])
+
 
 def destination(models_dir: Path, model_id: str, alias: str) -> tuple[Path, str]:
     """Where a pulled file goes and the alias it gets: a catalog model's usual file (so

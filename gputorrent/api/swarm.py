@@ -97,6 +97,13 @@ class PeerStatus:
                                                    "path": self.path, "got_tokens": round(self.got, 1),
                                                    "gave_tokens": round(self.gave, 1)}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PeerStatus:
+        """The status ``to_dict`` wrote (from the agent, whose view it is)."""
+        return cls(advert=msgspec.convert(d, Advert), reputation=d["reputation"], breaker=d["breaker"],
+                   rtt_ms=d.get("rtt_ms"), banned=bool(d.get("banned")), observed=d.get("observed") or {},
+                   path=d.get("path") or "", got=d.get("got_tokens", 0.0), gave=d.get("gave_tokens", 0.0))
+
 
 @dataclass(frozen=True, slots=True)
 class PeerSeen:
@@ -287,6 +294,17 @@ class _Core:
                 self._hold = None
             raise
         self._stack = stack
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    async def pull(self, spec: str, where: Path, progress: Any = None) -> SwarmPull:
+        from .pull import pull_from_swarm
+
+        if self.node is None:
+            raise SwarmError("this Swarm asks fixed peers (peers=[...]); pulling needs the DHT")
+        return await pull_from_swarm(self, spec, where, progress=progress)
 
     async def join(self, addrs: Sequence[str]) -> None:
         """Join the swarm by more bootstrap peers, once each (the agent, for a client that names
@@ -690,6 +708,10 @@ class Swarm(Hosted):
     ...             print(ev.text, end="")
 
     Works under trio and under asyncio (where trio runs as a guest on the asyncio loop).
+    When this user's agent runs (``gputorrent agent``), the Swarm is the agent's: one presence
+    in the swarm per machine, already warm. ``agent=False`` always joins in this process (as
+    ``--no-agent`` does; so does ``GPUTORRENT_AGENT=off``), ``agent=True`` starts the agent if
+    none runs. An ``Identity`` object, other ``weights`` or ``choose_top`` join in-process too.
     ``peers=[MULTIADDR, ...]`` asks those peers directly, in that order, without the DHT.
     ``join_later=True`` opens with no way to find the swarm yet (no bootstrap peer, no mDNS):
     ``join`` adds bootstrap peers, and ``using(peers=...)`` asks peers directly meanwhile.
@@ -700,7 +722,8 @@ class Swarm(Hosted):
                  identity: Identity | str | Path | None = None, swarm_key: str | Path | None = None,
                  data_dir: str | Path | None = None, peers: Sequence[str] = (), weights: Weights | None = None,
                  choose_top: int = 3, attempts: int | None = None, stall_timeout: float = 10.0,
-                 watch_interval: float = 2.0, deadline: float = 600.0, join_later: bool = False) -> None:
+                 watch_interval: float = 2.0, deadline: float = 600.0, join_later: bool = False,
+                 agent: bool | None = None) -> None:
         if choose_top < 1 or (attempts is not None and attempts < 1) or stall_timeout <= 0 or watch_interval <= 0 \
                 or deadline <= 0:
             raise ValueError("choose_top and attempts must be 1 or more; stall_timeout, watch_interval and "
@@ -716,11 +739,31 @@ class Swarm(Hosted):
         if not isinstance(identity, Identity):  # a key file: held while open, shared by nobody
             self._core.key_path = settings.requester_identity_path
         self._core.join_later = join_later
+        self._remote: Any = None  # api.remote.RemoteCore, when the agent may answer
+        if agent is not False and not isinstance(identity, Identity) and weights is None and choose_top == 3:
+            from ..agent.client import wanted
+
+            if wanted(False):
+                from ..agent.paths import AgentDirError
+                from .remote import RemoteCore
+
+                try:
+                    self._remote = RemoteCore(settings, may_start=bool(agent), direct=peers, attempts=attempts,
+                                              stall_timeout=stall_timeout, deadline=deadline)
+                except AgentDirError:
+                    if agent:
+                        raise
+                    self._remote = None  # no runtime dir to trust: no agent either
 
     @property
     def peer_id(self) -> str:
-        """This requester's own peer id."""
-        return self._core.identity.peer_id
+        """This requester's own peer id (the agent's, through the agent)."""
+        return self._core.peer_id
+
+    @property
+    def through_agent(self) -> bool:
+        """Whether this Swarm is the agent's (known once entered)."""
+        return self._core is self._remote
 
     def using(self, *, peers: Sequence[str] | None = None, attempts: int | None = None,
               stall_timeout: float | None = None, deadline: float | None = None) -> Swarm:
@@ -740,6 +783,15 @@ class Swarm(Hosted):
         return twin
 
     async def _open(self) -> None:
+        if self._remote is not None:
+            from .remote import NoAgent
+
+            try:
+                await self._remote.open()
+                self._core = self._remote
+                return
+            except NoAgent:  # none runs (and none was asked for): this process joins itself
+                self._remote = None
         await self._core.open()
 
     async def _close(self) -> None:
@@ -771,12 +823,8 @@ class Swarm(Hosted):
         """Fetch ``model``'s file (alias or model id) from the peers that seed it, several at
         once, every piece checked, into ``models_dir`` [default: the user's model cache];
         ``progress`` gets (bytes done, bytes total, peers sending). A cut-off pull resumes."""
-        from .pull import pull_from_swarm
-
-        if self._core.node is None:
-            raise SwarmError("this Swarm asks fixed peers (peers=[...]); pulling needs the DHT")
         where = Path(models_dir) if models_dir is not None else self._core.settings.models_dir
-        return await self._call(pull_from_swarm, self._core, model, where, progress=progress)
+        return await self._call(self._core.pull, model, where.resolve(), progress=progress)
 
     async def join(self, bootstrap: Sequence[str]) -> None:
         """Also join the swarm by these peers (those not joined yet); ``SwarmError`` if none answers."""

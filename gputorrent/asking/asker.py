@@ -52,6 +52,15 @@ class Answer:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Answer:
+        """The answer ``to_dict`` wrote (from the agent, which asked on a client's behalf)."""
+        from .verify import SpotCheck
+
+        check = d.get("spot_check")
+        return cls(**{**d, "attempts": [Attempt(**a) for a in d.get("attempts") or []],
+                      "spot_check": SpotCheck(**check) if isinstance(check, dict) else None})
+
 
 class AskFailed(GputorrentError):
     """No candidate finished the answer; ``attempts`` says what was tried.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from . import types
@@ -33,6 +34,8 @@ def register(sub: Any, parents: Parents) -> None:
     rn.add_argument("--idle-exit", type=types.positive_float, metavar="S",
                     default=float(os.environ.get("GPUTORRENT_AGENT_IDLE", IDLE_S)),
                     help="exit after this many seconds without a request (also GPUTORRENT_AGENT_IDLE)")
+    rn.add_argument("--data-dir", type=Path, metavar="DIR",
+                    help="its reputation, ledger and keys [default: the user's data dir; GPUTORRENT_DATA_DIR]")
     rn.set_defaults(func=run)
     for p in (st, sp):
         p.set_defaults(identity=None, bootstrap=None, no_mdns=False, swarm_key=None)
@@ -86,4 +89,6 @@ def run(args: argparse.Namespace) -> int:
     from ..agent.server import run as run_agent
 
     settings = settings_of(args)
+    if args.data_dir:
+        settings = settings.with_overrides(data_dir=args.data_dir)
     return run_agent(settings, AgentFiles.of(settings), args.idle_exit)

@@ -27,7 +27,8 @@ Ctrl-C stops an answer; arrow keys edit the line and go through history."""
 
 
 def register(sub: Any, parents: Parents) -> None:
-    s = sub.add_parser("chat", parents=[parents.swarm], help="talk with the swarm, turn after turn (like ollama run)",
+    s = sub.add_parser("chat", parents=[parents.swarm, parents.agent],
+                       help="talk with the swarm, turn after turn (like ollama run)",
                        description="An interactive chat: each question goes to the swarm with the conversation so "
                                    "far, and the answer streams back. /bye leaves, /clear starts over, /help lists "
                                    "the commands.",
@@ -139,7 +140,7 @@ def _readline(history: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ..api.swarm import params_from
     from ..asking.asker import AskFailed
-    from .common import UsageError, err, settings_of
+    from .common import UsageError, err, settings_of, use_agent
 
     params = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed}
     try:
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     readline = _readline(history) if sys.stdin.isatty() else None
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, str]] = list(system)
-    worker = _SwarmThread(swarm_of(args, peers=args.peer or ()))
+    worker = _SwarmThread(swarm_of(args, agent=use_agent(args), peers=args.peer or ()))
     worker.start()
     print(f"chatting with the swarm{f' ({args.model})' if args.model else ''}: /help for commands, /bye to leave",
           file=sys.stderr)

@@ -53,8 +53,9 @@ def identity_of(args: argparse.Namespace, *, requester: bool = False) -> Identit
     return Identity.load_or_create(settings.requester_identity_path if requester else settings.identity_path)
 
 
-def swarm_of(args: argparse.Namespace, **kw: Any) -> Swarm:
-    """The API's Swarm with this command's swarm flags (bootstrap, mDNS, swarm key, identity)."""
+def swarm_of(args: argparse.Namespace, *, agent: bool = False, **kw: Any) -> Swarm:
+    """The API's Swarm with this command's swarm flags (bootstrap, mDNS, swarm key, identity);
+    ``agent=True`` makes it the machine's agent's (started if none runs)."""
     from ..api import Swarm, SwarmError
     from ..api.swarm import check_findable
 
@@ -65,7 +66,7 @@ def swarm_of(args: argparse.Namespace, **kw: Any) -> Swarm:
         raise UsageError(str(exc)) from None
     identity_of(args, requester=True)  # an unusable key file fails here, before any work
     return Swarm(list(settings.bootstrap), mdns=settings.mdns, identity=settings.requester_identity_path,
-                 swarm_key=settings.swarm_key, **kw)
+                 swarm_key=settings.swarm_key, agent=agent, **kw)
 
 
 def use_agent(args: argparse.Namespace) -> bool:
@@ -79,17 +80,14 @@ def use_agent(args: argparse.Namespace) -> bool:
 def agent_call(args: argparse.Namespace, req: dict[str, Any]) -> Any:
     """The agent's events for ``req``, with this command's swarm flags (the agent joins a
     bootstrap peer it does not know yet; a first command starts the agent with them)."""
-    from ..agent.client import call
+    from ..agent.client import call, start_argv
     from ..agent.paths import AgentFiles
 
     settings = settings_of(args)
     problem = settings.unfindable(req.get("peers"))
     if problem:
         raise UsageError(problem)
-    argv = [f"--bootstrap={a}" for a in settings.bootstrap]
-    argv += ["--no-mdns"] if not settings.mdns else []
-    argv += [f"--swarm-key={settings.swarm_key}"] if settings.swarm_key else []
-    return call(AgentFiles.of(settings), {**req, "bootstrap": list(settings.bootstrap)}, argv)
+    return call(AgentFiles.of(settings), {**req, "bootstrap": list(settings.bootstrap)}, start_argv(settings))
 
 
 def agent_rows(args: argparse.Namespace, op: str, **fields: Any) -> list[dict[str, Any]]:

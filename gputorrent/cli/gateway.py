@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from . import types
-from .common import Parents, UsageError, note, swarm_of
+from .common import Parents, UsageError, note, swarm_of, use_agent
 
 
 def register(sub: Any, parents: Parents) -> None:
-    s = sub.add_parser("gateway", parents=[parents.swarm],
+    s = sub.add_parser("gateway", parents=[parents.swarm, parents.agent],
                        help="an OpenAI- and Ollama-compatible HTTP API to the swarm",
                        description="Serve the swarm over HTTP so existing clients work unchanged: OpenAI "
                                    "(/v1/chat/completions, /v1/completions, /v1/models; SSE streaming) and Ollama "
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not loopback and not api_key:
         note("gputorrent: warning: listening beyond this machine without --api-key: anyone who reaches this port "
              "can use the swarm through you")
-    swarm = swarm_of(args)
+    swarm = swarm_of(args, agent=use_agent(args))
 
     def on_ready(urls: list[str]) -> None:
         url = urls[0]

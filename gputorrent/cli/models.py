@@ -33,7 +33,7 @@ def register(sub: Any, parents: Parents) -> None:
                        description="Fetch, name, list and inspect GGUF models.")
     msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
-    s = msub.add_parser("pull", parents=[parents.swarm],
+    s = msub.add_parser("pull", parents=[parents.swarm, parents.agent],
                         help="fetch a model: a known one (smollm2), from the swarm, Hugging Face, or a URL",
                         description="Fetch a model into the user cache and verify its sha256: a known alias "
                                     "(smollm2), swarm:MODEL (from the peers that serve it, several at once, "
@@ -160,7 +160,7 @@ def _pull_swarm(args: argparse.Namespace, spec: str) -> int:
         bar(done, total)
 
     async def run() -> Any:
-        async with swarm_of(args) as swarm:
+        async with swarm_of(args, agent=use_agent(args)) as swarm:
             return await swarm.pull(spec, settings.models_dir, progress=progress)
 
     with bar:

@@ -6,11 +6,12 @@ import argparse
 from typing import Any
 
 from . import types
-from .common import Parents, swarm_of
+from .common import Parents, swarm_of, use_agent
 
 
 def register(sub: Any, parents: Parents) -> None:
-    s = sub.add_parser("tui", parents=[parents.swarm], help="watch the swarm live and chat with it, in the terminal",
+    s = sub.add_parser("tui", parents=[parents.swarm, parents.agent],
+                       help="watch the swarm live and chat with it, in the terminal",
                        description="A live view of the swarm: totals, a peers table (device, VRAM, models, load, "
                                    "RTT, your reputation and breaker for each), the selected peer's details, a chat "
                                    "pane that streams answers and shows who served them, and a log of joins, "
@@ -29,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     from ..tui import SwarmApp
 
     params = {"temperature": args.temperature, "max_tokens": args.max_tokens}
-    SwarmApp(swarm_of(args, watch_interval=args.interval), model=args.model, params=params).run()
+    SwarmApp(swarm_of(args, agent=use_agent(args), watch_interval=args.interval), model=args.model, params=params).run()
     return 0
