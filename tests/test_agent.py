@@ -346,3 +346,20 @@ def test_the_tui_watches_asks_and_bans_through_the_agent(boot, env, swarm, monke
     asyncio.run(asyncio.wait_for(scenario(), 90))
     banned = gt(env, *ask(boot))  # the ban and its lifting were the agent's own
     assert banned.returncode == 0 and "Paris" in banned.stdout, banned.stderr
+
+
+def test_peers_through_a_warm_agent_come_from_its_view_and_fresh_looks_again(boot, env, swarm):
+    assert gt(env, *ask(boot)).returncode == 0  # ranks from an overview of the swarm: the view has one
+    p1 = swarm.peers["p1"].peer_id
+    before = status(env)["lookups"]
+    for _ in range(2):
+        done = gt(env, "peers", "--bootstrap", boot, "--json")
+        assert done.returncode == 0, done.stderr
+        rows = json.loads(done.stdout)
+        assert [r["peer_id"] for r in rows] == [p1] and rows[0]["rtt_ms"] is not None
+    models = gt(env, "models", "list", "--swarm", "--bootstrap", boot, "--json")
+    assert [m["alias"] for m in json.loads(models.stdout)] == ["smollm2"]
+    assert status(env)["lookups"] == before  # no lookup waited for: all from the warm view
+    fresh = gt(env, "peers", "--bootstrap", boot, "--json", "--fresh")
+    assert [r["peer_id"] for r in json.loads(fresh.stdout)] == [p1]
+    assert status(env)["lookups"] == before + 1

@@ -99,26 +99,27 @@ async def ask_events(swarm: Any, req: dict[str, Any]) -> AsyncGenerator[dict[str
 
 async def listing(swarm: Any, req: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows of a listing op: ``peers`` or ``models``."""
+    max_age = float(req.get("max_age") or 0.0)
     if req.get("op") == "models":
-        return await models_rows(swarm)
-    return await peers_rows(swarm, req.get("model"), bool(req.get("ping", True)))
+        return await models_rows(swarm, max_age)
+    return await peers_rows(swarm, req.get("model"), bool(req.get("ping", True)), max_age)
 
 
-async def peers_rows(swarm: Any, model: str | None, ping: bool) -> list[dict[str, Any]]:
+async def peers_rows(swarm: Any, model: str | None, ping: bool, max_age: float = 0.0) -> list[dict[str, Any]]:
     """``gputorrent peers``'s rows: the table's cells, the advert's age and the ``--json`` object
     of each live peer (made where the Swarm is; printed by ``cli/peers.py``)."""
     from ..api.rows import cells
 
     return [{"cells": cells(p), "issued_at": p.advert.issued_at, "json": p.to_dict()}
-            for p in await swarm.peers(model, ping=ping)]
+            for p in await swarm.peers(model, ping=ping, max_age=max_age)]
 
 
-async def models_rows(swarm: Any) -> list[dict[str, Any]]:
+async def models_rows(swarm: Any, max_age: float = 0.0) -> list[dict[str, Any]]:
     """``gputorrent models list --swarm``'s rows: each model id announced, how many peers serve it
     (whole and in shards), and whether its shards cover every block (a chain can answer)."""
     from ..asking.chain import coverage
 
-    adverts = [peer.advert for peer in await swarm.peers()]
+    adverts = [peer.advert for peer in await swarm.peers(max_age=max_age)]
     by_id: dict[str, dict[str, Any]] = {}
     for ad in adverts:
         for m in ad.models:

@@ -26,6 +26,7 @@ PROTOCOL = 1
 # A client that finds an agent of another version restarts it. GPUTORRENT_AGENT_CLAIM makes a
 # process claim another version: an older agent, for tests of that restart.
 VERSION = os.environ.get("GPUTORRENT_AGENT_CLAIM") or f"{__version__}/{PROTOCOL}"
+LISTING_FRESH_S = 15.0  # a listing through the agent may come from its view this old (peers --fresh: 0)
 MAX_LINE = 16 << 20  # a request or event line; a prompt is bounded well below (limits.py)
 
 

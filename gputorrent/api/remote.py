@@ -143,8 +143,8 @@ class RemoteCore:
             self.settings = self.settings.with_overrides(bootstrap=[*self.settings.bootstrap, *new])
             await self._one("join")
 
-    async def peers(self, model: str | None = None, ping: bool = False) -> list[PeerStatus]:
-        rows = (await self._one("peers", model=model, ping=ping)).get("rows", [])
+    async def peers(self, model: str | None = None, ping: bool = False, max_age: float = 0.0) -> list[PeerStatus]:
+        rows = (await self._one("peers", model=model, ping=ping, max_age=max_age)).get("rows", [])
         return [PeerStatus.from_dict(row["json"]) for row in rows]
 
     async def rank(self, model: str | None = None) -> Plan:

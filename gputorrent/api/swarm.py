@@ -347,12 +347,25 @@ class _Core:
         return PeerStatus(ad, rec.reputation, rec.breaker.current(now), rtt_ms, rec.breaker.banned, observed, path,
                           entry.received if entry else 0.0, entry.served if entry else 0.0)
 
-    async def peers(self, model: str | None = None, ping: bool = False) -> list[PeerStatus]:
+    async def peers(self, model: str | None = None, ping: bool = False, max_age: float = 0.0) -> list[PeerStatus]:
         if self.node is None:
             raise SwarmError("this Swarm asks fixed peers (peers=[...]); it has no DHT to list")
-        # A listing is a question about now: always a fresh lookup (asks use the view's cache).
-        adverts = await (self.view.find(model, max_age=0, whole=None) if model else self.view.overview(max_age=0))
+        # A listing is a question about now: a fresh lookup, unless the caller takes the view's
+        # (the agent's, kept warm in the background while in use) up to ``max_age`` old.
+        adverts = await (self.view.find(model, max_age=max_age, whole=None) if model
+                         else self.view.overview(max_age=max_age))
         rtts: dict[str, float] = {}
+        if ping and max_age > 0:  # pongs the view renews for the peers in use: no round trip
+            from ..asking.view import PONG_FRESH_S
+
+            now_t = trio.current_time()
+            for ad in adverts:
+                kept = self.view.pongs.get(ad.peer_id)
+                if kept is not None and now_t - kept[0] < min(max_age, PONG_FRESH_S):
+                    rtts[ad.peer_id] = round(kept[1], 1)
+            adverts_to_ping = [ad for ad in adverts if ad.peer_id not in rtts]
+        else:
+            adverts_to_ping = adverts
         if ping:
             from ..asking.client import AttemptFailed
             from ..asking.client import ping as ping_peer
@@ -367,7 +380,7 @@ class _Core:
                     pass
 
             async with trio.open_nursery() as n:
-                for ad in adverts:
+                for ad in adverts_to_ping:
                     n.start_soon(one, ad)
         now = time.time()
         ledger = {}
@@ -761,6 +774,12 @@ class Swarm(Hosted):
         return self._core.peer_id
 
     @property
+    def lookups(self) -> tuple[int, int]:
+        """DHT lookups this Swarm's view made: (callers waited for, background refreshes)."""
+        view = getattr(self._core, "view", None)
+        return (view.lookups_run, view.refreshes_run) if view is not None else (0, 0)
+
+    @property
     def through_agent(self) -> bool:
         """Whether this Swarm is the agent's (known once entered)."""
         return self._core is self._remote
@@ -809,10 +828,12 @@ class Swarm(Hosted):
         """The whole answer (text, peer, model id, usage, receipt, attempts); as ``stream``."""
         return await self._call(self._core.generate, prompt, **kw)
 
-    async def peers(self, model: str | None = None, *, ping: bool = False) -> list[PeerStatus]:
+    async def peers(self, model: str | None = None, *, ping: bool = False, max_age: float = 0.0) -> list[PeerStatus]:
         """Live peers from their signed adverts (serving ``model``, if given), with this
-        requester's reputation and breaker for each; ``ping=True`` also measures RTT."""
-        return await self._call(self._core.peers, model, ping)
+        requester's reputation and breaker for each; ``ping=True`` also measures RTT.
+        ``max_age=S`` answers from what this Swarm learned in the last S seconds, when it
+        has (a warm agent does: then no round trip at all); by default a fresh lookup."""
+        return await self._call(self._core.peers, model, ping, max_age)
 
     async def rank(self, model: str | None = None) -> Plan:
         """The peers to try for ``model``, best first, and how each was scored (``--explain``)."""

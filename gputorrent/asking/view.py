@@ -104,16 +104,21 @@ class SwarmView:
         self._used: dict[tuple[str, bool], float] = {}  # (spec, whole) -> when last asked
         self._flights: dict[str, _Flight] = {}
         self.pongs: dict[str, tuple[float, float, wire.Pong]] = {}  # peer id -> (at, rtt ms, pong)
-        self.lookups_run = 0  # how many DHT lookups this view made (tests, benchmarks)
+        self.lookups_run = 0  # how many DHT lookups a caller of this view waited for (tests, benchmarks)
+        self.refreshes_run = 0  # and how many it made in the background
+        self._overview_used: float | None = None  # when a caller last wanted every advert
 
     # --- lookups ----------------------------------------------------------------------------
 
-    async def _single_flight(self, key: str, run: Callable[[], Awaitable[Any]]) -> Any:
+    async def _single_flight(self, key: str, run: Callable[[], Awaitable[Any]], background: bool = False) -> Any:
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = _Flight()
             try:
-                self.lookups_run += 1
+                if background:
+                    self.refreshes_run += 1
+                else:
+                    self.lookups_run += 1
                 flight.result = await run()
             except BaseException as exc:
                 flight.error = exc
@@ -129,7 +134,8 @@ class SwarmView:
             raise RuntimeError("the shared lookup was cancelled")
         return flight.result
 
-    async def _lookup(self, key: str, run: Callable[[], Awaitable[list[Advert]]], max_age: float) -> list[Advert]:
+    async def _lookup(self, key: str, run: Callable[[], Awaitable[list[Advert]]], max_age: float,
+                      background: bool = False) -> list[Advert]:
         now = trio.current_time()
         kept = self._lookups.get(key)
         if kept is None or now - kept.at > max_age:
@@ -139,7 +145,7 @@ class SwarmView:
                 self._lookups[key] = _Lookup(adverts, trio.current_time())
                 return adverts
 
-            await self._single_flight(key, fresh)
+            await self._single_flight(key, fresh, background)
             kept = self._lookups[key]
         wall = time.time()
         return [self._reachable(a) for a in kept.adverts if a.live(wall) and not a.leaving]
@@ -148,35 +154,46 @@ class SwarmView:
         addrs = [a for a in ad.addrs if reachable_from(a, self.scope)]
         return ad if len(addrs) == len(ad.addrs) else msgspec.structs.replace(ad, addrs=addrs)
 
-    async def find(self, spec: str, max_age: float = FRESH_S, *, whole: bool | None = True) -> list[Advert]:
+    async def find(self, spec: str, max_age: float = FRESH_S, *, whole: bool | None = True,
+                   background: bool = False) -> list[Advert]:
         """Live adverts of peers serving ``spec`` (alias or model id) whole, or with
         ``whole=False`` holding shards of it (``None``: both), from the view when it is fresh
         enough, else from one shared lookup of each kind.
 
         A catalog alias is looked up by the catalog's model id; another name that peers
         announce for different model ids raises ``AmbiguousModel`` rather than picking one by
-        counting adverts, which sybils win (docs/architecture.md, "Names")."""
+        counting adverts, which sybils win (docs/architecture.md, "Names"). A ``background``
+        refresh does not count as use: a model asked for once is not refreshed forever."""
         spec = content_id(spec)
         if whole is None:
-            both = await gather([lambda: self.find(spec, max_age, whole=True),
-                                        lambda: self.find(spec, max_age, whole=False)])
+            both = await gather([lambda: self.find(spec, max_age, whole=True, background=background),
+                                 lambda: self.find(spec, max_age, whole=False, background=background)])
             return [a for found in both for a in found]
-        self._used[(spec, whole)] = trio.current_time()
+        if not background:
+            self._used[(spec, whole)] = trio.current_time()
         found = await self._lookup(f"{'model' if whole else 'shards'}:{spec}",
-                                   lambda: self.node.find_model(spec, shards=not whole), max_age)
+                                   lambda: self.node.find_model(spec, shards=not whole), max_age, background)
         return one_model(spec, found)
 
     async def overview(self, max_age: float = FRESH_S) -> list[Advert]:
+        """Every live advert (a crawl), from the view when it is fresh enough."""
+        self._overview_used = trio.current_time()
         return await self._lookup("overview", self.node.overview, max_age)
 
     async def refresh_forever(self) -> None:
-        """Keep the models in use fresh, so requests rarely wait for a lookup."""
+        """Keep the models in use fresh, and the overview while listings use it, so requests
+        and listings rarely wait for a lookup."""
         while True:
             await trio.sleep(REFRESH_S)
             now = trio.current_time()
+            if self._overview_used is not None and now - self._overview_used < IN_USE_S:
+                try:
+                    await self._lookup("overview", self.node.overview, REFRESH_S / 2, background=True)
+                except Exception:  # noqa: BLE001, S110 (the next round tries again)
+                    pass
             for spec, whole in [s for s, t in self._used.items() if now - t < IN_USE_S]:
                 try:
-                    await self.find(spec, max_age=REFRESH_S / 2, whole=whole)
+                    await self.find(spec, max_age=REFRESH_S / 2, whole=whole, background=True)
                 except Exception:  # noqa: BLE001, S110 (the next round tries again; requests look up themselves)
                     pass
 

@@ -277,7 +277,9 @@ def _table(columns: tuple[str, ...], justify: dict[str, str] | None = None) -> A
 
 def _in_swarm(args: argparse.Namespace) -> int:
     if use_agent(args):
-        rows = agent_rows(args, "models")
+        from ..agent.protocol import LISTING_FRESH_S
+
+        rows = agent_rows(args, "models", max_age=LISTING_FRESH_S)
     else:
         from ..agent.ops import models_rows
 

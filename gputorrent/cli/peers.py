@@ -20,6 +20,8 @@ def register(sub: Any, parents: Parents) -> None:
                    help="print the verified adverts as JSON (with --watch: one JSON array per line, per refresh)")
     s.add_argument("--watch", action="store_true", help="keep the table up to date until Ctrl-C")
     s.add_argument("--no-ping", action="store_true", help="do not ping each peer for its RTT (no dials)")
+    s.add_argument("--fresh", action="store_true",
+                   help="look the swarm up now, not from the agent's view (which it keeps at most 15 s old)")
     s.add_argument("--interval", type=types.positive_float, default=2.0,
                    help="seconds between refreshes with --watch")
     s.add_argument("--reset", action="append", metavar="PEER_ID", type=types.peer_id,
@@ -62,7 +64,10 @@ def _show(rows: list[dict[str, Any]], args: argparse.Namespace, live: Any = None
 def _through_agent_loop(args: argparse.Namespace) -> int:
     """The table (or JSON) from the agent's view, once or every ``--interval`` with ``--watch``."""
     def rows() -> list[dict[str, Any]]:
-        return agent_rows(args, "peers", model=args.model, ping=not args.no_ping)
+        from ..agent.protocol import LISTING_FRESH_S
+
+        max_age = 0.0 if args.fresh else min(LISTING_FRESH_S, args.interval) if args.watch else LISTING_FRESH_S
+        return agent_rows(args, "peers", model=args.model, ping=not args.no_ping, max_age=max_age)
 
     if not args.watch:
         _show(rows(), args)
