@@ -86,8 +86,7 @@ def load_worker(serve_a: str, serve_b: str) -> None:
 
 
 def series(env: dict, boot: str, pairs: int, label: str, *, agent: bool = False, fresh: bool = False) -> list[dict]:
-    """``pairs`` times ``peers`` then ``ask`` in-process (``peers`` is not a thin command yet),
-    or ``ask`` alone through the agent (``agent``; after stopping it each time with ``fresh``,
+    """``pairs`` times ``peers`` then ``ask`` in-process, or ``ask`` alone through the agent (``agent``; after stopping it each time with ``fresh``,
     so that each ask starts one)."""
     gt = [sys.executable, "-m", "gputorrent.cli"]
     env = {**env, "GPUTORRENT_AGENT": "on" if agent else "off"}
