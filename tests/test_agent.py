@@ -277,6 +277,8 @@ def test_the_api_uses_the_running_agent_and_agent_false_joins_in_process(boot, e
 def test_the_gateway_starts_the_agent_and_answers_through_it(boot, env, tmp_path):
     import httpx
 
+    serving = gt(env, "id", "--json")  # this machine serves too: its asks are credited to that key
+    assert serving.returncode == 0, serving.stderr
     ready = tmp_path / "gw.json"
     gw = subprocess.Popen([*PY, "gateway", "--port", "0", "--ready-file", str(ready), "--bootstrap", boot], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -288,6 +290,7 @@ def test_the_gateway_starts_the_agent_and_answers_through_it(boot, env, tmp_path
         url = json.loads(ready.read_text())["url"]
         st = status(env)
         assert st["running"] and json.loads(ready.read_text())["peer_id"] == st["peer_id"]
+        assert st["credited_to"] == json.loads(serving.stdout)["peer_id"] != st["peer_id"]
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == ["smollm2"]
         body = {"model": "smollm2", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,

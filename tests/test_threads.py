@@ -97,6 +97,7 @@ def test_answers_do_not_depend_on_the_thread_count(model_path):
     steady = answers(None)
     assert all(len(ids) > 10 for ids in steady.values())
     assert answers(Flip(2)) == steady
+    assert answers(OneIsFaster(2)) == steady  # prompts on one thread too
 
 
 def test_steps_of_other_batch_sizes_do_not_read_as_a_change_of_load():
@@ -111,3 +112,41 @@ def test_steps_of_other_batch_sizes_do_not_read_as_a_change_of_load():
         per_row = {1: 0.014, 2: 0.010}[n] if rows == 1 else {1: 0.004, 2: 0.0025}[n]
         tuner.record(n, per_row * rows, rows)
     assert used.count(1) <= 60, used.count(1)
+
+
+class OneIsFaster(ThreadTuner):
+    """A tuner that has found one thread the faster: a busy machine's."""
+
+    def choose(self, rows: int = 1) -> int:
+        return 1
+
+    def best_for(self, rows: int = 1) -> int:
+        return 1
+
+
+def test_a_prompt_runs_on_the_thread_count_decoding_found_best(model_path):
+    """A prompt's chunks meet at the same spinning barriers as a decode step: on a busy machine
+    they ran on every core whatever the tuner found, and a first token took 1.2 s at p95."""
+    eng = LlamaEngine(model_path, slots=1, n_ctx=512, n_threads=2)
+    eng.tuner = OneIsFaster(2)
+    set_to: list[tuple[int, int]] = []
+    real = eng._use_threads
+    eng._use_threads = lambda n, n_batch: (set_to.append((n, n_batch)), real(n, n_batch))[1]
+    ids: list[int] = []
+
+    async def main() -> None:
+        ch = EventChannel()
+        eng.submit(eng.make_job(eng.encode_prompt("List three colours: " * 20), Params(max_tokens=4, temperature=0.0),
+                                ch.emit))
+        async for ev in ch:
+            if isinstance(ev, Tokens):
+                ids.extend(ev.ids)
+            if isinstance(ev, Finished):
+                break
+
+    try:
+        trio.run(main)
+    finally:
+        eng.close()
+    assert ids and set_to and set(set_to) == {(1, 1)}, set_to
+    assert ThreadTuner(2).best_for(1) == 2  # nothing measured yet: every core

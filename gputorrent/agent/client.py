@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ..errors import GputorrentError
@@ -47,7 +48,8 @@ def start_argv(settings: Any) -> list[str]:
     argv = [f"--bootstrap={a}" for a in settings.bootstrap]
     argv += ["--no-mdns"] if not settings.mdns else []
     argv += [f"--swarm-key={settings.swarm_key}"] if settings.swarm_key else []
-    argv += [f"--identity={settings.identity}"] if settings.identity else []
+    if settings.identity and Path(settings.identity) != settings.data_dir / "requester.key":
+        argv += [f"--identity={settings.identity}"]  # a key of its own; the default keeps the link to identity.key
     argv += [f"--data-dir={settings.data_dir}"]
     return argv
 

@@ -48,7 +48,8 @@ class Agent:
         return {"pid": os.getpid(), "version": VERSION, "peer_id": self.swarm.peer_id,
                 "socket": str(self.files.socket), "uptime_s": round(time.time() - self.started, 1),
                 "requests": self.served, "in_flight": self.in_flight, "refused": self.refused,
-                "idle_exit_s": self.idle_s, "lookups": self.swarm.lookups[0], "refreshes": self.swarm.lookups[1]}
+                "idle_exit_s": self.idle_s, "lookups": self.swarm.lookups[0], "refreshes": self.swarm.lookups[1],
+                "credited_to": self.swarm.credited_to}
 
     async def serve(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as n:

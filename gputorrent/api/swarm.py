@@ -741,10 +741,13 @@ class Swarm(Hosted):
                 or deadline <= 0:
             raise ValueError("choose_top and attempts must be 1 or more; stall_timeout, watch_interval and "
                              "deadline positive")
-        settings = load_settings().with_overrides(
-            bootstrap=list(bootstrap) if bootstrap else None, mdns=mdns,
-            identity=None if isinstance(identity, Identity) else identity, swarm_key=swarm_key,
-            data_dir=data_dir)
+        settings = load_settings().with_overrides(bootstrap=list(bootstrap) if bootstrap else None, mdns=mdns,
+                                                  swarm_key=swarm_key, data_dir=data_dir)
+        if not isinstance(identity, Identity) and identity is not None \
+                and Path(identity) != settings.requester_identity_path:
+            # A key of its own. The default requester key is no override: as one, it also stood
+            # for the serving key, so the link to this machine's serve (its credit) was lost.
+            settings = settings.with_overrides(identity=identity)
         ident = identity if isinstance(identity, Identity) else \
             Identity.load_or_create(settings.requester_identity_path)
         self._core = _Core(settings, ident, list(peers), weights or Weights(), choose_top, attempts,
@@ -778,6 +781,13 @@ class Swarm(Hosted):
         """DHT lookups this Swarm's view made: (callers waited for, background refreshes)."""
         view = getattr(self._core, "view", None)
         return (view.lookups_run, view.refreshes_run) if view is not None else (0, 0)
+
+    @property
+    def credited_to(self) -> str | None:
+        """The machine's serving identity this requester's asks are credited to (its link),
+        or None when this machine serves nothing (or the Swarm is the agent's: see its status)."""
+        link = getattr(self._core, "link", None)
+        return link.owner if link is not None else None
 
     @property
     def through_agent(self) -> bool:

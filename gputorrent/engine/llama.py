@@ -365,7 +365,8 @@ class LlamaEngine(LlamaRuntime):
             self._decode_safely(running, 1)
             self.tuner.record(n, time.perf_counter() - t, len(running))
         if any(s.pos < len(s.job.prompt_ids) for s in self._active.values()):
-            self._use_threads(self.n_threads, self._n_threads_batch)
+            n = self.tuner.best_for(1)  # all cores, unless decoding found other work on them
+            self._use_threads(min(n, self.n_threads), n if n < self.n_threads else self._n_threads_batch)
         # A prompt's chunks end on wire.chunk_end's borders, never on what else waits or what
         # was cached: a resumed or cached prompt is computed as the first was.
         budget = N_BATCH

@@ -53,8 +53,9 @@ class ThreadTuner:
     per cent on a quiet machine (issue #36, benchmarks/tuner.py). A try that loses doubles the
     wait before the next (up to ``max_gap`` steps); a try that wins, or a move of the best
     option's own cost by ``SHIFT`` either way since the last try (other work arrived or left),
-    brings the wait back to ``EXPLORE_EVERY``. Costs are kept per batch size (``bucket``): a
-    step of 8 rows costs less per row than a step of one, which must not read as a change of
+    brings the wait back to ``EXPLORE_EVERY``. When the best option's cost passes another's
+    last figure, the other is used at the next step. Costs are kept per batch size (``bucket``):
+    a step of 8 rows costs less per row than a step of one, which must not read as a change of
     load. So a quiet machine tries rarely and a change of load is still followed within a few
     dozen steps. ``max_gap=EXPLORE_EVERY`` is the old fixed rhythm.
     """
@@ -87,6 +88,14 @@ class ThreadTuner:
     def _best(self, arm: _Arms) -> int:
         measured = [o for o in self.options if o in arm.cost]
         return min(measured, key=lambda o: arm.cost[o]) if measured else self.most
+
+    def best_for(self, rows: int = 1) -> int:
+        """The best measured count for steps of ``rows`` rows, without a step: what a prompt's
+        chunks use. They meet at the same spinning barriers, so when other work has made one
+        thread the faster for decoding, a prompt is computed on one thread too (measured: a
+        first token's p95 on a busy machine was 1.2 s with the prompt on every core)."""
+        arm = self.arms.get(bucket(rows))
+        return self._best(arm) if arm is not None else self.most
 
     def choose(self, rows: int = 1) -> int:
         """Threads for the next decode step, of ``rows`` rows."""
