@@ -45,36 +45,9 @@ def agent_env(tmp_path: Path) -> dict[str, str]:
 def stop_agents(run_dir: Path, timeout: float = 10.0) -> list[int]:
     """Stop every agent whose files are in the runtime dir ``run_dir`` (SIGTERM, then SIGKILL
     after ``timeout``); the pids that were running."""
-    import signal
-    import time
+    from gputorrent.agent.client import stop_all
 
-    from gputorrent.agent.client import running_pid
-    from gputorrent.agent.paths import AgentFiles
-
-    pids = []
-    for life in (run_dir / "gputorrent").glob("agent-*.lock"):
-        pid = running_pid(AgentFiles(*(life.with_suffix(s) for s in (".sock", ".json", ".lock", ".start", ".log"))))
-        if pid and pid > 0:
-            pids.append(pid)
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a child of this process that exited is a zombie until reaped
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
+    return stop_all(run_dir, timeout)
 
 
 @pytest.fixture

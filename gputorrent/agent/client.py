@@ -250,6 +250,37 @@ def stop(files: AgentFiles) -> bool:
     return True
 
 
+def stop_all(run_dir: Path, timeout: float = 10.0) -> list[int]:
+    """End every agent whose files are in the runtime dir ``run_dir`` (a test's, a lab's):
+    SIGTERM, then SIGKILL after ``timeout``. The pids that were running."""
+    import signal
+
+    pids = []
+    for life in (run_dir / "gputorrent").glob("agent-*.lock"):
+        pid = running_pid(AgentFiles.from_lock(life))
+        if pid and pid > 0:
+            pids.append(pid)
+            os.kill(pid, signal.SIGTERM)
+    for pid in pids:
+        if not _wait(lambda p=pid: not _alive(p), timeout):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a child of this process that exited is a zombie until reaped
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
 def _wait(done: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not done():

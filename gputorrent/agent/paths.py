@@ -43,6 +43,11 @@ class AgentFiles:
     log: Path
 
     @classmethod
+    def from_lock(cls, life: Path) -> AgentFiles:
+        """The files of the agent whose life lock is ``life`` (``agent-TAG.lock``)."""
+        return cls(*(life.with_suffix(s) for s in (".sock", ".json", ".lock", ".start", ".log")))
+
+    @classmethod
     def of(cls, settings: Settings) -> AgentFiles:
         who = "\0".join(str(p) for p in (settings.data_dir.resolve(), settings.requester_identity_path.resolve(),
                                          settings.swarm_key.resolve() if settings.swarm_key else ""))

@@ -92,7 +92,11 @@ class LocalSwarm:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="gputorrent-swarm-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A runtime dir of its own: an agent its gateway (or anything it runs) starts is the
+        # swarm's, never the user's, and ends with it.
+        self.run_dir = self.workdir / "run"
+        self.run_dir.mkdir(mode=0o700, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_RUNTIME_DIR": str(self.run_dir), **(env or {})}
         self.peers: dict[str, PeerProcess] = {}
 
     def start(self, name: str, *extra: str, timeout: float = 120.0, command: str = "serve",
@@ -140,6 +144,9 @@ class LocalSwarm:
                 peer.proc.send_signal(signal.SIGTERM)
         for peer in self.peers.values():
             peer.stop()
+        from ..agent.client import stop_all
+
+        stop_all(self.run_dir)
 
     def __enter__(self) -> LocalSwarm:
         return self
