@@ -366,3 +366,19 @@ def test_peers_through_a_warm_agent_come_from_its_view_and_fresh_looks_again(boo
     fresh = gt(env, "peers", "--bootstrap", boot, "--json", "--fresh")
     assert [r["peer_id"] for r in json.loads(fresh.stdout)] == [p1]
     assert status(env)["lookups"] == before + 1
+
+
+def test_a_traced_cold_ask_says_where_its_time_went(boot, env, tmp_path):
+    from gputorrent.lab import tracing
+
+    path = tmp_path / "ask.trace"
+    done = gt({**env, "GPUTORRENT_TRACE": str(path)}, *ask(boot, "--no-agent"))
+    assert done.returncode == 0, done.stderr
+    spans = tracing.read(path)
+    names = [s.name for s in spans]
+    assert {"process start", "main", "join", "rank", "lookup", "dial", "ping", "infer stream", "first token"} <= set(names)
+    at = tracing.phases(spans)
+    assert 0 < at["join"][0] < at["rank"][0] < at["infer stream"][0] < at["first token"][0]
+    assert "| join |" in tracing.table(spans, rtt_ms=1.0)
+    quiet = gt(env, *ask(boot, "--no-agent"))  # no variable, no file
+    assert quiet.returncode == 0 and not list(tmp_path.glob("*.trace"))[1:]

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import trio
 
-from .. import wire
+from .. import trace, wire
 from ..asking.asker import Answer, AskFailed, Attempt, ask, new_request_id, peer_id_of
 from ..asking.choose import Considered
 from ..asking.client import AttemptResult
@@ -269,14 +269,17 @@ class _Core:
             self.ledger = await trio.to_thread.run_sync(Ledger, s.data_dir / "ledger.sqlite")
             stack.callback(self.ledger.close)
             self.link = own_link(s, self.identity)
-            self.host = await stack.enter_async_context(running_host(self.identity,
-                                                                     punch_listen([*s.bootstrap, *self.direct]),
-                                                                     mdns=s.mdns and not self.direct, psk=psk))
-            await stack.enter_async_context(hole_punching(self.host))
+            with trace.span("host start"):
+                self.host = await stack.enter_async_context(running_host(self.identity,
+                                                                         punch_listen([*s.bootstrap, *self.direct]),
+                                                                         mdns=s.mdns and not self.direct, psk=psk))
+                await stack.enter_async_context(hole_punching(self.host))
             if not self.direct:
                 self.node = await stack.enter_async_context(swarm_node(self.host, self.identity, server=False))
                 self.node.scope = _join_scope(s.bootstrap)
-                if s.bootstrap and not await self.node.join(s.bootstrap):
+                with trace.span("join"):
+                    joined = await self.node.join(s.bootstrap) if s.bootstrap else 1
+                if not joined:
                     raise SwarmError(f"none of the bootstrap peers answered ({', '.join(s.bootstrap)}); "
                                      "check the addresses and that those peers are running")
                 if not s.bootstrap:
@@ -390,6 +393,10 @@ class _Core:
 
     async def rank(self, model: str | None = None) -> Plan:
         """Find the peers serving ``model`` (by default the one most peers serve) and order them."""
+        with trace.span("rank", model=model or ""):
+            return await self._rank(model)
+
+    async def _rank(self, model: str | None) -> Plan:
         if self.node is None:
             return Plan(model or "", [])
         if not model:

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from .. import protocol, wire
+from .. import protocol, trace, wire
 from ..errors import GputorrentError
 from ..net.host import finish_stream, new_stream
 
@@ -94,7 +94,7 @@ async def run_attempt(
     payload = wire.encode(request)
     verifier = wire.ReplyVerifier(peer_id, protocol.INFER, request.request_id, wire.request_digest(payload))
     try:
-        with trio.fail_after(accept_timeout):
+        with trio.fail_after(accept_timeout), trace.span("infer stream", peer=peer_id[-8:]):
             stream = await new_stream(host, peer_id, [protocol.INFER])
             await stream.write(wire.frame(payload))
     except trio.TooSlowError as exc:
@@ -124,6 +124,8 @@ async def run_attempt(
                 raise IntegrityFailure(f"{peer_id}: {exc}") from exc
             if isinstance(msg, wire.Token):
                 now = time.perf_counter()
+                if not res.t_first:
+                    trace.mark("first token", peer=peer_id[-8:])
                 res.t_first = res.t_first or now
                 res.t_last = now
                 res.ids.extend(msg.ids)
@@ -156,7 +158,7 @@ async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wi
     payload = wire.encode(wire.Ping(nonce))
     t0 = time.perf_counter()
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(timeout), trace.span("ping", peer=peer_id[-8:]):
             stream = await new_stream(host, peer_id, [protocol.PING])
             await stream.write(wire.frame(payload))
             raw = await wire.FrameReader(stream).read_frame()

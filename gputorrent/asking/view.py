@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import trio
 
-from .. import wire
+from .. import trace, wire
 from ..dht.records import Advert, ServedModel, is_model_id
 from ..errors import GputorrentError
 from ..models.catalog import content_id
@@ -141,7 +141,8 @@ class SwarmView:
         if kept is None or now - kept.at > max_age:
 
             async def fresh() -> list[Advert]:
-                adverts = await run()
+                with trace.span("lookup", key=key[:20]):
+                    adverts = await run()
                 self._lookups[key] = _Lookup(adverts, trio.current_time())
                 return adverts
 

@@ -61,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import ConfigError
 
     try:
-        code = args.func(args)
+        from .. import trace
+
+        if trace.enabled():
+            trace.mark("process start", trace.process_start())
+            trace.mark("command", cmd=" ".join(sys.argv[1:3]))
+        with trace.span("main"):
+            code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe can still be told apart from a failure
         return code
     except (UsageError, ConfigError) as exc:

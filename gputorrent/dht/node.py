@@ -38,6 +38,7 @@ from typing import Any
 
 import trio
 
+from .. import trace
 from ..identity import Identity
 from ..tasks import gather
 from . import records
@@ -435,7 +436,8 @@ class SwarmNode:
             found.extend(p.peer_id.to_base58() for p in providers[:K])
             return closer
 
-        await self._walk(key_bytes, query)
+        with trace.span("providers walk", key=key[:8]):
+            await self._walk(key_bytes, query)
         found += [p.peer_id.to_base58() for p in store.get_providers(key_bytes)]
         if key_bytes in store.providing_keys:
             found.append(self.identity.peer_id)
@@ -528,7 +530,8 @@ class SwarmNode:
         """
         connected = self._connected()
         order = sorted(dict.fromkeys(peer_ids), key=lambda p: p not in connected)
-        found = await self._fetch_adverts(order)
+        with trace.span("adverts", n=len(order), connected=sum(p in connected for p in order)):
+            found = await self._fetch_adverts(order)
         have = {a.peer_id for a in found}
         missing = [p for p in order if p not in have]
         if missing:
@@ -572,7 +575,8 @@ class SwarmNode:
         """Peer ids reachable through the DHT: the routing table, then lookups of random keys
         (every peer they named, asked or not: the advert fetch that follows checks each)."""
         seen = {p.to_base58() for p in self.dht.routing_table.get_peer_ids()}
-        found = await gather([functools.partial(self._walk_to, os.urandom(32)) for _ in range(rounds)])
+        with trace.span("crawl", rounds=rounds):
+            found = await gather([functools.partial(self._walk_to, os.urandom(32)) for _ in range(rounds)])
         seen.update(p.to_base58() for walked in found for p in walked.seen)
         seen.discard(self.identity.peer_id)
         return sorted(seen)

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from .. import trace
 from ..errors import GputorrentError
 from ..identity import Identity
 
@@ -321,7 +322,7 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
     for a, info in zip(addrs, infos, strict=False):
         if is_relayed(a):
             try:
-                with trio.fail_after(RELAYED_DIAL_S):
+                with trio.fail_after(RELAYED_DIAL_S), trace.span("dial relayed", peer=a[-8:]):
                     got = await dial_relayed(host, a)
                 _paths(host)[got] = a
                 return got
@@ -334,7 +335,8 @@ async def connect(host: Any, addr: str | Sequence[str]) -> str:
         host.get_peerstore().clear_addrs(peer)
         network.unblock_peer(peer)
         try:
-            await host.connect(info)
+            with trace.span("dial", peer=peer.to_base58()[-8:], addr=a.split("/p2p/")[0]):
+                await host.connect(info)
             _paths(host)[peer.to_base58()] = a
             return peer.to_base58()
         except Exception as exc:  # noqa: BLE001 (py-libp2p raises any type for a failed dial; the next address is tried)
@@ -412,7 +414,8 @@ async def new_stream(host: Any, peer_id: str, protocols: Sequence[str]) -> Any:
 
     pid = ID.from_base58(peer_id)
     try:
-        return await host.new_stream(pid, list(protocols))
+        with trace.span("new stream", peer=peer_id[-8:], protocol=protocols[0]):
+            return await host.new_stream(pid, list(protocols))
     except Exception as exc:
         if not _connection_dead(host, pid, exc):
             raise  # e.g. a protocol negotiation that timed out: other streams on it are fine
