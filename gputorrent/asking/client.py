@@ -95,8 +95,7 @@ async def run_attempt(
     verifier = wire.ReplyVerifier(peer_id, protocol.INFER, request.request_id, wire.request_digest(payload))
     try:
         with trio.fail_after(accept_timeout), trace.span("infer stream", peer=peer_id[-8:]):
-            stream = await new_stream(host, peer_id, [protocol.INFER])
-            await stream.write(wire.frame(payload))
+            stream = await new_stream(host, peer_id, [protocol.INFER], first=wire.frame(payload))
     except trio.TooSlowError as exc:
         raise Stalled(f"no stream to {peer_id} within {accept_timeout:g}s") from exc
     except Exception as exc:
@@ -159,8 +158,7 @@ async def ping(host: Any, peer_id: str, timeout: float = 2.0) -> tuple[float, wi
     t0 = time.perf_counter()
     try:
         with trio.fail_after(timeout), trace.span("ping", peer=peer_id[-8:]):
-            stream = await new_stream(host, peer_id, [protocol.PING])
-            await stream.write(wire.frame(payload))
+            stream = await new_stream(host, peer_id, [protocol.PING], first=wire.frame(payload))
             raw = await wire.FrameReader(stream).read_frame()
     except trio.TooSlowError as exc:
         raise Stalled(f"no pong from {peer_id} within {timeout:g}s") from exc
