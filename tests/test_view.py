@@ -24,6 +24,10 @@ class RecordingNode:
         self.calls.append((trio.current_time(), "overview"))
         return []
 
+    async def served(self) -> list:
+        self.calls.append((trio.current_time(), "served"))
+        return []
+
 
 def _run(scenario) -> RecordingNode:
     node = RecordingNode()
@@ -63,3 +67,20 @@ def test_the_overview_is_kept_fresh_while_listings_use_it_and_answered_from_the_
     node = _run(scenario)
     last_listing = 200
     assert max(t for t, _ in node.calls) < last_listing + IN_USE_S + REFRESH_S
+
+
+def test_a_listing_takes_an_asks_fresh_served_list_and_the_overview_follows_in_the_background():
+    async def scenario(node: RecordingNode) -> None:
+        view = SwarmView(None, node, None)
+        await view.served(max_age=0)  # an ask that named no model
+        await view.listing(15)  # a warm agent's peers, right after
+        assert view.lookups_run == 1
+        async with trio.open_nursery() as n:
+            n.start_soon(view.refresh_forever)
+            await trio.sleep(REFRESH_S + 1)
+            n.cancel_scope.cancel()
+        await view.listing(0)  # peers --fresh
+        assert view.lookups_run == 2
+
+    node = _run(scenario)
+    assert [kind for _, kind in node.calls] == ["served", "overview", "overview"]
