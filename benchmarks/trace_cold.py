@@ -36,9 +36,16 @@ def traced(lab, env: dict, work: Path, name: str, *args: str) -> tuple[list[trac
     return tracing.read(path), t.seconds
 
 
+def summary(spans: list[tracing.Span], rtt: float) -> str:
+    at = tracing.phases(spans)
+    return ", ".join(f"{name} {at[name][0] * 1000 / rtt:.1f}" for name in ("join", "rank", "infer stream", "first token")
+                     if name in at)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--link", default="continent", choices=sorted(natlab.LINKS))
+    ap.add_argument("--runs", type=int, default=3, help="traced runs of each command; the median is shown whole")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     reason = natlab.unavailable_reason()
@@ -61,21 +68,31 @@ def main() -> None:
             ask = ["ask", "Name three colours.", "--bootstrap", relay.addr, "--max-tokens", "8", "--temperature", "0",
                    "--json"]
             gputorrent(lab, "home-c", *ask, env=env, timeout=300)  # the donor's first answer: warm it
-            ask_spans, ask_s = traced(lab, env, work, "ask", *ask)
-            peers_spans, peers_s = traced(lab, env, work, "peers", "peers", "--bootstrap", relay.addr, "--json")
+            asks = [traced(lab, env, work, f"ask{i}", *ask) for i in range(args.runs)]
+            listings = [traced(lab, env, work, f"peers{i}", "peers", "--bootstrap", relay.addr, "--json")
+                        for i in range(args.runs)]
+    ask_spans, ask_s = sorted(asks, key=lambda run: run[1])[len(asks) // 2]  # the median run, shown whole
+    peers_spans, peers_s = sorted(listings, key=lambda run: run[1])[len(listings) // 2]
+    runs = "\n".join(f"| {i + 1} | {s:.2f} | {summary(spans, rtt)} |" for i, (spans, s) in enumerate(asks))
     body = f"""## Where a cold command's round trips go (`benchmarks/trace_cold.py`)
 
 {machine()}; the {link.name} link ({link.rtt_ms:g} ms between a home and the internet; measured
-TCP connect from home C {rtt:.1f} ms), the donor and the relay/bootstrap public. One traced run each
+TCP connect from home C {rtt:.1f} ms), the donor and the relay/bootstrap public. {args.runs} traced runs each
 (`GPUTORRENT_TRACE`, gputorrent/trace.py), after one untraced ask that warmed the donor. Start and
 length from the process's own start, in ms and in round trips of the link. Spans nest and overlap
 (lookups run side by side); "first token" is when the answer's first token arrived.
 
-### `ask --no-agent` ({ask_s:.2f} s whole process)
+### `ask --no-agent`: {args.runs} runs
+
+| run | whole process, s | round trips from the process's start: join, rank, infer stream, first token |
+|---|---|---|
+{runs}
+
+The median run ({ask_s:.2f} s whole process), step by step:
 
 {tracing.table(ask_spans, rtt)}
 
-### `peers --no-agent` ({peers_s:.2f} s whole process)
+### `peers --no-agent` (the median of {args.runs} runs: {peers_s:.2f} s whole process)
 
 {tracing.table(peers_spans, rtt)}
 """
