@@ -12,19 +12,15 @@ Run (root, network namespaces): ``python benchmarks/trace_cold.py [--link contin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, write_section
 
-from gputorrent.config import load_settings
 from gputorrent.lab import natlab, tracing
 from gputorrent.lab.localswarm import LocalSwarm
-from gputorrent.lab.wan import gputorrent, tcp_rtt_ms
-from gputorrent.models import pull
+from gputorrent.lab.wan import gputorrent, prepare, tcp_rtt_ms
 
 
 def traced(lab, env: dict, work: Path, name: str, *args: str) -> tuple[list[tracing.Span], float]:
@@ -48,12 +44,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="traced runs of each command; the median is shown whole")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    reason = natlab.unavailable_reason()
-    if reason:
-        raise SystemExit(f"NAT lab unavailable: {reason}")
-    model, _ = pull("smollm2", load_settings().models_dir)
-    work = Path(tempfile.mkdtemp(prefix="gputorrent-trace-"))
-    os.chmod(work, 0o777)
+    model, work = prepare("gputorrent-trace-")
     link = natlab.LINKS[args.link]
     with natlab.NatLab() as lab:
         lab.shape(link)

@@ -16,20 +16,16 @@ Run (root, network namespaces): ``python benchmarks/wan.py [--rounds 3] [--links
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, median, write_section
 
-from gputorrent.config import load_settings
 from gputorrent.lab import natlab
 from gputorrent.lab.localswarm import LocalSwarm
-from gputorrent.lab.wan import Timed, gputorrent, tcp_rtt_ms
-from gputorrent.models import pull
+from gputorrent.lab.wan import Timed, gputorrent, prepare, tcp_rtt_ms
 
 # Fewest round trips per command on its path: the TCP connect, Noise and multistream (1 each
 # with py-libp2p's pipelining, yamux inside), then the request itself. peers: connect to the
@@ -143,12 +139,7 @@ def main() -> None:
     ap.add_argument("--links", default="lan,continent,intercontinental")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    reason = natlab.unavailable_reason()
-    if reason:
-        raise SystemExit(f"NAT lab unavailable: {reason}")
-    model, _ = pull("smollm2", load_settings().models_dir)
-    work = Path(tempfile.mkdtemp(prefix="gputorrent-wan-"))
-    os.chmod(work, 0o755)
+    model, work = prepare("gputorrent-wan-")
     rows = []
     for name in args.links.split(","):
         rows += one_link(natlab.LINKS[name], args.rounds, model, work)

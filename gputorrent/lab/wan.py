@@ -13,6 +13,26 @@ from typing import Any
 from .natlab import NatLab
 
 
+def prepare(prefix: str) -> tuple[Any, Any]:
+    """What a benchmark across the NAT lab needs first: the lab usable here (else it exits
+    saying why), the demo model's file, and a work dir the lab's hosts can enter."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ..config import load_settings
+    from ..models import pull
+    from . import natlab
+
+    reason = natlab.unavailable_reason()
+    if reason:
+        raise SystemExit(f"NAT lab unavailable: {reason}")
+    model, _ = pull("smollm2", load_settings().models_dir)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(work, 0o755)
+    return model, work
+
+
 def tcp_rtt_ms(lab: NatLab, host: str, ip: str, port: int, tries: int = 5) -> float:
     """The fastest of ``tries`` TCP connects from ``host`` to ``ip:port``: one round trip."""
     probe = ("import socket, sys, time\nbest = 1e9\nfor _ in range(int(sys.argv[3])):\n"
