@@ -377,10 +377,10 @@ def test_a_traced_cold_ask_says_where_its_time_went(boot, env, tmp_path):
     spans = tracing.read(path)
     names = [s.name for s in spans]
     assert {"process start", "main", "join", "rank", "lookup", "dial", "ping", "infer stream", "first token"} <= set(names)
-    # Naming no model, it lists the peers that announce themselves to choose one: no crawl, and
-    # no second walk for the model it chose, whole or in shards (the list has every such peer).
+    # Naming no model, it lists the swarm to choose one, and walks no more for the model it
+    # chose, whole or in shards (the list has every peer that serves it).
     keys = [s.attrs["key"] for s in spans if s.name == "lookup"]
-    assert "crawl" not in names and keys == ["served"], keys
+    assert keys == ["overview"], keys
     # Its own streams carry the request with their negotiation: no round trip before it.
     ours = [s.attrs for s in spans if s.name == "new stream" and s.attrs["protocol"].startswith("/gputorrent/")]
     assert {a["protocol"] for a in ours} == {"/gputorrent/ping/1", "/gputorrent/infer/3"} and all(a["lazy"] for a in ours)

@@ -24,10 +24,6 @@ class RecordingNode:
         self.calls.append((trio.current_time(), "overview"))
         return []
 
-    async def served(self) -> list:
-        self.calls.append((trio.current_time(), "served"))
-        return []
-
 
 def _run(scenario) -> RecordingNode:
     node = RecordingNode()
@@ -69,18 +65,29 @@ def test_the_overview_is_kept_fresh_while_listings_use_it_and_answered_from_the_
     assert max(t for t, _ in node.calls) < last_listing + IN_USE_S + REFRESH_S
 
 
-def test_a_listing_takes_an_asks_fresh_served_list_and_the_overview_follows_in_the_background():
+
+def test_a_model_chosen_from_a_fresh_overview_is_not_walked_for_again():
+    """An ask naming no model lists the swarm to choose one; the model's lookups, whole and in
+    shards, come from that list (every serving peer announces the swarm key too)."""
+    from gputorrent.dht.records import Advert, Device, ServedModel
+
+    ad = Advert(peer_id="12D3KooWA8p5zrKnzJKJ69KvSdQDhGvDKFeHRiAfcKFu2H2yVLh6", seq=1, issued_at=0.0,
+                expires_at=1e12, addrs=["/ip4/127.0.0.1/tcp/1"], device=Device(kind="cpu", name="cpu"),
+                models=[ServedModel(model_id=MODEL, alias="m", quantization="Q4_1", context_length=512, end_block=30,
+                                    total_blocks=30)])
+
+    class Node(RecordingNode):
+        async def overview(self) -> list:
+            await super().overview()
+            return [ad]
+
     async def scenario(node: RecordingNode) -> None:
         view = SwarmView(None, node, None)
-        await view.served(max_age=0)  # an ask that named no model
-        await view.listing(15)  # a warm agent's peers, right after
+        assert await view.overview() == [ad]
+        assert [a.peer_id for a in await view.find(MODEL)] == [ad.peer_id]
+        assert await view.find(MODEL, whole=False) == []  # a short overview is complete
         assert view.lookups_run == 1
-        async with trio.open_nursery() as n:
-            n.start_soon(view.refresh_forever)
-            await trio.sleep(REFRESH_S + 1)
-            n.cancel_scope.cancel()
-        await view.listing(0)  # peers --fresh
-        assert view.lookups_run == 2
 
-    node = _run(scenario)
-    assert [kind for _, kind in node.calls] == ["served", "overview", "overview"]
+    node = Node()
+    trio.run(scenario, node, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [kind for _, kind in node.calls] == ["overview"]

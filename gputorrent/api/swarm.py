@@ -356,7 +356,7 @@ class _Core:
         # A listing is a question about now: a fresh lookup, unless the caller takes the view's
         # (the agent's, kept warm in the background while in use) up to ``max_age`` old.
         adverts = await (self.view.find(model, max_age=max_age, whole=None) if model
-                         else self.view.listing(max_age))
+                         else self.view.overview(max_age=max_age))
         rtts: dict[str, float] = {}
         if ping and max_age > 0:  # pongs the view renews for the peers in use: no round trip
             from ..asking.view import PONG_FRESH_S
@@ -401,7 +401,7 @@ class _Core:
             return Plan(model or "", [])
         if not model:
             counts: dict[str, int] = {}
-            for a in await self.view.served():
+            for a in await self.view.overview():
                 for m in a.models:
                     counts[m.alias] = counts.get(m.alias, 0) + 1
             if not counts:

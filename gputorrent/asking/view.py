@@ -55,7 +55,7 @@ def one_model(spec: str, adverts: list[Advert]) -> list[Advert]:
     return adverts
 
 
-COMPLETE_BELOW = 32  # a served list this short holds every announcing peer (a lookup keeps 64 providers)
+COMPLETE_BELOW = 32  # an overview this short holds every announcing peer (a lookup keeps 64 providers)
 FRESH_S = 15.0  # a lookup younger than this is answered from the view
 REFRESH_S = 10.0  # how often models in use are looked up again in the background
 IN_USE_S = 300.0  # a model asked for within this long counts as in use
@@ -174,46 +174,24 @@ class SwarmView:
         if not background:
             self._used[(spec, whole)] = trio.current_time()
         key = f"{'model' if whole else 'shards'}:{spec}"
-        self._from_served(key, spec, whole, max_age)
+        self._from_overview(key, spec, whole, max_age)
         found = await self._lookup(key, lambda: self.node.find_model(spec, shards=not whole), max_age, background)
         return one_model(spec, found)
 
-    async def served(self, max_age: float = FRESH_S) -> list[Advert]:
-        """Adverts of the peers that announce themselves (no crawl): an overview as fresh does."""
-        kept = self._lookups.get("overview")
-        if kept is not None and trio.current_time() - kept.at <= max_age:
-            return await self._lookup("overview", self.node.overview, max_age)
-        return await self._lookup("served", self.node.served, max_age)
-
-    def _from_served(self, key: str, spec: str, whole: bool, max_age: float) -> None:
-        """Seed a model's lookup from a served list or overview fetched within ``max_age``:
-        every peer announcing a model also announces the swarm key, so a cold ask that just
-        listed them to choose the model need not walk again for it (traced: 4.7 round trips).
-        The background refresh replaces it with the model's own lookup while the model is in use."""
+    def _from_overview(self, key: str, spec: str, whole: bool, max_age: float) -> None:
+        """Seed a model's lookup from an overview fetched within ``max_age``: every peer
+        announcing a model also announces the swarm key, so a cold ask that just listed them
+        to choose the model need not walk again for it, whole or in shards (traced: 4.7 round
+        trips). A short overview is complete (a lookup keeps 64 providers), so finding no peer
+        that serves it one way is a fact too. The background refresh replaces the seed with the
+        model's own lookup while the model is in use."""
         if key in self._lookups:
             return
-        now = trio.current_time()
-        for source in ("served", "overview"):
-            kept = self._lookups.get(source)
-            if kept is not None and now - kept.at <= max_age:
-                mine = [a for a in kept.adverts if (m := a.serves(spec)) is not None and m.whole == whole]
-                # None of them serves it this way: a fact only while the list can be whole (a
-                # key's providers are capped); then the shard walk beside a cold ask is saved too.
-                if mine or len(kept.adverts) < COMPLETE_BELOW:
-                    self._lookups[key] = _Lookup(mine, kept.at)
-                return
-
-    async def listing(self, max_age: float) -> list[Advert]:
-        """Every live advert for a listing: the overview when one is at most ``max_age`` old,
-        else a served list as fresh (an ask's; the overview is then refreshed in the background,
-        since a listing uses it), else a new overview."""
-        now = trio.current_time()
-        for key, run in (("overview", self.node.overview), ("served", self.node.served)):
-            kept = self._lookups.get(key)
-            if max_age > 0 and kept is not None and now - kept.at <= max_age:
-                self._overview_used = now
-                return await self._lookup(key, run, max_age)
-        return await self.overview(max_age)
+        kept = self._lookups.get("overview")
+        if kept is not None and trio.current_time() - kept.at <= max_age:
+            mine = [a for a in kept.adverts if (m := a.serves(spec)) is not None and m.whole == whole]
+            if mine or len(kept.adverts) < COMPLETE_BELOW:
+                self._lookups[key] = _Lookup(mine, kept.at)
 
     async def overview(self, max_age: float = FRESH_S) -> list[Advert]:
         """Every live advert (a crawl), from the view when it is fresh enough."""

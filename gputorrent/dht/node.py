@@ -581,13 +581,6 @@ class SwarmNode:
         seen.discard(self.identity.peer_id)
         return sorted(seen)
 
-    async def served(self) -> list[Advert]:
-        """Live adverts of every peer announcing the swarm key (each serving peer provides it):
-        what an ask that names no model chooses from, without ``overview``'s crawl."""
-        ids = await self.find_providers(records.provider_key("swarm", "all"))
-        now = time.time()
-        return sorted((a for a in await self.get_adverts(ids) if a.live(now)), key=lambda a: a.peer_id)
-
     async def overview(self) -> list[Advert]:
         """Every live advert this node can find: providers of the swarm key plus a crawl."""
         providers, crawled = await gather([lambda: self.find_providers(records.provider_key("swarm", "all")),
