@@ -356,7 +356,7 @@ class _Core:
         # A listing is a question about now: a fresh lookup, unless the caller takes the view's
         # (the agent's, kept warm in the background while in use) up to ``max_age`` old.
         adverts = await (self.view.find(model, max_age=max_age, whole=None) if model
-                         else self.view.overview(max_age=max_age))
+                         else self.view.overview(max_age=max_age, listing=True))
         rtts: dict[str, float] = {}
         if ping and max_age > 0:  # pongs the view renews for the peers in use: no round trip
             from ..asking.view import PONG_FRESH_S

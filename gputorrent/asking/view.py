@@ -193,9 +193,12 @@ class SwarmView:
             if mine or len(kept.adverts) < COMPLETE_BELOW:
                 self._lookups[key] = _Lookup(mine, kept.at)
 
-    async def overview(self, max_age: float = FRESH_S) -> list[Advert]:
-        """Every live advert (a crawl), from the view when it is fresh enough."""
-        self._overview_used = trio.current_time()
+    async def overview(self, max_age: float = FRESH_S, *, listing: bool = False) -> list[Advert]:
+        """Every live advert (a crawl), from the view when it is fresh enough. A ``listing``
+        (peers, models list) keeps it refreshed in the background for a while; an ask that only
+        chose a model from it does not (that was a crawl every 10 s for 5 minutes per ask)."""
+        if listing:
+            self._overview_used = trio.current_time()
         return await self._lookup("overview", self.node.overview, max_age)
 
     async def refresh_forever(self) -> None:
